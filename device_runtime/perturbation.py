@@ -1,0 +1,173 @@
+"""Seed-regenerated perturbations: the one generator both the device and the aggregator use.
+
+A perturbation ``z`` for ``(round_seed, device, k)`` over ``n`` trainable scalars is a pure
+function of those four numbers. The aggregator never receives ``z``: it regenerates it from
+the seed, bit for bit, on whatever machine it runs. The spec is small so that a Kotlin or C
+port can reproduce it; ``tests/test_perturbation.py`` pins it with golden vectors.
+
+Spec (version 1)
+----------------
+* Block function: **Philox4x32-10** (Salmon et al., SC'11, as in Random123): 10 rounds,
+  multipliers ``0xD2511F53``, ``0xCD9E8D57``, Weyl key increments ``0x9E3779B9``,
+  ``0xBB67AE85``.
+* Key: ``(round_seed & 0xFFFFFFFF, (round_seed >> 32) & 0xFFFFFFFF)``; ``round_seed`` is an
+  unsigned 64-bit integer.
+* Counter of block ``b`` (``b = 0, 1, ...``): ``(b & 0xFFFFFFFF, b >> 32, k, device)``
+  with ``k`` and ``device`` unsigned 32-bit integers. Shared-seed rounds use ``device = 0``.
+* The stream is the blocks' output words in order, ``x0, x1, x2, x3`` of block 0, then
+  block 1, ...; word ``w`` of the stream feeds elements ``32 w .. 32 w + 31``.
+* **Rademacher** (default): element ``j`` is ``+1`` if bit ``j mod 32`` (least significant
+  first) of word ``j // 32`` is 0, else ``-1``. Exact on every machine.
+* **Gaussian**: element ``j`` uses the stream's words ``2j`` and ``2j+1``:
+  ``u1 = (w[2j] + 1) / 2**32`` (in ``(0, 1]``), ``u2 = w[2j+1] / 2**32``,
+  ``z = sqrt(-2 ln u1) * cos(2 pi u2)``, computed in float64 then rounded to float32. ``log``
+  and ``cos`` may differ in the last ulp between math libraries, so a port matches within
+  ``1e-6`` relative (float32 rounding hides almost all of it); the integer stream is exact.
+* The flat vector covers the trainable tensors in the manifest's canonical order, each
+  flattened in C order (:func:`split`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from fwdfleet.bundle import TensorSpec
+
+Distribution = Literal["rademacher", "gaussian"]
+DISTRIBUTIONS: tuple[Distribution, ...] = ("rademacher", "gaussian")
+SPEC_VERSION = 1
+
+_M0 = np.uint64(0xD2511F53)
+_M1 = np.uint64(0xCD9E8D57)
+_W0 = 0x9E3779B9
+_W1 = 0xBB67AE85
+_MASK32 = np.uint64(0xFFFFFFFF)
+_U32 = 1 << 32
+
+U32Array = npt.NDArray[np.uint32]
+F32Array = npt.NDArray[np.float32]
+
+
+def philox4x32(counters: npt.NDArray[np.uint64], key: tuple[int, int], rounds: int = 10) -> U32Array:
+    """Philox4x32 on many counters at once.
+
+    ``counters`` has shape ``(n, 4)`` holding 32-bit values (in uint64 storage for the
+    multiplications); returns ``(n, 4)`` uint32 output words.
+    """
+    c0, c1, c2, c3 = (counters[:, i].copy() for i in range(4))
+    k0, k1 = key[0] & 0xFFFFFFFF, key[1] & 0xFFFFFFFF
+    for r in range(rounds):
+        if r:
+            k0 = (k0 + _W0) & 0xFFFFFFFF
+            k1 = (k1 + _W1) & 0xFFFFFFFF
+        p0 = _M0 * c0
+        p1 = _M1 * c2
+        hi0, lo0 = p0 >> np.uint64(32), p0 & _MASK32
+        hi1, lo1 = p1 >> np.uint64(32), p1 & _MASK32
+        c0, c1, c2, c3 = hi1 ^ c1 ^ np.uint64(k0), lo1, hi0 ^ c3 ^ np.uint64(k1), lo0
+    return np.stack([c0, c1, c2, c3], axis=1).astype(np.uint32)
+
+
+def _check_u32(name: str, value: int) -> int:
+    if not 0 <= value < _U32:
+        raise ValueError(f"{name} must be an unsigned 32-bit integer, got {value}")
+    return value
+
+
+def random_words(round_seed: int, device: int, k: int, n_words: int, start_word: int = 0) -> U32Array:
+    """Words ``start_word .. start_word + n_words - 1`` of the stream for ``(round_seed, device, k)``."""
+    if not 0 <= round_seed < 1 << 64:
+        raise ValueError(f"round_seed must be an unsigned 64-bit integer, got {round_seed}")
+    _check_u32("device", device)
+    _check_u32("k", k)
+    if n_words <= 0:
+        return np.zeros(0, dtype=np.uint32)
+    first_block, last_block = start_word // 4, (start_word + n_words - 1) // 4
+    blocks = np.arange(first_block, last_block + 1, dtype=np.uint64)
+    counters = np.empty((blocks.size, 4), dtype=np.uint64)
+    counters[:, 0] = blocks & _MASK32
+    counters[:, 1] = blocks >> np.uint64(32)
+    counters[:, 2] = k
+    counters[:, 3] = device
+    words = philox4x32(counters, (round_seed & 0xFFFFFFFF, round_seed >> 32)).reshape(-1)
+    offset = start_word - 4 * first_block
+    return words[offset : offset + n_words]
+
+
+def perturbation(
+    round_seed: int,
+    device: int,
+    k: int,
+    n: int,
+    distribution: Distribution = "rademacher",
+    *,
+    out: F32Array | None = None,
+) -> F32Array:
+    """The flat perturbation ``z`` of length ``n`` (float32) for ``(round_seed, device, k)``."""
+    if out is None:
+        out = np.empty(n, dtype=np.float32)
+    elif out.shape != (n,) or out.dtype != np.float32:
+        raise ValueError(f"out must be a float32 array of shape ({n},)")
+    if distribution == "rademacher":
+        words = random_words(round_seed, device, k, (n + 31) // 32)
+        bits = np.unpackbits(words.astype("<u4").view(np.uint8), bitorder="little")[:n]
+        np.subtract(np.float32(1.0), np.float32(2.0) * bits, out=out, casting="unsafe")
+    elif distribution == "gaussian":
+        words = random_words(round_seed, device, k, 2 * n).astype(np.float64)
+        u1 = (words[0::2] + 1.0) / float(_U32)
+        u2 = words[1::2] / float(_U32)
+        out[:] = np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
+    else:
+        raise ValueError(f"unknown distribution {distribution!r}; choose one of {DISTRIBUTIONS}")
+    return out
+
+
+def split(flat: F32Array, specs: Sequence[TensorSpec]) -> dict[str, F32Array]:
+    """Views of ``flat`` shaped as the trainable tensors, in canonical order."""
+    total = sum(t.size for t in specs)
+    if flat.shape != (total,):
+        raise ValueError(f"flat vector has shape {flat.shape} but the trainables hold {total} values")
+    out: dict[str, F32Array] = {}
+    offset = 0
+    for t in specs:
+        out[t.name] = flat[offset : offset + t.size].reshape(tuple(int(d) for d in t.shape))
+        offset += t.size
+    return out
+
+
+def flatten(values: Mapping[str, npt.NDArray[np.floating]], specs: Sequence[TensorSpec]) -> F32Array:
+    """Concatenate tensors in canonical order into one float32 vector."""
+    return np.concatenate([np.asarray(values[t.name], dtype=np.float32).reshape(-1) for t in specs])
+
+
+@dataclass(frozen=True)
+class PerturbationSpec:
+    """Everything needed to regenerate a round's perturbations on either side."""
+
+    round_seed: int
+    device: int
+    n: int
+    distribution: Distribution = "rademacher"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.round_seed < 1 << 64:
+            raise ValueError(f"PerturbationSpec.round_seed must be in [0, 2**64), got {self.round_seed}")
+        _check_u32("PerturbationSpec.device", self.device)
+        if self.n <= 0:
+            raise ValueError(f"PerturbationSpec.n must be positive, got {self.n}")
+        if self.distribution not in DISTRIBUTIONS:
+            raise ValueError(f"PerturbationSpec.distribution must be one of {DISTRIBUTIONS}")
+
+    def z(self, k: int, out: F32Array | None = None) -> F32Array:
+        return perturbation(self.round_seed, self.device, k, self.n, self.distribution, out=out)
+
+    def iter_z(self, indices: Sequence[int]) -> Iterator[tuple[int, F32Array]]:
+        """Yield ``(k, z_k)`` reusing one buffer (the caller must not keep ``z_k``)."""
+        buf = np.empty(self.n, dtype=np.float32)
+        for k in indices:
+            yield k, self.z(k, out=buf)

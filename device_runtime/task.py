@@ -1,0 +1,105 @@
+"""What a round asks of a device, and what a device gives back.
+
+These two dataclasses are the domain side of the wire protocol: the aggregator builds a
+:class:`RoundTask`, the serde module (``fwdfleet.protocol.serde``) turns it into protobuf and
+back, the device runtime computes a :class:`DeviceResult`. Nothing else touches generated
+protobuf classes.
+
+A result is a few bytes per perturbation: the pairs ``(k, d_k)`` where ``d_k`` is the
+directional derivative estimate along ``z_k`` (regenerated from ``(round_seed, device_index,
+k)`` by :mod:`device_runtime.perturbation`), plus counts and loss statistics.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from device_runtime.perturbation import DISTRIBUTIONS, Distribution
+
+Difference = Literal["central", "forward"]
+DIFFERENCES: tuple[Difference, ...] = ("central", "forward")
+
+
+@dataclass(frozen=True)
+class RoundTask:
+    """One round's instructions to one device.
+
+    ``k_start .. k_start + num_perturbations - 1`` are the perturbation indices the device
+    evaluates. With discriminative sampling (``candidate_ratio > 1``) the device draws the
+    candidate pool ``k_start .. k_start + candidate_ratio * num_perturbations - 1``, scores
+    each candidate against the previous global update and keeps the ``num_perturbations``
+    best; the result says which indices were kept.
+    """
+
+    round_id: int
+    model_version: int
+    round_seed: int
+    device_index: int  # the `device` word of the perturbation counter; 0 when seeds are shared
+    num_perturbations: int
+    eps: float = 1e-2
+    k_start: int = 0
+    distribution: Distribution = "rademacher"
+    difference: Difference = "central"
+    candidate_ratio: int = 1
+    batch_size: int = 16
+    data_seed: int = 0  # which minibatch of its local data the device uses this round
+    deadline_unix: float = 0.0  # 0: no deadline
+
+    def __post_init__(self) -> None:
+        if self.round_id < 0 or self.model_version < 0:
+            raise ValueError("RoundTask.round_id and model_version must be non-negative")
+        if not 0 <= self.round_seed < 1 << 64:
+            raise ValueError("RoundTask.round_seed must be an unsigned 64-bit integer")
+        if not 0 <= self.device_index < 1 << 32:
+            raise ValueError("RoundTask.device_index must be an unsigned 32-bit integer")
+        if self.num_perturbations < 1:
+            raise ValueError(f"RoundTask.num_perturbations must be >= 1, got {self.num_perturbations}")
+        if not (math.isfinite(self.eps) and self.eps > 0):
+            raise ValueError(f"RoundTask.eps must be a positive finite number, got {self.eps}")
+        if self.k_start < 0 or self.k_start + self.candidate_ratio * self.num_perturbations > 1 << 32:
+            raise ValueError("RoundTask perturbation indices must fit in an unsigned 32-bit integer")
+        if self.distribution not in DISTRIBUTIONS:
+            raise ValueError(f"RoundTask.distribution must be one of {DISTRIBUTIONS}")
+        if self.difference not in DIFFERENCES:
+            raise ValueError(f"RoundTask.difference must be one of {DIFFERENCES}")
+        if self.candidate_ratio < 1:
+            raise ValueError(f"RoundTask.candidate_ratio must be >= 1, got {self.candidate_ratio}")
+        if self.batch_size < 1:
+            raise ValueError(f"RoundTask.batch_size must be >= 1, got {self.batch_size}")
+
+    @property
+    def candidate_indices(self) -> range:
+        """All indices the device may report (the pool when sampling, else the K issued)."""
+        return range(self.k_start, self.k_start + self.candidate_ratio * self.num_perturbations)
+
+
+@dataclass(frozen=True)
+class DeviceResult:
+    """A device's answer to a :class:`RoundTask`: scalars only.
+
+    ``indices[i]`` and ``derivatives[i]`` belong together. ``skipped`` lists perturbation
+    indices whose loss was NaN or infinite (never uploaded as values).
+    """
+
+    round_id: int
+    model_version: int
+    indices: tuple[int, ...]
+    derivatives: tuple[float, ...]
+    num_samples: int
+    loss_mean: float
+    loss_std: float = 0.0
+    skipped: tuple[int, ...] = ()
+    compute_seconds: float = 0.0
+    extras: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.indices) != len(self.derivatives):
+            raise ValueError("DeviceResult.indices and derivatives must have the same length")
+        if len(set(self.indices)) != len(self.indices):
+            raise ValueError("DeviceResult.indices must not repeat")
+        if not all(math.isfinite(d) for d in self.derivatives):
+            raise ValueError("DeviceResult.derivatives must be finite (skip NaN/inf perturbations instead)")
+        if self.num_samples < 0:
+            raise ValueError("DeviceResult.num_samples must be non-negative")

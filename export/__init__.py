@@ -1,0 +1,1 @@
+"""Export: the only place torch, transformers and peft appear. Writes bundles."""

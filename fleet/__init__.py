@@ -1,0 +1,1 @@
+"""Fleet emulation: many virtual devices against the real aggregator, datasets, reports."""
