@@ -25,6 +25,7 @@ SUBCOMMANDS: tuple[str, ...] = (
     "aggregator",
     "fleet",
     "demo",
+    "pack",
 )
 
 
