@@ -74,7 +74,7 @@ def test_newer_schema_is_refused(bundle_dir):
 @pytest.mark.parametrize("missing", ["manifest.json", "model.onnx", "trainables.npz"])
 def test_missing_files(bundle_dir, missing):
     (bundle_dir / missing).unlink()
-    with pytest.raises(BundleError, match="missing|no manifest"):
+    with pytest.raises(BundleError, match=r"missing|no manifest"):
         load_bundle(bundle_dir)
 
 
