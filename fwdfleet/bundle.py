@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import tempfile
 import zipfile
@@ -66,7 +67,7 @@ class TensorSpec:
         """Number of elements; only defined for fully static shapes."""
         if not all(isinstance(d, int) for d in self.shape):
             raise ValueError(f"tensor {self.name!r} has a dynamic shape {self.shape}")
-        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+        return math.prod(int(d) for d in self.shape)
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> TensorSpec:
@@ -233,7 +234,8 @@ def write_bundle(directory: str | Path, manifest: BundleManifest, trainables: Ma
     directory = Path(directory)
     _check_trainables(manifest, trainables)
     with open(directory / manifest.trainables_file, "wb") as f:
-        np.savez(f, **{t.name: np.ascontiguousarray(trainables[t.name]) for t in manifest.trainables})
+        arrays = {t.name: np.ascontiguousarray(trainables[t.name]) for t in manifest.trainables}
+        np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as savez's own flags
     files = {}
     for p in sorted(directory.rglob("*")):
         if p.is_file() and p.name != MANIFEST_FILE:
