@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fleet.datasets import DatasetConfig, load_split, subset
+from fwdfleet.errors import DataError
+
+AG_NEWS = Path(__file__).resolve().parents[2] / "shared" / "data" / "ag_news_test.csv"
+
+
+def test_digits_default_split():
+    d = load_split(DatasetConfig())
+    assert d.num_classes == 10
+    assert d.train.features is not None and d.train.features.shape[1] == 64
+    assert d.train.labels is not None and d.test.labels is not None
+    assert len(d.train.labels) + len(d.test.labels) == 1797
+    assert float(d.train.features.min()) >= 0.0 and float(d.train.features.max()) <= 1.0
+    capped = load_split(DatasetConfig(max_train=100, max_test=50))
+    assert capped.train.labels is not None and len(capped.train.labels) == 100
+
+
+@pytest.mark.skipif(not AG_NEWS.exists(), reason="../shared/data/ag_news_test.csv is not beside the repo")
+def test_ag_news_is_zero_based_text():
+    d = load_split(DatasetConfig(name="ag-news", path=str(AG_NEWS), max_train=200))
+    assert d.label_names[1] == "Sports"
+    assert d.train.texts is not None and len(d.train.texts) == 200
+    assert d.train.labels is not None and set(np.unique(d.train.labels)) <= {0, 1, 2, 3}
+    s = subset(d.train, np.array([0, 5]))
+    assert s.texts == (d.train.texts[0], d.train.texts[5])
+
+
+def test_missing_files_say_what_to_do(tmp_path):
+    with pytest.raises(DataError, match="dataset-fashion-mnist"):
+        load_split(DatasetConfig(name="fashion-mnist", path=str(tmp_path / "nope")))
+    with pytest.raises(DataError, match="needs `path`"):
+        load_split(DatasetConfig(name="mnist"))
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b\n1,2\n")
+    with pytest.raises(DataError, match="no 'label' column"):
+        load_split(DatasetConfig(name="file", path=str(bad)))
