@@ -17,7 +17,7 @@ import numpy as np
 
 
 @dataclass(frozen=True)
-class DeviceProfile:
+class EmulatedProfile:
     name: str = "desktop"
     compute_speed: float = 1.0  # relative to this desktop: 0.25 = four times slower
     memory_cap_mb: int = 0  # 0 = no cap; a device whose measured peak exceeds it cannot take part
@@ -29,17 +29,17 @@ class DeviceProfile:
 
     def __post_init__(self) -> None:
         if not self.compute_speed > 0:
-            raise ValueError(f"DeviceProfile.compute_speed must be > 0, got {self.compute_speed}")
+            raise ValueError(f"EmulatedProfile.compute_speed must be > 0, got {self.compute_speed}")
         if self.memory_cap_mb < 0:
-            raise ValueError(f"DeviceProfile.memory_cap_mb must be >= 0, got {self.memory_cap_mb}")
+            raise ValueError(f"EmulatedProfile.memory_cap_mb must be >= 0, got {self.memory_cap_mb}")
         if not (self.uplink_kbps > 0 and self.downlink_kbps > 0):
-            raise ValueError("DeviceProfile.uplink_kbps and downlink_kbps must be > 0")
+            raise ValueError("EmulatedProfile.uplink_kbps and downlink_kbps must be > 0")
         if self.latency_ms < 0:
-            raise ValueError(f"DeviceProfile.latency_ms must be >= 0, got {self.latency_ms}")
+            raise ValueError(f"EmulatedProfile.latency_ms must be >= 0, got {self.latency_ms}")
         if not 0 <= self.dropout <= 1:
-            raise ValueError(f"DeviceProfile.dropout must be in [0, 1], got {self.dropout}")
+            raise ValueError(f"EmulatedProfile.dropout must be in [0, 1], got {self.dropout}")
         if not 0 < self.availability <= 1:
-            raise ValueError(f"DeviceProfile.availability must be in (0, 1], got {self.availability}")
+            raise ValueError(f"EmulatedProfile.availability must be in (0, 1], got {self.availability}")
 
     def round_seconds(self, compute_s: float, bytes_down: int, bytes_up: int) -> float:
         """Simulated wall time of one round on this device: link latency, transfers, compute."""
@@ -49,21 +49,21 @@ class DeviceProfile:
 
 
 # Assumed, illustrative presets (override with your own measurements).
-PRESETS: Mapping[str, DeviceProfile] = {
-    "desktop": DeviceProfile(),
-    "flagship-phone": DeviceProfile("flagship-phone", 0.5, 8192, 5_000, 30_000, 40, 0.02, 0.9),
-    "budget-phone": DeviceProfile("budget-phone", 0.15, 3072, 1_000, 8_000, 80, 0.1, 0.7),
-    "raspberry-pi-4": DeviceProfile("raspberry-pi-4", 0.2, 4096, 20_000, 50_000, 5, 0.0, 1.0),
+PRESETS: Mapping[str, EmulatedProfile] = {
+    "desktop": EmulatedProfile(),
+    "flagship-phone": EmulatedProfile("flagship-phone", 0.5, 8192, 5_000, 30_000, 40, 0.02, 0.9),
+    "budget-phone": EmulatedProfile("budget-phone", 0.15, 3072, 1_000, 8_000, 80, 0.1, 0.7),
+    "raspberry-pi-4": EmulatedProfile("raspberry-pi-4", 0.2, 4096, 20_000, 50_000, 5, 0.0, 1.0),
 }
 
 
-def preset(name: str, **overrides: float | int | str) -> DeviceProfile:
+def preset(name: str, **overrides: float | int | str) -> EmulatedProfile:
     if name not in PRESETS:
         raise ValueError(f"unknown device profile {name!r}; choose one of {sorted(PRESETS)}")
     return replace(PRESETS[name], **overrides)  # type: ignore[arg-type]
 
 
-def assign_profiles(num_devices: int, mix: Mapping[str, float], seed: int = 0) -> list[DeviceProfile]:
+def assign_profiles(num_devices: int, mix: Mapping[str, float], seed: int = 0) -> list[EmulatedProfile]:
     """Give each device a preset, drawn with the given weights (e.g. {"budget-phone": 0.7, ...})."""
     names: Sequence[str] = sorted(mix)
     weights = np.array([mix[n] for n in names], dtype=float)

@@ -2,11 +2,11 @@ from __future__ import annotations
 
 import pytest
 
-from fleet.profiles import DeviceProfile, SimulatedClock, assign_profiles, preset
+from fleet.profiles import EmulatedProfile, SimulatedClock, assign_profiles, preset
 
 
 def test_round_seconds_adds_latency_transfer_and_scaled_compute():
-    p = DeviceProfile(compute_speed=0.5, uplink_kbps=8, downlink_kbps=80, latency_ms=100)
+    p = EmulatedProfile(compute_speed=0.5, uplink_kbps=8, downlink_kbps=80, latency_ms=100)
     # 0.2 s latency + 1000 B down at 80 kbit/s (0.1 s) + 2 s compute at half speed + 1000 B up at 8 kbit/s (1 s)
     assert p.round_seconds(1.0, 1000, 1000) == pytest.approx(0.2 + 0.1 + 2.0 + 1.0)
 
@@ -23,7 +23,7 @@ def test_presets_and_mix():
 
 def test_validation_and_clock():
     with pytest.raises(ValueError, match="dropout"):
-        DeviceProfile(dropout=2)
+        EmulatedProfile(dropout=2)
     clock = SimulatedClock()
     assert clock.advance_round([1.0, 3.0], deadline_s=2.0) == 2.0
     assert clock.advance_round([0.5]) == 0.5

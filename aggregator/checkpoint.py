@@ -1,0 +1,157 @@
+"""Durable aggregator state: an atomic checkpoint after every applied update, plus journals.
+
+Layout of a checkpoint folder::
+
+    ckpt-00000012.npz   trainables (flat float32), optimizer state (arrays only, no pickle)
+    latest.json         which .npz is current, its SHA-256, round counter, model version,
+                        pacing state, seed/generator state and the config it was written with
+    devices.jsonl       append-only registry journal: one line per joined device
+
+A checkpoint is written to a temporary file, fsynced, and moved into place with
+``os.replace``; ``latest.json`` is replaced last, so a crash at any moment leaves either the
+old or the new checkpoint, never a mix. The round counter is stored with the trainables it
+produced: on restart the aggregator re-runs the first round not in the checkpoint, with the
+same round seed (seeds derive from the master seed and the round id), so no update is lost or
+applied twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fwdfleet.bundle import sha256_file
+from fwdfleet.errors import FwdfleetError
+
+FORMAT_VERSION = 1
+LATEST = "latest.json"
+DEVICES = "devices.jsonl"
+
+
+class CheckpointError(FwdfleetError):
+    """A checkpoint folder is corrupt or was written by an incompatible configuration."""
+
+
+@dataclass(frozen=True)
+class CheckpointState:
+    round_id: int  # the next round to run
+    model_version: int  # number of updates applied
+    trainables: np.ndarray  # flat float32, canonical order
+    optimizer: Mapping[str, np.ndarray]
+    pacing: Mapping[str, Any] = field(default_factory=dict)
+    meta: Mapping[str, Any] = field(default_factory=dict)  # seeds, config, anything JSON
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return  # not supported on this platform
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def save_checkpoint(directory: str | Path, state: CheckpointState) -> Path:
+    """Write ``state`` atomically; returns the path of the new ``.npz``."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    arrays: dict[str, Any] = {"trainables": np.ascontiguousarray(state.trainables, dtype=np.float32)}
+    for k, v in state.optimizer.items():
+        arrays[f"optimizer/{k}"] = np.asarray(v)
+    npz = d / f"ckpt-{state.model_version:08d}-r{state.round_id:08d}.npz"
+    _atomic_write(npz, lambda f: np.savez(f, **arrays))
+    latest = {
+        "format": FORMAT_VERSION,
+        "file": npz.name,
+        "sha256": sha256_file(npz),
+        "round_id": state.round_id,
+        "model_version": state.model_version,
+        "pacing": dict(state.pacing),
+        "meta": dict(state.meta),
+    }
+    text = json.dumps(latest, indent=2, sort_keys=True).encode()
+    _atomic_write(d / LATEST, lambda f: f.write(text))
+    for old in d.glob("ckpt-*.npz"):
+        if old.name != npz.name:
+            old.unlink(missing_ok=True)
+    return npz
+
+
+def load_checkpoint(directory: str | Path) -> CheckpointState | None:
+    """The last complete checkpoint in ``directory``, or None when there is none yet."""
+    d = Path(directory)
+    latest_path = d / LATEST
+    if not latest_path.is_file():
+        return None
+    try:
+        latest = json.loads(latest_path.read_text())
+        npz = d / latest["file"]
+        if latest.get("format") != FORMAT_VERSION:
+            raise CheckpointError(f"{latest_path} has format {latest.get('format')}, this aggregator reads "
+                                  f"{FORMAT_VERSION}; start from a new checkpoint folder")
+        if sha256_file(npz) != latest["sha256"]:
+            raise CheckpointError(f"{npz} does not match its checksum in {latest_path}: the checkpoint is "
+                                  "corrupt; restore it from a backup or start a new checkpoint folder")
+        with np.load(npz, allow_pickle=False) as z:
+            trainables = np.array(z["trainables"], dtype=np.float32)
+            optimizer = {k.split("/", 1)[1]: np.array(z[k]) for k in z.files if k.startswith("optimizer/")}
+        return CheckpointState(round_id=int(latest["round_id"]), model_version=int(latest["model_version"]),
+                               trainables=trainables, optimizer=optimizer, pacing=dict(latest["pacing"]),
+                               meta=dict(latest["meta"]))
+    except (OSError, KeyError, ValueError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read the checkpoint in {d}: {e}; start a new checkpoint folder "
+                              "or restore the folder") from e
+
+
+class Journal:
+    """An append-only JSON-lines file, fsynced per record; a torn last line (crash) is ignored."""
+
+    def __init__(self, path: str | Path, *, fsync: bool = True) -> None:
+        self.path = Path(path)
+        self.fsync = fsync
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def append(self, record: Mapping[str, Any]) -> None:
+        line = json.dumps(record, sort_keys=True, separators=(",", ":")) + "\n"
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+            if self.fsync:
+                os.fsync(f.fileno())
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        if not self.path.is_file():
+            return
+        with open(self.path, encoding="utf-8") as f:
+            for line in f:
+                if not line.endswith("\n"):
+                    break  # torn write from a crash: the record was never acknowledged
+                yield json.loads(line)
+
+
+def config_digest(config: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()

@@ -1,0 +1,445 @@
+"""The coordinator: rounds, selection, deadlines, validation, reconstruction, pacing, updates.
+
+Plain Python, no transport: the gRPC servicer (``aggregator/servicer.py``) and the in-process
+fleet emulation call the same methods. Every public method takes the lock, reads the injected
+clock and first processes what time alone decides (a round's deadline, opening a round once
+enough devices are live), so a server only has to call :meth:`Coordinator.advance` now and then.
+
+A round's life:
+
+1. **Open** once ``rounds.min_devices`` devices are live (seen within
+   ``rounds.heartbeat_timeout_s``): select devices deterministically from the master seed, the
+   round id and the attempt; the round seed derives from the same, so a restarted server issues
+   the same seeds.
+2. **Collect** uploads until ``target`` results arrived, or the deadline passed with at least
+   ``rounds.min_results`` (else extend the deadline, then restart the round with a new
+   selection). Stragglers' late uploads get ``STALE_ROUND``; they never hold a round up.
+3. **Pace** (scalar mode): reconstruct the partial sums, measure the noise, and either apply or
+   ask the devices that answered for more perturbations (a new request, new ``k_start``).
+4. **Apply** the server optimizer, write a checkpoint, append a metrics line, open the next round.
+
+Modes: ``scalar`` (seeds down, ``(k, d_k)`` up: :meth:`submit`), ``dense`` (FwdLLM's upload of a
+full gradient estimate: :meth:`submit_dense`) and ``fedavg`` (FedFwd: the device uploads its
+locally trained weights, :meth:`submit_weights`; the server applies its optimizer to the
+pseudo-gradient ``w - mean_i(w_i)`` weighted by samples, so ``sgd`` with ``lr = 1`` is plain
+FedAvg). Dense and FedAvg uploads are summed as they arrive (O(n) memory), so their float
+rounding follows arrival order; scalar rounds are reconstructed in device order at close.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from aggregator.checkpoint import DEVICES, CheckpointError, CheckpointState, Journal, load_checkpoint, save_checkpoint
+from aggregator.config import AggregatorConfig
+from aggregator.errors import RejectCode, RejectedError
+from aggregator.optim import Optimizer
+from aggregator.pacing import Pacer, PacingDecision
+from aggregator.reconstruct import Accumulator, Contribution, accumulate
+from aggregator.records import (
+    CoordinatorStatus,
+    DeviceProfile,
+    JoinInfo,
+    RoundEvent,
+    SubmitReceipt,
+    derive_seed,
+)
+from aggregator.validation import Issued, Ledger, check_result, check_round, check_vector, fingerprint
+from device_runtime.perturbation import flatten, split
+from device_runtime.task import DeviceResult, RoundTask
+from fwdfleet.bundle import Bundle
+
+__all__ = ["Coordinator", "CoordinatorStatus", "DeviceProfile", "JoinInfo", "RoundEvent", "SubmitReceipt"]
+
+TASK_BYTES = 96  # estimate of one task message on the wire
+RESULT_OVERHEAD_BYTES = 48
+PAIR_BYTES = 12  # varint index + double derivative
+Evaluate = Callable[[int, Mapping[str, np.ndarray]], Mapping[str, float]]
+
+
+@dataclass
+class _Device:
+    device_id: str
+    index: int
+    profile: DeviceProfile
+    last_seen: float
+
+
+@dataclass
+class _Round:
+    round_id: int
+    attempt: int
+    seed: int
+    model_version: int
+    k: int
+    opened_at: float
+    deadline: float
+    selected: list[str]
+    target: int
+    acc: Accumulator
+    request: int = 0
+    extensions: int = 0
+    issued: dict[str, Issued] = field(default_factory=dict)  # outstanding requests of this phase
+    answered: dict[str, Contribution | None] = field(default_factory=dict)  # this request's answers
+    next_k: dict[str, int] = field(default_factory=dict)  # first unused perturbation index per device
+    contributors: dict[str, tuple[int, float]] = field(default_factory=dict)  # device -> (samples, loss)
+    fed_weight: float = 0.0
+    decisions: list[PacingDecision] = field(default_factory=list)
+    bytes_up: int = 0
+    bytes_down: int = 0
+
+
+class Coordinator:
+    """See the module docstring; the API is the one ``notes/INTERFACES.md`` agrees on."""
+
+    def __init__(self, config: AggregatorConfig, bundle: Bundle, *, checkpoint_dir: str | Path | None = None,
+                 clock: Callable[[], float] = time.time, evaluate: Evaluate | None = None) -> None:
+        self.config = config
+        self.bundle = bundle
+        self._specs = bundle.manifest.trainables
+        self._n = bundle.manifest.num_trainable
+        self._clock = clock
+        self._evaluate = evaluate
+        self._lock = threading.RLock()
+        self._params = flatten(bundle.load_trainables(), self._specs)
+        self._optimizer = Optimizer(config.optimizer, self._n, total_steps=config.rounds.num_rounds or None)
+        self._pacer = Pacer(config.pacing, config.perturbation.k)
+        self._round_id = 0
+        self._version = 0
+        self._attempt = 0
+        self._devices: dict[str, _Device] = {}
+        self._round: _Round | None = None
+        self._ledger = Ledger()
+        self._events: list[RoundEvent] = []
+        ckdir = checkpoint_dir if checkpoint_dir is not None else config.checkpoint.dir
+        self._ckdir = Path(ckdir) if ckdir is not None else None
+        self._journal = Journal(self._ckdir / DEVICES) if self._ckdir else None
+        if self._ckdir:
+            self._restore(self._clock())
+        self._ledger.start_round(self._round_id)
+        with self._lock:
+            self._tick(self._clock())
+
+    # ----------------------------------------------------------------------------- public API
+    def join(self, device_id: str, profile: DeviceProfile) -> JoinInfo:
+        if not device_id:
+            raise RejectedError(RejectCode.MALFORMED, "device_id must not be empty")
+        with self._lock:
+            now = self._clock()
+            dev = self._devices.get(device_id)
+            if dev is None:
+                dev = _Device(device_id, len(self._devices) + 1, profile, now)  # index 0 is the shared stream
+                self._devices[device_id] = dev
+                if self._journal:
+                    self._journal.append({"device_id": device_id, "index": dev.index, "profile": asdict(profile)})
+            dev.profile, dev.last_seen = profile, now
+            self._tick(now)
+            return JoinInfo(dev.index, self._version, self._round_id)
+
+    def heartbeat(self, device_id: str) -> None:
+        with self._lock:
+            now = self._clock()
+            self._touch(device_id, now)
+            self._tick(now)
+
+    def task_for(self, device_id: str) -> RoundTask | None:
+        """This device's outstanding task, or None (nothing for it now: poll again)."""
+        with self._lock:
+            now = self._clock()
+            dev = self._touch(device_id, now)
+            self._tick(now)
+            rnd = self._round
+            if rnd is None or device_id not in rnd.issued or device_id in rnd.answered:
+                return None
+            iss = rnd.issued[device_id]
+            p = self.config.perturbation
+            return RoundTask(
+                round_id=rnd.round_id, model_version=rnd.model_version, round_seed=rnd.seed,
+                device_index=0 if p.shared_seeds else dev.index, num_perturbations=iss.num_perturbations,
+                eps=p.eps, k_start=iss.k_start, distribution=p.distribution,  # type: ignore[arg-type]
+                difference=p.difference, candidate_ratio=iss.candidate_ratio,  # type: ignore[arg-type]
+                batch_size=self.config.rounds.batch_size,
+                data_seed=derive_seed(self.config.master_seed, "data", rnd.round_id, rnd.attempt, dev.index)
+                & 0x7FFFFFFF,
+                deadline_unix=rnd.deadline,
+            )
+
+    def submit(self, device_id: str, result: DeviceResult) -> SubmitReceipt:
+        """Accept a scalar upload (``mode = "scalar"``); raises :class:`RejectedError` otherwise."""
+        return self._submit(device_id, result, None, "scalar")
+
+    def submit_dense(self, device_id: str, result: DeviceResult, gradient: np.ndarray) -> SubmitReceipt:
+        """Accept a full gradient estimate (``mode = "dense"``); ``result`` carries round, version,
+        samples and loss, with no indices."""
+        return self._submit(device_id, result, np.asarray(gradient), "dense")
+
+    def submit_weights(self, device_id: str, result: DeviceResult,
+                       trainables: Mapping[str, np.ndarray]) -> SubmitReceipt:
+        """Accept locally trained trainables (``mode = "fedavg"``), weighted by ``result.num_samples``."""
+        try:
+            flat = np.concatenate([np.asarray(trainables[t.name], dtype=np.float32).reshape(-1)
+                                   for t in self._specs])
+        except KeyError as e:
+            raise RejectedError(RejectCode.MALFORMED, f"trainable {e} missing from the upload; send all of "
+                                f"{[t.name for t in self._specs]}") from e
+        except ValueError as e:
+            raise RejectedError(RejectCode.MALFORMED, f"trainables cannot be flattened: {e}") from e
+        return self._submit(device_id, result, flat, "fedavg")
+
+    def current_trainables(self) -> tuple[int, dict[str, np.ndarray]]:
+        with self._lock:
+            views = split(self._params.copy(), self._specs)
+            return self._version, {t.name: views[t.name].astype(t.dtype) for t in self._specs}
+
+    def status(self) -> CoordinatorStatus:
+        with self._lock:
+            now = self._clock()
+            self._tick(now)
+            rnd = self._round
+            state = "finished" if self._finished() else ("open" if rnd else "waiting")
+            return CoordinatorStatus(
+                state=state, round_id=self._round_id, model_version=self._version, attempt=self._attempt,
+                request=rnd.request if rnd else 0, mode=self.config.mode, k=rnd.k if rnd else self._pacer.k,
+                devices_registered=len(self._devices), devices_available=len(self._available(now)),
+                selected=len(rnd.selected) if rnd else 0, target=rnd.target if rnd else 0,
+                results=len(rnd.contributors) if rnd else 0, deadline=rnd.deadline if rnd else None,
+                rounds_completed=self._version,
+            )
+
+    def advance(self, now: float | None = None) -> list[RoundEvent]:
+        """Process deadlines and open rounds; returns the events since the last call."""
+        with self._lock:
+            self._tick(self._clock() if now is None else now)
+            events, self._events = self._events, []
+            return events
+
+    # ------------------------------------------------------------------------------ internals
+    def _finished(self) -> bool:
+        return 0 < self.config.rounds.num_rounds <= self._round_id
+
+    def _touch(self, device_id: str, now: float) -> _Device:
+        dev = self._devices.get(device_id)
+        if dev is None:
+            raise RejectedError(RejectCode.UNKNOWN_DEVICE, f"device {device_id!r} has not joined; call join first")
+        dev.last_seen = now
+        return dev
+
+    def _available(self, now: float) -> list[_Device]:
+        limit = self.config.rounds.heartbeat_timeout_s
+        return [d for d in self._devices.values() if now - d.last_seen <= limit]
+
+    def _event(self, kind: str, now: float, **detail: Any) -> None:
+        self._events.append(RoundEvent(kind, self._round_id, now, detail))
+        if len(self._events) > 10_000:  # nobody is reading: keep the newest
+            del self._events[:5_000]
+
+    def _tick(self, now: float) -> None:
+        rnd = self._round
+        if rnd is not None and now >= rnd.deadline:
+            self._on_deadline(rnd, now)
+        if self._round is None and not self._finished():
+            self._try_open(now)
+
+    def _try_open(self, now: float) -> None:
+        rc, p = self.config.rounds, self.config.perturbation
+        live = self._available(now)
+        if len(live) < max(rc.min_devices, rc.min_available):
+            return
+        target = max(rc.min_devices, math.ceil(rc.fraction * len(live)))
+        count = min(len(live), math.ceil(target * rc.over_selection))
+        order = sorted(live, key=lambda d: derive_seed(self.config.master_seed, "select", self._round_id,
+                                                       self._attempt, d.device_id))
+        selected = [d.device_id for d in order[:count]]
+        k = self._pacer.k
+        rnd = _Round(round_id=self._round_id, attempt=self._attempt,
+                     seed=derive_seed(self.config.master_seed, "round", self._round_id, self._attempt),
+                     model_version=self._version, k=k, opened_at=now, deadline=now + rc.deadline_s,
+                     selected=selected, target=min(target, count), acc=Accumulator(self._n))
+        for dev_id in selected:
+            rnd.issued[dev_id] = Issued(rnd.round_id, rnd.model_version, 0, 0, k, p.candidate_ratio)
+            rnd.next_k[dev_id] = p.candidate_ratio * k
+        rnd.bytes_down = count * (TASK_BYTES + 4 * self._n)  # task + current trainables
+        self._round = rnd
+        self._event("round_opened", now, attempt=self._attempt, selected=count, target=rnd.target, k=k)
+
+    def _on_deadline(self, rnd: _Round, now: float) -> None:
+        rc = self.config.rounds
+        if rnd.request > 0 or len(rnd.answered) >= rc.min_results:
+            self._close_request(rnd, now, reason="deadline")
+        elif rnd.extensions < rc.max_extensions:
+            rnd.extensions += 1
+            rnd.deadline = now + rc.deadline_s
+            self._event("deadline_extended", now, results=len(rnd.answered), min_results=rc.min_results,
+                        extensions=rnd.extensions, deadline=rnd.deadline)
+        else:
+            self._event("round_restarted", now, results=len(rnd.answered), min_results=rc.min_results,
+                        attempt=self._attempt + 1)
+            self._round = None
+            self._attempt += 1
+
+    def _submit(self, device_id: str, result: DeviceResult, vector: np.ndarray | None, mode: str) -> SubmitReceipt:
+        with self._lock:
+            now = self._clock()
+            self._touch(device_id, now)
+            self._tick(now)
+            if mode != self.config.mode:
+                raise RejectedError(RejectCode.MALFORMED, f"this aggregator runs mode {self.config.mode!r}; "
+                                    f"a {mode!r} upload does not apply (check the device's configuration)")
+            fp = fingerprint(result, b"" if vector is None else vector.astype(np.float32).tobytes())
+            if self._ledger.is_duplicate(device_id, result.round_id, fp):
+                return SubmitReceipt(accepted=True, duplicate=True, round_id=result.round_id)
+            rnd = self._round
+            check_round(result, rnd.round_id if rnd else None, rnd.model_version if rnd else self._version)
+            assert rnd is not None
+            iss = rnd.issued.get(device_id)
+            if iss is None:
+                raise RejectedError(RejectCode.NOT_SELECTED, f"device {device_id!r} was not selected for round "
+                                    f"{rnd.round_id}; poll for a task instead of uploading")
+            if device_id in rnd.answered:
+                raise RejectedError(RejectCode.ALREADY_SUBMITTED, f"device {device_id!r} already uploaded a "
+                                    "different result for this request; only its first upload counts")
+            check_result(result, iss, self.config.validation, scalar=mode == "scalar")
+            if vector is not None:
+                check_vector(vector, self._n, self.config.validation, "gradient" if mode == "dense" else "weights")
+            self._accept(rnd, device_id, result, vector, iss)
+            self._ledger.record(device_id, rnd.round_id, iss.request, fp)
+            receipt = SubmitReceipt(accepted=True, duplicate=False, round_id=rnd.round_id)
+            needed = rnd.target if rnd.request == 0 else len(rnd.issued)
+            if len(rnd.answered) >= needed:
+                self._close_request(rnd, now, reason="all results in")
+            return receipt
+
+    def _accept(self, rnd: _Round, device_id: str, result: DeviceResult, vector: np.ndarray | None,
+                iss: Issued) -> None:
+        dev = self._devices[device_id]
+        samples, loss = rnd.contributors.get(device_id, (0, 0.0))
+        if iss.request == 0:  # the loss of the round's model on the device's batch
+            samples, loss = result.num_samples, result.loss_mean
+        rnd.contributors[device_id] = (samples, loss)
+        rnd.bytes_up += RESULT_OVERHEAD_BYTES + PAIR_BYTES * len(result.indices)
+        if vector is None:
+            rnd.answered[device_id] = Contribution(dev.index, result.indices, result.derivatives)
+            return
+        rnd.answered[device_id] = None
+        rnd.bytes_up += 4 * self._n
+        v = vector.astype(np.float32)
+        if self.config.mode == "dense":
+            rnd.acc.total += v
+            rnd.acc.add_unit(1, float(np.dot(v.astype(np.float64), v)))
+        else:
+            w = float(max(result.num_samples, 1))
+            rnd.acc.total += np.float32(w) * v
+            rnd.fed_weight += w
+            rnd.acc.pairs += 1
+
+    def _close_request(self, rnd: _Round, now: float, reason: str) -> None:
+        p = self.config.perturbation
+        if self.config.mode == "scalar":
+            contribs = [c for c in rnd.answered.values() if c is not None]
+            accumulate(rnd.acc, contribs, round_seed=rnd.seed, distribution=p.distribution,  # type: ignore[arg-type]
+                       shared_seeds=p.shared_seeds, robust=self.config.robust)
+        noise = rnd.acc.noise()
+        decision = self._pacer.decide(rnd.round_id, noise, rnd.request)
+        rnd.decisions.append(decision)
+        answered = sorted(rnd.answered, key=lambda d: self._devices[d].index)
+        if decision.action == "request_more" and answered:
+            rnd.request += 1
+            rnd.issued, rnd.answered = {}, {}
+            shared_start = max(rnd.next_k[d] for d in answered)
+            for dev_id in answered:
+                start = shared_start if p.shared_seeds else rnd.next_k[dev_id]
+                rnd.issued[dev_id] = Issued(rnd.round_id, rnd.model_version, rnd.request, start, decision.extra_k, 1)
+                rnd.next_k[dev_id] = start + decision.extra_k
+            rnd.deadline = now + self.config.rounds.deadline_s
+            rnd.bytes_down += len(answered) * TASK_BYTES
+            self._event("extra_requested", now, request=rnd.request, devices=len(answered), extra_k=decision.extra_k,
+                        noise_ratio=decision.noise_ratio, reason=reason)
+            return
+        self._apply(rnd, now, noise, reason)
+
+    def _apply(self, rnd: _Round, now: float, noise: Any, reason: str) -> None:
+        if self.config.mode == "fedavg":
+            mean = rnd.acc.total / np.float32(rnd.fed_weight)
+            grad: np.ndarray = self._params - mean
+        else:
+            grad = rnd.acc.mean()
+        lr = self._optimizer.apply(self._params, grad)
+        adapt = self._pacer.adapt(rnd.round_id, noise, rnd.request, len(rnd.contributors))
+        rnd.decisions.append(adapt)
+        self._version += 1
+        self._round_id += 1
+        self._attempt = 0
+        self._round = None
+        self._ledger.start_round(self._round_id)
+        if self._ckdir:
+            self._save()
+        samples = sum(s for s, _ in rnd.contributors.values())
+        loss = sum(s * lo for s, lo in rnd.contributors.values()) / samples if samples else math.nan
+        metrics: dict[str, Any] = {
+            "round_id": rnd.round_id, "model_version": self._version, "attempt": rnd.attempt, "time": now,
+            "duration_s": now - rnd.opened_at, "close_reason": reason, "mode": self.config.mode,
+            "selected": len(rnd.selected), "target": rnd.target, "participants": len(rnd.contributors),
+            "loss_mean": loss, "k": rnd.k, "next_k": self._pacer.k, "pairs": noise.pairs,
+            "extra_requests": rnd.request, "noise_ratio": noise.ratio, "spread_sq": noise.spread_sq,
+            "mean_sqnorm": noise.mean_sqnorm, "lr": lr, "update_norm": float(np.linalg.norm(grad)) * lr,
+            "bytes_up": rnd.bytes_up, "bytes_down": rnd.bytes_down,
+            "pacing": [d.to_json() for d in rnd.decisions],
+        }
+        if self._evaluate is not None:
+            metrics["eval"] = dict(self._evaluate(self._version, self.current_trainables()[1]))
+        self._write_metrics(metrics)
+        self._event("update_applied", now, **{k: metrics[k] for k in ("round_id", "model_version", "participants",
+                                                                       "loss_mean", "noise_ratio", "next_k")})
+        if self._finished():
+            self._event("finished", now, rounds=self._round_id)
+
+    def _write_metrics(self, metrics: dict[str, Any]) -> None:
+        path = self.config.metrics_path
+        if not path:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(clean, sort_keys=True) + "\n")
+
+    # --------------------------------------------------------------------------- durability
+    def _meta(self) -> dict[str, Any]:
+        c = self.config
+        return {"master_seed": c.master_seed, "mode": c.mode, "shared_seeds": c.perturbation.shared_seeds,
+                "distribution": c.perturbation.distribution, "num_trainable": self._n,
+                "optimizer": c.optimizer.name, "config": c.to_dict()}
+
+    def _save(self) -> None:
+        assert self._ckdir is not None
+        save_checkpoint(self._ckdir, CheckpointState(
+            round_id=self._round_id, model_version=self._version, trainables=self._params,
+            optimizer=self._optimizer.state_arrays(), pacing=self._pacer.state_json(), meta=self._meta()))
+
+    def _restore(self, now: float) -> None:
+        assert self._ckdir is not None and self._journal is not None
+        for rec in self._journal.records():
+            prof = rec.get("profile", {})
+            self._devices[rec["device_id"]] = _Device(rec["device_id"], int(rec["index"]),
+                                                      DeviceProfile(**prof), now)
+        state = load_checkpoint(self._ckdir)
+        if state is None:
+            return
+        meta, mine = state.meta, self._meta()
+        for key in ("master_seed", "mode", "shared_seeds", "distribution", "num_trainable", "optimizer"):
+            if meta.get(key) != mine[key]:
+                raise CheckpointError(
+                    f"checkpoint in {self._ckdir} was written with {key}={meta.get(key)!r} but this config has "
+                    f"{mine[key]!r}; resume with the same configuration or use a new checkpoint folder")
+        self._params = state.trainables.copy()
+        self._optimizer.load_state_arrays(state.optimizer)
+        self._pacer.load_state_json(dict(state.pacing))
+        self._round_id, self._version = state.round_id, state.model_version

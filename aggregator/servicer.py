@@ -1,0 +1,298 @@
+"""The gRPC servicer: decode, call the :class:`~aggregator.coordinator.Coordinator`, encode. Thin.
+
+Every method receives the raw request bytes, decodes them with :mod:`fwdfleet.protocol.serde`
+and calls one coordinator method (the coordinator is thread-safe: it takes its own lock).
+Errors become gRPC statuses in one place,
+:func:`_status_for`: a malformed message or a refused value is ``INVALID_ARGUMENT``; a
+:class:`~aggregator.errors.RejectedError` maps through its code's ``grpc_status``; a token used
+for another device's id is ``PERMISSION_DENIED``. Every abort message says why.
+
+``GetTask`` is a long poll: it holds the call until a task exists for the device or the wait
+ends, and at most ``long_poll_slots`` calls wait at once so that long polls never starve
+``Submit`` of worker threads (a device turned away is told to retry shortly).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, is_dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+
+from aggregator.auth import TokenAllowList
+from aggregator.errors import RejectedError
+from fwdfleet import __version__
+from fwdfleet.bundle import Bundle, sha256_file, zip_bundle
+from fwdfleet.errors import FwdfleetError
+from fwdfleet.protocol import PROTOCOL_VERSION, serde
+
+log = logging.getLogger("fwdfleet.aggregator")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ServicerSettings:
+    long_poll_max_s: float = 20.0  # a GetTask call is held at most this long
+    long_poll_slots: int = 8  # GetTask calls allowed to wait at once
+    retry_after_s: float = 1.0  # what a device turned away from the long poll is told
+    chunk_bytes: int = 1 << 20  # download chunk size (well under the client's receive limit)
+    heartbeat_interval_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not self.long_poll_max_s >= 0:
+            raise ValueError(f"server.long_poll_max_s must be >= 0, got {self.long_poll_max_s}")
+        if self.long_poll_slots < 1:
+            raise ValueError(f"server.long_poll_slots must be >= 1, got {self.long_poll_slots}")
+        if not self.retry_after_s > 0:
+            raise ValueError(f"server.retry_after_s must be > 0, got {self.retry_after_s}")
+        if not 1024 <= self.chunk_bytes <= 3 << 20:
+            raise ValueError(f"server.chunk_bytes must be in [1 KiB, 3 MiB], got {self.chunk_bytes}")
+        if not self.heartbeat_interval_s > 0:
+            raise ValueError(f"server.heartbeat_interval_s must be > 0, got {self.heartbeat_interval_s}")
+
+
+@dataclass(frozen=True)
+class BundleArchive:
+    """The bundle as one zip file on disk, with its checksum: what DownloadBundle streams."""
+
+    path: Path
+    sha256: str
+    size: int
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle, workdir: Path) -> BundleArchive:
+        out = zip_bundle(bundle, workdir / "bundle.zip")
+        return cls(path=out, sha256=sha256_file(out), size=out.stat().st_size)
+
+
+class _Abort(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _status_for(error: Exception) -> tuple[grpc.StatusCode, str]:
+    """The one place where domain errors become gRPC statuses."""
+    if isinstance(error, _Abort):
+        return error.code, error.message
+    if isinstance(error, serde.DecodeError):
+        code = grpc.StatusCode.FAILED_PRECONDITION if error.reason == "VERSION" else grpc.StatusCode.INVALID_ARGUMENT
+        return code, f"{error.reason}: {error}"
+    if isinstance(error, RejectedError):
+        return getattr(grpc.StatusCode, error.code.grpc_status), str(error)
+    if isinstance(error, FwdfleetError):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(error)
+    log.exception("internal error in a Fleet call", exc_info=error)
+    return grpc.StatusCode.INTERNAL, f"internal aggregator error ({type(error).__name__}); see the server log"
+
+
+class FleetServicer:
+    """Implements ``fwdfleet.v1.Fleet`` on top of a coordinator (register with :func:`serde.generic_handler`)."""
+
+    def __init__(
+        self,
+        coordinator: Any,
+        archive: BundleArchive,
+        *,
+        allow_list: TokenAllowList | None = None,
+        settings: ServicerSettings | None = None,
+    ) -> None:
+        self.coordinator = coordinator
+        self.archive = archive
+        self.allow_list = allow_list
+        self.settings = settings or ServicerSettings()
+        self._cache_lock = threading.Lock()  # the coordinator locks itself; this guards the npz cache
+        self._changed = threading.Condition()  # notified when a round may have opened
+        self._slots = threading.BoundedSemaphore(self.settings.long_poll_slots)
+        self._trainables_cache: tuple[int, bytes, str] | None = None
+        self._started = time.monotonic()
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _guard(self, context: grpc.ServicerContext, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except Exception as e:  # mapped in one place; context.abort raises outside the try
+            code, message = _status_for(e)
+        context.abort(code, message)
+        raise AssertionError("unreachable")  # context.abort raises
+
+    def _authorize(self, context: grpc.ServicerContext, device_id: str) -> None:
+        if self.allow_list is None:
+            return
+        principal = self.allow_list.identify_metadata(context.invocation_metadata())
+        if principal is None or not principal.may_act_for(device_id):
+            raise _Abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"this token may not act for device {device_id!r}; use the token issued for that device",
+            )
+
+    def notify(self) -> None:
+        """Wake the long polls (a round may have opened)."""
+        with self._changed:
+            self._changed.notify_all()
+
+    def advance(self, now: float | None = None) -> list[Any]:
+        """Close/open rounds (called periodically by the server); wakes long polls on any event."""
+        events = list(self.coordinator.advance(now))
+        if events:
+            self.notify()
+        return events
+
+    def _versions(self) -> tuple[int, int]:
+        status = self.coordinator.status()
+        return int(status.model_version), int(status.round_id)
+
+    # ------------------------------------------------------------------ methods
+
+    def Join(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        def run() -> bytes:
+            call = serde.parse_join(request)
+            self._authorize(context, call.device_id)
+            info = self.coordinator.join(call.device_id, call.profile)
+            self.notify()
+            log.info("device %s joined as index %d (%s)", call.device_id, info.device_index, call.client_version)
+            return serde.joined_to_bytes(
+                serde.Joined(
+                    device_index=info.device_index,
+                    model_version=info.model_version,
+                    round_id=info.round_id,
+                    bundle_sha256=self.archive.sha256,
+                    bundle_size=self.archive.size,
+                    protocol_version=PROTOCOL_VERSION,
+                    heartbeat_interval_seconds=self.settings.heartbeat_interval_s,
+                )
+            )
+
+        return self._guard(context, run)
+
+    def GetTask(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        device_id, wait = self._guard(context, lambda: serde.parse_get_task(request))
+        self._guard(context, lambda: self._authorize(context, device_id))
+        deadline = time.monotonic() + min(wait, self.settings.long_poll_max_s)
+        waiting = wait > 0 and self._slots.acquire(blocking=False)
+        try:
+            while True:
+
+                def poll() -> tuple[Any, int]:
+                    return self.coordinator.task_for(device_id), self._versions()[0]
+
+                task, version = self._guard(context, poll)
+                if task is not None:
+                    return serde.task_poll_to_bytes(serde.TaskPoll(task=task, model_version=version))
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not context.is_active() or (wait > 0 and not waiting):
+                    busy = wait > 0 and not waiting
+                    return serde.task_poll_to_bytes(
+                        serde.TaskPoll(
+                            task=None,
+                            model_version=version,
+                            retry_after_seconds=self.settings.retry_after_s if busy or wait == 0 else 0.0,
+                            reason="server busy: too many waiting devices" if busy else "no task for you yet",
+                        )
+                    )
+                with self._changed:
+                    self._changed.wait(min(remaining, 0.5))
+        finally:
+            if waiting:
+                self._slots.release()
+
+    def Submit(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        def run() -> bytes:
+            device_id, result = serde.parse_submit(request)
+            self._authorize(context, device_id)
+            receipt = self.coordinator.submit(device_id, result)
+            self.notify()
+            return serde.submit_ack_to_bytes(
+                serde.SubmitAck(accepted=receipt.accepted, duplicate=receipt.duplicate, round_id=receipt.round_id)
+            )
+
+        return self._guard(context, run)
+
+    def Heartbeat(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        def run() -> bytes:
+            device_id = serde.parse_heartbeat(request)
+            self._authorize(context, device_id)
+            self.coordinator.heartbeat(device_id)
+            version, round_id = self._versions()
+            return serde.heartbeat_ack_to_bytes(serde.HeartbeatAck(model_version=version, round_id=round_id))
+
+        return self._guard(context, run)
+
+    def DownloadBundle(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        call = self._guard(context, lambda: serde.parse_download(request))
+        if call.offset > self.archive.size:
+            self._guard(context, lambda: _raise_offset(call.offset, self.archive.size))
+        with open(self.archive.path, "rb") as f:
+            f.seek(call.offset)
+            yield from self._chunks(f, call.offset, self.archive.size, self.archive.sha256, 0)
+
+    def DownloadTrainables(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        call = self._guard(context, lambda: serde.parse_download(request))
+        version, data, digest = self._guard(context, self._trainables_npz)
+        if call.offset and call.model_version != version:
+            context.abort(
+                grpc.StatusCode.ABORTED,
+                f"model version changed from {call.model_version} to {version} during the download; "
+                "restart it from offset 0",
+            )
+        if call.offset > len(data):
+            self._guard(context, lambda: _raise_offset(call.offset, len(data)))
+        yield from self._chunks(io.BytesIO(data[call.offset :]), call.offset, len(data), digest, version)
+
+    def Status(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        def run() -> bytes:
+            serde.parse_status(request)
+            status = self.coordinator.status()
+            body = asdict(status) if is_dataclass(status) and not isinstance(status, type) else dict(status)
+            return serde.status_to_bytes(
+                serde.ServerStatus(
+                    protocol_version=PROTOCOL_VERSION,
+                    server_version=__version__,
+                    round_id=int(body.get("round_id", 0)),
+                    model_version=int(body.get("model_version", 0)),
+                    uptime_seconds=time.monotonic() - self._started,
+                    status_json=json.dumps(body, default=str, sort_keys=True),
+                )
+            )
+
+        return self._guard(context, run)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _chunks(self, f: Any, offset: int, total: int, digest: str, version: int) -> Iterator[bytes]:
+        while True:
+            data = f.read(self.settings.chunk_bytes)
+            if not data:
+                return
+            yield serde.chunk_to_bytes(
+                serde.DownloadChunk(offset=offset, data=data, total_size=total, sha256=digest, model_version=version)
+            )
+            offset += len(data)
+
+    def _trainables_npz(self) -> tuple[int, bytes, str]:
+        with self._cache_lock:
+            version, tensors = self.coordinator.current_trainables()
+            cached = self._trainables_cache
+            if cached is not None and cached[0] == version:
+                return cached
+            buf = io.BytesIO()
+            arrays: dict[str, Any] = {name: np.ascontiguousarray(v) for name, v in tensors.items()}
+            np.savez(buf, **arrays)
+            data = buf.getvalue()
+            self._trainables_cache = (int(version), data, hashlib.sha256(data).hexdigest())
+            return self._trainables_cache
+
+
+def _raise_offset(offset: int, size: int) -> None:
+    raise _Abort(grpc.StatusCode.OUT_OF_RANGE, f"download offset {offset} is beyond the file's {size} bytes")

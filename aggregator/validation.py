@@ -1,0 +1,161 @@
+"""Checks every upload must pass before it is counted.
+
+* :func:`build_result` turns raw wire fields into a :class:`~device_runtime.task.DeviceResult`,
+  rejecting NaN/inf values, repeated indices and inconsistent lengths with their own codes
+  (``DeviceResult`` itself would raise a bare ``ValueError``). The servicer should call it.
+* :func:`check_result` checks a result against what was issued to that device: current round
+  and model version, indices inside the issued range (the whole candidate pool with
+  discriminative sampling), at most K of them, finite and bounded values.
+* :func:`check_vector` does the same for dense gradients and FedAvg weights.
+* :class:`Ledger` enforces one contribution per device per request: an identical retry is
+  recognised by its fingerprint (accepted, not counted again); a different second upload is
+  refused with ``ALREADY_SUBMITTED``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from aggregator.config import ValidationConfig
+from aggregator.errors import RejectCode, RejectedError
+from device_runtime.task import DeviceResult
+
+
+@dataclass(frozen=True)
+class Issued:
+    """What one request of a round asked of one device."""
+
+    round_id: int
+    model_version: int
+    request: int  # 0: the round's task; 1, 2, ...: pacing's extra requests
+    k_start: int
+    num_perturbations: int
+    candidate_ratio: int = 1
+
+    @property
+    def allowed(self) -> range:
+        return range(self.k_start, self.k_start + self.candidate_ratio * self.num_perturbations)
+
+
+def _reject(code: RejectCode, message: str) -> RejectedError:
+    return RejectedError(code, message)
+
+
+def _check_scalars(indices: Sequence[int], derivatives: Sequence[float], loss_mean: float, loss_std: float) -> None:
+    if len(indices) != len(derivatives):
+        raise _reject(RejectCode.MALFORMED, f"{len(indices)} indices but {len(derivatives)} derivatives; "
+                      "send one derivative per index")
+    if len(set(indices)) != len(indices):
+        dup = sorted({k for k in indices if list(indices).count(k) > 1})
+        raise _reject(RejectCode.DUPLICATE_INDEX, f"perturbation indices {dup[:5]} appear more than once; "
+                      "report each index once")
+    bad = [k for k, d in zip(indices, derivatives, strict=True) if not math.isfinite(d)]
+    if bad or not math.isfinite(loss_mean) or not math.isfinite(loss_std):
+        raise _reject(RejectCode.NON_FINITE, f"non-finite value (derivative of indices {bad[:5]} or loss); "
+                      "list NaN/inf perturbations in `skipped` instead of uploading them")
+
+
+def build_result(*, round_id: int, model_version: int, indices: Sequence[int], derivatives: Sequence[float],
+                 num_samples: int, loss_mean: float, loss_std: float = 0.0, skipped: Sequence[int] = (),
+                 compute_seconds: float = 0.0, extras: Mapping[str, float] | None = None) -> DeviceResult:
+    """A :class:`DeviceResult` from raw fields, or :class:`RejectedError` with the reason."""
+    _check_scalars(indices, derivatives, loss_mean, loss_std)
+    if round_id < 0 or model_version < 0 or any(not 0 <= k < 1 << 32 for k in indices):
+        raise _reject(RejectCode.MALFORMED, "round_id, model_version and indices must be non-negative "
+                      "(indices unsigned 32-bit)")
+    try:
+        return DeviceResult(round_id=int(round_id), model_version=int(model_version),
+                            indices=tuple(int(k) for k in indices),
+                            derivatives=tuple(float(d) for d in derivatives), num_samples=int(num_samples),
+                            loss_mean=float(loss_mean), loss_std=float(loss_std),
+                            skipped=tuple(int(k) for k in skipped), compute_seconds=float(compute_seconds),
+                            extras=dict(extras or {}))
+    except (ValueError, TypeError) as e:
+        raise _reject(RejectCode.MALFORMED, f"result fields are invalid: {e}") from e
+
+
+def check_round(result: DeviceResult, round_id: int | None, model_version: int) -> None:
+    if round_id is None:
+        raise _reject(RejectCode.STALE_ROUND, f"round {result.round_id} is closed and no round is open; "
+                      "fetch a new task")
+    if result.round_id != round_id or result.model_version != model_version:
+        raise _reject(RejectCode.STALE_ROUND, f"result is for round {result.round_id} / model version "
+                      f"{result.model_version} but the current round is {round_id} / version {model_version}; "
+                      "drop it and fetch a new task")
+
+
+def check_result(result: DeviceResult, issued: Issued, limits: ValidationConfig, *, scalar: bool = True) -> None:
+    """Raise :class:`RejectedError` unless ``result`` answers ``issued`` within ``limits``."""
+    check_round(result, issued.round_id, issued.model_version)
+    _check_scalars(result.indices, result.derivatives, result.loss_mean, result.loss_std)
+    if result.num_samples < 0:
+        raise _reject(RejectCode.MALFORMED, "num_samples must be non-negative")
+    if not scalar:
+        if result.indices:
+            raise _reject(RejectCode.MALFORMED, "this round takes a vector upload, not (index, derivative) pairs")
+        return
+    if not result.indices:
+        raise _reject(RejectCode.MALFORMED, "the result holds no derivatives (all skipped?); "
+                      "retry with a new minibatch or larger eps")
+    allowed = issued.allowed
+    outside = [k for k in result.indices if k not in allowed]
+    if outside:
+        raise _reject(RejectCode.BAD_INDEX, f"indices {outside[:5]} were not issued to this device "
+                      f"(issued {allowed.start}..{allowed.stop - 1})")
+    if len(result.indices) > issued.num_perturbations:
+        raise _reject(RejectCode.BAD_INDEX, f"{len(result.indices)} indices reported but only "
+                      f"{issued.num_perturbations} were asked for; keep the best {issued.num_perturbations}")
+    big = max(abs(d) for d in result.derivatives)
+    if big > limits.max_abs_derivative:
+        raise _reject(RejectCode.TOO_LARGE, f"|d_k| = {big:.3g} exceeds validation.max_abs_derivative="
+                      f"{limits.max_abs_derivative:g}; lower the learning rate or check the device's data")
+
+
+def check_vector(values: np.ndarray, n: int, limits: ValidationConfig, what: str = "vector") -> None:
+    """A dense gradient or flat weight vector: right size, finite, bounded."""
+    if values.ndim != 1 or values.shape[0] != n or values.dtype.kind != "f":
+        raise _reject(RejectCode.MALFORMED, f"{what} must be a flat float vector of {n} values, got "
+                      f"{values.dtype}{list(values.shape)}")
+    if not np.isfinite(values).all():
+        raise _reject(RejectCode.NON_FINITE, f"{what} holds NaN or inf; do not upload a diverged model")
+    big = float(np.abs(values).max()) if n else 0.0
+    if big > limits.max_abs_value:
+        raise _reject(RejectCode.TOO_LARGE, f"{what} has |value| = {big:.3g} > validation.max_abs_value="
+                      f"{limits.max_abs_value:g}")
+
+
+def fingerprint(result: DeviceResult, payload: bytes = b"") -> str:
+    """Identity of an upload: the same retry has the same fingerprint (timings excluded)."""
+    body = json.dumps([result.round_id, result.model_version, list(result.indices),
+                       [repr(d) for d in result.derivatives], result.num_samples, repr(result.loss_mean),
+                       repr(result.loss_std), list(result.skipped)])
+    h = hashlib.sha256(body.encode())
+    h.update(payload)
+    return h.hexdigest()
+
+
+class Ledger:
+    """Accepted uploads of the current and the previous round, by device and request."""
+
+    def __init__(self) -> None:
+        self._rounds: dict[int, dict[str, dict[int, str]]] = {}
+
+    def start_round(self, round_id: int) -> None:
+        for r in [r for r in self._rounds if r < round_id - 1]:
+            del self._rounds[r]
+        self._rounds.setdefault(round_id, {})
+
+    def is_duplicate(self, device_id: str, round_id: int, fp: str) -> bool:
+        return fp in self._rounds.get(round_id, {}).get(device_id, {}).values()
+
+    def answered(self, device_id: str, round_id: int, request: int) -> bool:
+        return request in self._rounds.get(round_id, {}).get(device_id, {})
+
+    def record(self, device_id: str, round_id: int, request: int, fp: str) -> None:
+        self._rounds.setdefault(round_id, {}).setdefault(device_id, {})[request] = fp

@@ -1,0 +1,416 @@
+"""A device's local data: numpy-only loaders and datasets that yield a graph's data inputs.
+
+Formats:
+
+* **IDX** (``.gz`` or raw; the MNIST / Fashion-MNIST layout): an images file and a labels file,
+  or a folder holding ``{split}-images-idx3-ubyte[.gz]`` and ``{split}-labels-idx1-ubyte[.gz]``
+  (``t10k`` for the MNIST test split). Pixels are scaled to [0, 1] and flattened.
+* **CSV**: text with a header ``label,title,description`` (AG News; labels 1..4 become 0..3) or
+  ``label,text``; or numbers with a ``label`` column (any position) and numeric feature columns.
+* **.npz** (loaded without pickle): ``x`` (or ``features``) and ``labels`` (or ``y``), or arrays
+  named exactly as the graph's data inputs.
+
+A :class:`LocalDataset` returns, for ``batch(seed, size)``, a dict holding exactly the graph's
+data inputs (``x`` + ``labels``; or ``input_ids`` + ``attention_mask`` [+ ``labels``] for text
+bundles, tokenized with the bundle's ``tokenizer.json`` through the optional ``tokenizers``
+package). A missing or malformed file raises :class:`fwdfleet.errors.DataError`.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from fwdfleet.bundle import Bundle, GraphSpec
+from fwdfleet.errors import DataError
+
+Batch = dict[str, npt.NDArray[Any]]
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_TEXT_INPUTS = ("input_ids", "attention_mask")
+
+
+class LocalDataset(Protocol):
+    def __len__(self) -> int: ...
+
+    def batch(self, seed: int, size: int) -> Batch:
+        """``size`` examples drawn without replacement (with, if the dataset is smaller) by ``seed``."""
+        ...
+
+
+def _sample(n: int, seed: int, size: int) -> npt.NDArray[np.int64]:
+    if n == 0:
+        raise DataError("the dataset is empty; give a file with at least one example")
+    if size < 1:
+        raise DataError(f"batch size must be >= 1, got {size}")
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n, size=size, replace=size > n)).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class ArrayDataset:
+    """Examples held as arrays keyed by graph input name (first axis = example)."""
+
+    arrays: dict[str, npt.NDArray[Any]]
+
+    def __post_init__(self) -> None:
+        sizes = {len(v) for v in self.arrays.values()}
+        if len(sizes) != 1:
+            raise DataError(
+                f"dataset arrays disagree on the number of examples: { {k: len(v) for k, v in self.arrays.items()} }"
+            )
+
+    def __len__(self) -> int:
+        return len(next(iter(self.arrays.values())))
+
+    def take(self, indices: npt.NDArray[np.int64]) -> Batch:
+        return {k: np.ascontiguousarray(v[indices]) for k, v in self.arrays.items()}
+
+    def batch(self, seed: int, size: int) -> Batch:
+        return self.take(_sample(len(self), seed, size))
+
+    def batches(self, size: int, limit: int | None = None) -> Iterator[Batch]:
+        """Consecutive batches in order (for evaluation), at most ``limit`` examples."""
+        n = len(self) if limit is None else min(limit, len(self))
+        for i in range(0, n, size):
+            yield self.take(np.arange(i, min(i + size, n), dtype=np.int64))
+
+    def split(self, eval_fraction: float, seed: int = 0) -> tuple[ArrayDataset, ArrayDataset]:
+        """Shuffle with ``seed`` and split off ``eval_fraction`` of the examples for evaluation."""
+        if not 0.0 < eval_fraction < 1.0:
+            raise DataError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
+        order = np.random.default_rng(seed).permutation(len(self))
+        cut = len(self) - max(1, round(eval_fraction * len(self)))
+        return (ArrayDataset(self.take(order[:cut])), ArrayDataset(self.take(order[cut:])))
+
+
+# --------------------------------------------------------------------------------------- readers
+
+
+def _open(path: Path) -> bytes:
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                return f.read()
+        return path.read_bytes()
+    except (OSError, EOFError) as e:
+        raise DataError(f"cannot read {path}: {e}") from e
+
+
+def load_idx(path: str | Path) -> npt.NDArray[Any]:
+    """Read one IDX file (MNIST layout: magic 0 0 <dtype> <ndim>, big-endian uint32 sizes, data)."""
+    path = Path(path)
+    raw = _open(path)
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES or raw[3] == 0:
+        raise DataError(f"{path} is not an IDX file (expected magic bytes 00 00 <dtype> <ndim>, as in MNIST)")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path} is truncated: its IDX header needs {header} bytes")
+    shape = tuple(int(s) for s in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    expected = header + math.prod(shape) * dtype.itemsize
+    if len(raw) != expected:
+        raise DataError(f"{path} holds {len(raw)} bytes but its IDX header {list(shape)} needs {expected}")
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def _find_idx(folder: Path, split: str, what: str) -> Path:
+    names = (f"{split}-{what}-idx{1 if what == 'labels' else 3}-ubyte", f"{split}-{what}.idx")
+    for name in names:
+        for candidate in (folder / name, folder / (name + ".gz")):
+            if candidate.is_file():
+                return candidate
+    raise DataError(f"{folder} has no IDX {what} file for split {split!r} (expected {names[0]}[.gz])")
+
+
+def load_idx_pair(images: str | Path, labels: str | Path) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """Images flattened to float32 in [0, 1] (uint8 input) and int64 labels."""
+    x = load_idx(images)
+    y = load_idx(labels)
+    if y.ndim != 1 or len(y) != len(x):
+        raise DataError(f"{labels} must hold one label per image of {images} ({len(x)}), it holds shape {y.shape}")
+    xf = x.reshape(len(x), -1).astype(np.float32)
+    if x.dtype == np.uint8:
+        xf /= 255.0
+    return xf, y.astype(np.int64)
+
+
+@dataclass(frozen=True)
+class RawData:
+    """What a file holds before it is fitted to a graph: features or texts, and labels."""
+
+    labels: npt.NDArray[np.int64] | None
+    features: npt.NDArray[np.float32] | None = None
+    texts: tuple[str, ...] | None = None
+    arrays: dict[str, npt.NDArray[Any]] | None = None  # npz arrays named like graph inputs
+    source: str = ""
+    one_based_labels: bool = False
+
+
+def read_csv(path: str | Path, label_column: str = "label") -> RawData:
+    path = Path(path)
+    text = _open(path).decode("utf-8", errors="replace")
+    rows = list(csv.reader(text.splitlines()))
+    if len(rows) < 2:
+        raise DataError(f"{path} needs a header row and at least one example row")
+    header = [h.strip().lower() for h in rows[0]]
+    if label_column not in header:
+        raise DataError(
+            f"{path} has no {label_column!r} column in its header {rows[0]}; expected e.g. "
+            "label,title,description (AG News) or label,f1,f2,... (numbers)"
+        )
+    li = header.index(label_column)
+    body = [r for r in rows[1:] if r]
+    try:
+        labels = np.array([int(r[li]) for r in body], dtype=np.int64)
+    except (ValueError, IndexError) as e:
+        raise DataError(f"{path}: every row needs an integer {label_column!r} ({e})") from e
+    text_cols = [i for i, h in enumerate(header) if h in ("title", "description", "text")]
+    if text_cols:
+        texts = tuple(" ".join(r[i].strip() for i in text_cols if i < len(r)).replace("\\", " ") for r in body)
+        return RawData(labels=labels, texts=texts, source=str(path), one_based_labels=bool(labels.min() >= 1))
+    feature_cols = [i for i in range(len(header)) if i != li]
+    try:
+        x = np.array([[float(r[i]) for i in feature_cols] for r in body], dtype=np.float32)
+    except (ValueError, IndexError) as e:
+        raise DataError(
+            f"{path}: a numeric CSV needs numbers in every column besides {label_column!r} "
+            f"(or a title/description/text column for text) ({e})"
+        ) from e
+    return RawData(labels=labels, features=x, source=str(path))
+
+
+def read_npz(path: str | Path) -> RawData:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: np.array(z[k]) for k in z.files}
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path} is not a readable .npz without pickled objects ({e})") from e
+    x = arrays.get("x", arrays.get("features"))
+    y = arrays.get("labels", arrays.get("y"))
+    if x is not None:
+        return RawData(
+            labels=None if y is None else y.astype(np.int64),
+            features=x.reshape(len(x), -1).astype(np.float32),
+            source=str(path),
+        )
+    return RawData(labels=None if y is None else y.astype(np.int64), arrays=arrays, source=str(path))
+
+
+def read_data(path: str | Path, *, split: str = "train", label_column: str = "label") -> RawData:
+    """Read a data file or folder (IDX folder, IDX images file, .csv, .npz) into :class:`RawData`."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"data path not found: {p}; give an IDX folder or file, a .csv or a .npz")
+    if p.is_dir():
+        for name in ("data.npz", "data.csv", f"{split}.npz", f"{split}.csv"):
+            if (p / name).is_file():
+                return read_data(p / name, split=split, label_column=label_column)
+        x, y = load_idx_pair(_find_idx(p, split, "images"), _find_idx(p, split, "labels"))
+        return RawData(labels=y, features=x, source=str(p))
+    name = p.name.lower()
+    if name.endswith(".csv") or name.endswith(".csv.gz"):
+        return read_csv(p, label_column)
+    if name.endswith(".npz"):
+        return read_npz(p)
+    if "images" in name:
+        labels = p.with_name(p.name.replace("images", "labels").replace("idx3", "idx1"))
+        x, y = load_idx_pair(p, labels)
+        return RawData(labels=y, features=x, source=str(p))
+    raise DataError(f"{p}: unknown data format; expected an IDX folder or images file, a .csv or a .npz")
+
+
+# ------------------------------------------------------------------------------- fitting to a graph
+
+
+def num_classes(bundle: Bundle, graph: str = "model") -> int | None:
+    """The number of classes a bundle's graph predicts (labels in the manifest, or the logits width)."""
+    if bundle.manifest.labels:
+        return len(bundle.manifest.labels)
+    for out in bundle.manifest.graph(graph).outputs:
+        if out.name == "logits" and len(out.shape) == 2 and isinstance(out.shape[1], int):
+            return out.shape[1]
+    return None
+
+
+def _load_tokenizer(bundle: Bundle) -> Any:
+    spec = bundle.manifest.tokenizer
+    if spec is None:
+        raise DataError(f"bundle {bundle.path} takes token ids but ships no tokenizer; re-export it with one")
+    files = [f for f in spec.files if f.endswith("tokenizer.json")]
+    if not files:
+        raise DataError(f"bundle {bundle.path} has no tokenizer.json among {list(spec.files)}; re-export it")
+    try:
+        from tokenizers import Tokenizer
+    except ImportError as e:
+        raise DataError(
+            "text data needs the `tokenizers` package: pip install 'fwdfleet[text]' (or pip install tokenizers)"
+        ) from e
+    return Tokenizer.from_file(str(bundle.path / files[0]))
+
+
+class TextDataset:
+    """Texts tokenized per batch with the bundle's tokenizer (padding to the longest in the batch)."""
+
+    def __init__(
+        self,
+        texts: Sequence[str],
+        labels: npt.NDArray[np.int64] | None,
+        tokenizer: Any,
+        max_length: int,
+        *,
+        pad_id: int = 0,
+        padding_side: str = "right",
+        pad_to_max_length: bool = False,
+    ) -> None:
+        if labels is not None and len(labels) != len(texts):
+            raise DataError(f"{len(texts)} texts but {len(labels)} labels")
+        self.texts = tuple(texts)
+        self.labels = labels
+        self.max_length = max_length
+        self._tok = tokenizer
+        self._tok.enable_truncation(max_length=max_length)
+        self._tok.enable_padding(
+            direction=padding_side, pad_id=pad_id, length=max_length if pad_to_max_length else None
+        )
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def take(self, indices: npt.NDArray[np.int64]) -> Batch:
+        encodings = self._tok.encode_batch([self.texts[int(i)] for i in indices])
+        out: Batch = {
+            "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
+            "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
+        }
+        if self.labels is not None:
+            out["labels"] = np.ascontiguousarray(self.labels[indices])
+        return out
+
+    def batch(self, seed: int, size: int) -> Batch:
+        return self.take(_sample(len(self), seed, size))
+
+    def batches(self, size: int, limit: int | None = None) -> Iterator[Batch]:
+        n = len(self) if limit is None else min(limit, len(self))
+        for i in range(0, n, size):
+            yield self.take(np.arange(i, min(i + size, n), dtype=np.int64))
+
+    def split(self, eval_fraction: float, seed: int = 0) -> tuple[TextDataset, TextDataset]:
+        if not 0.0 < eval_fraction < 1.0:
+            raise DataError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
+        order = np.random.default_rng(seed).permutation(len(self))
+        cut = len(self) - max(1, round(eval_fraction * len(self)))
+
+        def part(idx: npt.NDArray[np.int64]) -> TextDataset:
+            new = object.__new__(TextDataset)
+            new.texts = tuple(self.texts[int(i)] for i in idx)
+            new.labels = None if self.labels is None else self.labels[idx]
+            new.max_length, new._tok = self.max_length, self._tok
+            return new
+
+        return part(order[:cut]), part(order[cut:])
+
+
+def _check_labels(labels: npt.NDArray[np.int64] | None, classes: int | None, source: str) -> None:
+    if labels is None:
+        raise DataError(f"{source} has no labels but the graph needs a `labels` input")
+    if classes is not None and len(labels) and (labels.min() < 0 or labels.max() >= classes):
+        raise DataError(
+            f"{source} has labels in [{labels.min()}, {labels.max()}] but the bundle predicts {classes} classes "
+            f"(labels must be 0..{classes - 1})"
+        )
+
+
+def dataset_for_bundle(raw: RawData, bundle: Bundle, graph: str = "model") -> ArrayDataset | TextDataset:
+    """Fit what a file holds to the data inputs of ``bundle``'s ``graph``."""
+    spec: GraphSpec = bundle.manifest.graph(graph)
+    names = [t.name for t in spec.data_inputs]
+    classes = num_classes(bundle, graph)
+    if raw.arrays is not None and all(n in raw.arrays for n in names):
+        return ArrayDataset({n: np.ascontiguousarray(raw.arrays[n]) for n in names})
+    if "input_ids" in names:
+        if raw.texts is None:
+            raise DataError(
+                f"{raw.source} holds no text but bundle kind {bundle.manifest.kind!r} takes token ids; "
+                "give a CSV with a title/description or text column"
+            )
+        labels = raw.labels
+        if labels is not None and raw.one_based_labels and classes is not None and labels.max() == classes:
+            labels = labels - 1  # AG News labels 1..4
+        if "labels" in names:
+            _check_labels(labels, classes, raw.source)
+        tok_spec = bundle.manifest.tokenizer
+        tokenizer = _load_tokenizer(bundle)
+        pad_id = bundle.manifest.settings.get("pad_token_id")
+        if not isinstance(pad_id, int):
+            found = [tokenizer.token_to_id(t) for t in ("[PAD]", "<pad>", "<|endoftext|>")]
+            pad_id = next((i for i in found if i is not None), 0)
+        assert tok_spec is not None  # _load_tokenizer checked it
+        return TextDataset(
+            raw.texts,
+            labels if "labels" in names else None,
+            tokenizer,
+            tok_spec.max_length,
+            pad_id=int(pad_id),
+            padding_side=tok_spec.padding_side,
+        )
+    if "x" in names:
+        if raw.features is None:
+            raise DataError(f"{raw.source} holds no numeric features but the graph takes `x`")
+        x_spec = next(t for t in spec.data_inputs if t.name == "x")
+        width = x_spec.shape[-1]
+        if isinstance(width, int) and raw.features.shape[1] != width:
+            raise DataError(
+                f"{raw.source} has {raw.features.shape[1]} features per example but the bundle's `x` takes {width}"
+            )
+        arrays: dict[str, npt.NDArray[Any]] = {"x": np.ascontiguousarray(raw.features, dtype=np.float32)}
+        if "labels" in names:
+            _check_labels(raw.labels, classes, raw.source)
+            assert raw.labels is not None
+            arrays["labels"] = raw.labels
+        return ArrayDataset(arrays)
+    raise DataError(f"cannot build the inputs {names} of graph {graph!r} from {raw.source}")
+
+
+def load_dataset(
+    path: str | Path, bundle: Bundle, *, graph: str = "model", split: str = "train", label_column: str = "label"
+) -> ArrayDataset | TextDataset:
+    """Read ``path`` and fit it to ``bundle``'s graph: the one call ``fwdfleet device train`` makes."""
+    return dataset_for_bundle(read_data(path, split=split, label_column=label_column), bundle, graph)
+
+
+def synthetic_batch(
+    bundle: Bundle, batch_size: int, *, graph: str = "model", sequence_length: int = 128, seed: int = 0
+) -> Batch:
+    """A random batch of the right names, dtypes and shapes (for memory and speed measurements)."""
+    rng = np.random.default_rng(seed)
+    vocab = bundle.manifest.settings.get("vocab_size", 1000)
+    high = max(6, min(int(vocab) if isinstance(vocab, int) else 1000, 1000))
+    classes = num_classes(bundle, graph) or 2
+    out: Batch = {}
+    for t in bundle.manifest.graph(graph).data_inputs:
+        shape = tuple(batch_size if d == "batch" else (d if isinstance(d, int) else sequence_length) for d in t.shape)
+        if t.name == "labels":
+            out[t.name] = rng.integers(0, classes, size=shape, dtype=np.int64)
+        elif t.name == "attention_mask":
+            out[t.name] = np.ones(shape, dtype=np.dtype(t.dtype))
+        elif t.dtype in ("int64", "int32"):
+            out[t.name] = rng.integers(5, high, size=shape).astype(t.dtype)
+        elif t.dtype == "bool":
+            out[t.name] = np.ones(shape, dtype=np.bool_)
+        else:
+            out[t.name] = rng.random(shape, dtype=np.float32).astype(t.dtype)
+    return out

@@ -1,0 +1,259 @@
+"""onnxruntime sessions over a verified bundle, with the trainable tensors fed as inputs.
+
+A :class:`BundleSession` wraps one graph of a bundle. Every call passes the current trainable
+values next to the data inputs, so a perturbed inference is the same call with different
+trainable values: nothing in the graph changes between a plain and a perturbed forward.
+
+Runtime-only settings (execution providers, threads, arena, pre-packing) live in
+:class:`SessionOptions`, never in the bundle. Weights stored as ONNX external data are
+memory-mapped by onnxruntime itself because the session is always created from the graph's
+path (never from bytes read into Python).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+
+from fwdfleet.bundle import Bundle, GraphSpec, TensorSpec
+from fwdfleet.errors import BundleError, ConfigError, DataError
+
+GraphOptimization = Literal["disable", "basic", "extended", "all"]
+_OPT_LEVELS: dict[str, ort.GraphOptimizationLevel] = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+_SHORT_PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "nnapi": "NnapiExecutionProvider",
+    "qnn": "QNNExecutionProvider",
+    "xnnpack": "XnnpackExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+}
+
+
+def available_providers() -> list[str]:
+    """Execution providers this onnxruntime build offers, in its order of preference."""
+    return list(ort.get_available_providers())
+
+
+def provider_name(name: str) -> str:
+    """Accept ``cpu``/``nnapi``/... as short forms of ``CPUExecutionProvider``/... ."""
+    return _SHORT_PROVIDERS.get(name.lower(), name)
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """How to run a bundle's graph on this device (never saved in the bundle).
+
+    ``intra_op_threads``/``inter_op_threads`` of 0 let onnxruntime choose. ``enable_cpu_mem_arena``
+    off trades speed for returning freed memory (it raised peak RSS in the prototype);
+    ``disable_prepacking`` keeps onnxruntime from keeping a second, pre-packed copy of constant
+    weights (lower peak memory, slower MatMuls).
+    """
+
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
+    enable_cpu_mem_arena: bool = True
+    enable_mem_pattern: bool = True
+    disable_prepacking: bool = False
+    graph_optimization: GraphOptimization = "all"
+    log_severity: int = 3
+
+    def __post_init__(self) -> None:
+        if not self.providers:
+            raise ValueError("SessionOptions.providers must name at least one execution provider")
+        object.__setattr__(self, "providers", tuple(provider_name(p) for p in self.providers))
+        if self.intra_op_threads < 0 or self.inter_op_threads < 0:
+            raise ValueError("SessionOptions.intra_op_threads and inter_op_threads must be >= 0 (0: automatic)")
+        if self.graph_optimization not in _OPT_LEVELS:
+            raise ValueError(
+                f"SessionOptions.graph_optimization {self.graph_optimization!r} is not one of {sorted(_OPT_LEVELS)}"
+            )
+        if not 0 <= self.log_severity <= 4:
+            raise ValueError("SessionOptions.log_severity must be 0 (verbose) .. 4 (fatal)")
+
+    def to_ort(self) -> ort.SessionOptions:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = self.intra_op_threads
+        so.inter_op_num_threads = self.inter_op_threads
+        so.enable_cpu_mem_arena = self.enable_cpu_mem_arena
+        so.enable_mem_pattern = self.enable_mem_pattern
+        so.graph_optimization_level = _OPT_LEVELS[self.graph_optimization]
+        so.log_severity_level = self.log_severity
+        if self.disable_prepacking:
+            so.add_session_config_entry("session.disable_prepacking", "1")
+        return so
+
+
+def check_providers(providers: Sequence[str]) -> None:
+    """Raise :class:`ConfigError` naming the available providers if one asked for is missing."""
+    have = available_providers()
+    missing = [p for p in providers if p not in have]
+    if missing:
+        raise ConfigError(
+            f"execution provider(s) {missing} not available in this onnxruntime {ort.__version__}; "
+            f"available: {have} (install an onnxruntime build with that provider, or choose one of these)"
+        )
+
+
+_NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_}
+
+
+def _check_tensor(spec: TensorSpec, value: Any, what: str, error: type[Exception]) -> None:
+    if not isinstance(value, np.ndarray):
+        raise error(f"{what} {spec.name!r} must be a numpy array, got {type(value).__name__}")
+    if value.dtype != np.dtype(_NP_DTYPES[spec.dtype]):
+        raise error(f"{what} {spec.name!r} has dtype {value.dtype} but the graph expects {spec.dtype}")
+    if value.ndim != len(spec.shape):
+        raise error(
+            f"{what} {spec.name!r} has shape {list(value.shape)} (rank {value.ndim}) but the graph expects "
+            f"rank {len(spec.shape)} {list(spec.shape)}"
+        )
+    for axis, (got, want) in enumerate(zip(value.shape, spec.shape, strict=True)):
+        if isinstance(want, int) and got != want:
+            raise error(
+                f"{what} {spec.name!r} has shape {list(value.shape)} but the graph expects {list(spec.shape)} "
+                f"(axis {axis} must be {want})"
+            )
+
+
+class BundleSession:
+    """One graph of a verified bundle on onnxruntime; trainables are passed on every call."""
+
+    def __init__(self, bundle: Bundle, options: SessionOptions | None = None, graph: str = "model") -> None:
+        self.bundle = bundle
+        self.options = options if options is not None else SessionOptions()
+        self.graph: GraphSpec = bundle.manifest.graph(graph)
+        check_providers(self.options.providers)
+        path = bundle.graph_path(graph)
+        try:
+            self._session = ort.InferenceSession(
+                str(path), sess_options=self.options.to_ort(), providers=list(self.options.providers)
+            )
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
+            raise BundleError(
+                f"onnxruntime cannot load graph {graph!r} from {path}: {str(e).strip().splitlines()[0]}; "
+                "re-export the bundle or check that this onnxruntime supports its opset"
+            ) from e
+        actual = {i.name for i in self._session.get_inputs()}
+        declared = {t.name for t in self.graph.inputs}
+        if actual != declared:
+            raise BundleError(
+                f"graph {graph!r} of {bundle.path} takes inputs {sorted(actual)} but its manifest declares "
+                f"{sorted(declared)}; the bundle is mismatched, re-export it"
+            )
+        self.trainable_specs: tuple[TensorSpec, ...] = tuple(
+            t for t in bundle.manifest.trainables if t.name in self.graph.trainables
+        )
+        self.data_specs: tuple[TensorSpec, ...] = self.graph.data_inputs
+        self.output_names: tuple[str, ...] = tuple(o.name for o in self._session.get_outputs())
+
+    @property
+    def providers(self) -> list[str]:
+        """The providers the session actually uses."""
+        return list(self._session.get_providers())
+
+    def check_batch(self, batch: Mapping[str, Any]) -> None:
+        """Raise :class:`DataError` unless ``batch`` holds exactly the graph's data inputs, well typed."""
+        names = {t.name for t in self.data_specs}
+        missing, extra = sorted(names - set(batch)), sorted(set(batch) - names)
+        if missing or extra:
+            raise DataError(
+                f"batch for graph {self.graph.name!r} is missing {missing} and has unexpected {extra}; "
+                f"the graph's data inputs are {[f'{t.name}: {t.dtype}{list(t.shape)}' for t in self.data_specs]}"
+            )
+        sizes = set()
+        for spec in self.data_specs:
+            _check_tensor(spec, batch[spec.name], "data input", DataError)
+            if spec.shape and spec.shape[0] == "batch":
+                sizes.add(batch[spec.name].shape[0])
+        if len(sizes) > 1:
+            raise DataError(f"data inputs disagree on the batch size: {sorted(sizes)}")
+
+    def check_trainables(self, trainables: Mapping[str, Any]) -> None:
+        """Raise :class:`BundleError` unless ``trainables`` match the bundle's trainable specs."""
+        names = {t.name for t in self.trainable_specs}
+        missing = sorted(names - set(trainables))
+        if missing:
+            raise BundleError(f"trainable values are missing {missing} for graph {self.graph.name!r}")
+        for spec in self.trainable_specs:
+            _check_tensor(spec, trainables[spec.name], "trainable", BundleError)
+
+    def run(
+        self,
+        trainables: Mapping[str, npt.NDArray[Any]],
+        batch: Mapping[str, npt.NDArray[Any]],
+        outputs: Sequence[str] = ("loss",),
+        *,
+        check: bool = True,
+    ) -> dict[str, npt.NDArray[Any]]:
+        """Run the graph; ``check=False`` skips validation (hot loops that validated once)."""
+        if check:
+            self.check_batch(batch)
+            self.check_trainables(trainables)
+            unknown = sorted(set(outputs) - set(self.output_names))
+            if unknown:
+                raise BundleError(f"graph {self.graph.name!r} has no output(s) {unknown}; it has {self.output_names}")
+        feed: dict[str, Any] = dict(batch)
+        for spec in self.trainable_specs:
+            feed[spec.name] = trainables[spec.name]
+        values = self._session.run(list(outputs), feed)
+        return {name: np.asarray(v) for name, v in zip(outputs, values, strict=True)}
+
+    def bind(
+        self,
+        trainables: Mapping[str, npt.NDArray[Any]],
+        batch: Mapping[str, npt.NDArray[Any]],
+        outputs: Sequence[str] = ("loss",),
+    ) -> BoundRun:
+        """Bind input buffers once (IOBinding) for repeated runs.
+
+        The bound arrays are used in place, without a copy: writing new values into the same
+        trainable arrays and calling :meth:`BoundRun.run` evaluates the graph at the new values.
+        This is how the estimator runs its perturbed forwards (one binding, buffers updated in place).
+        """
+        self.check_batch(batch)
+        self.check_trainables(trainables)
+        arrays = dict(batch)
+        for spec in self.trainable_specs:
+            arrays[spec.name] = trainables[spec.name]
+        for name, value in arrays.items():
+            if not value.flags.c_contiguous:
+                raise ValueError(f"input {name!r} must be C-contiguous to be bound in place")
+        return BoundRun(self._session, arrays, tuple(outputs))
+
+    def loss(
+        self, trainables: Mapping[str, npt.NDArray[Any]], batch: Mapping[str, npt.NDArray[Any]], *, check: bool = True
+    ) -> npt.NDArray[np.float32]:
+        """Per-sample loss, shape (batch,)."""
+        return np.asarray(self.run(trainables, batch, ("loss",), check=check)["loss"], dtype=np.float32)
+
+
+class BoundRun:
+    """Repeated runs of a session over input buffers bound once (see :meth:`BundleSession.bind`)."""
+
+    def __init__(self, session: ort.InferenceSession, arrays: dict[str, npt.NDArray[Any]], outputs: tuple[str, ...]):
+        self._session = session
+        self._arrays = arrays  # keeps the bound buffers alive
+        self._binding = session.io_binding()
+        for name, value in arrays.items():
+            self._binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value))
+        for name in outputs:
+            self._binding.bind_output(name)
+        self.outputs = outputs
+
+    def run(self) -> dict[str, npt.NDArray[Any]]:
+        self._session.run_with_iobinding(self._binding)
+        values = self._binding.copy_outputs_to_cpu()
+        return {name: np.asarray(v) for name, v in zip(self.outputs, values, strict=True)}

@@ -1,0 +1,245 @@
+"""Local Hugging Face model folders: check them, load them offline, ship their tokenizer.
+
+Everything that can go wrong with a user's folder (it does not exist, it is not a Hugging Face
+folder, its architecture is not one we export, it has no weights, its tokenizer is not a fast
+one) becomes an :class:`~fwdfleet.errors.ExportError` that says what to do. Nothing is ever
+downloaded: ``HF_HUB_OFFLINE`` is set before transformers is imported.
+
+torch and transformers are imported lazily so that the command line can say which extra to
+install when they are missing (:func:`require_export_extra`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fwdfleet.errors import ExportError
+
+INSTALL_HINT = "pip install torch==2.13.0 && pip install 'fwdfleet[export]'"
+EXPORT_MODULES = ("torch", "transformers", "peft", "onnx", "onnxscript")
+
+# model_type -> default LoRA target modules. A registry, not an if-chain: adding a family that
+# exports cleanly is one line here (and a tiny-config test).
+ENCODER_FAMILIES: Mapping[str, tuple[str, ...]] = {
+    "bert": ("query", "value"),
+    "roberta": ("query", "value"),
+    "xlm-roberta": ("query", "value"),
+    "electra": ("query", "value"),
+    "distilbert": ("q_lin", "v_lin"),
+}
+CAUSAL_LM_FAMILIES: Mapping[str, tuple[str, ...]] = {
+    "llama": ("q_proj", "v_proj"),
+    "gpt2": ("c_attn",),
+}
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+TOKENIZER_DIR = "tokenizer"
+
+
+def require_export_extra() -> None:
+    """Raise a one-line ExportError naming the install command if the export extra is missing."""
+    for name in EXPORT_MODULES:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise ExportError(f"export needs {name!r}, which is not installed: {INSTALL_HINT}")
+
+
+def check_model_folder(folder: str | Path) -> tuple[Path, dict[str, Any]]:
+    """Return the folder and its ``config.json`` after checking it is a Hugging Face model folder."""
+    path = Path(folder).expanduser()
+    if not path.exists():
+        raise ExportError(f"model folder not found: {path}; pass a local folder written by save_pretrained")
+    if not path.is_dir():
+        raise ExportError(f"{path} is a file, not a model folder; pass the folder that holds config.json")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise ExportError(
+            f"{path} is not a Hugging Face model folder (no config.json); pass the folder that holds "
+            "config.json, the weights and the tokenizer (e.g. the output of save_pretrained)"
+        )
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ExportError(f"{cfg_file} is not valid JSON ({e}); re-save the model with save_pretrained") from e
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model_type"), str):
+        raise ExportError(f"{cfg_file} has no model_type; re-save the model with a recent transformers")
+    return path.resolve(), cfg
+
+
+def check_family(model_type: str, families: Mapping[str, tuple[str, ...]], what: str, command: str) -> None:
+    if model_type not in families:
+        raise ExportError(
+            f"unsupported architecture {model_type!r} for {what}; `fwdfleet export {command}` supports "
+            f"{', '.join(sorted(families))}"
+        )
+
+
+def has_weights(folder: Path) -> bool:
+    return any((folder / f).is_file() for f in WEIGHT_FILES)
+
+
+def _transformers() -> Any:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    return transformers
+
+
+def load_pretrained(folder: Path, *, causal: bool, random_init: bool, seed: int) -> Any:
+    """Load the model of ``folder`` in float32 with eager attention (sdpa exports slower).
+
+    With ``random_init`` the weights are drawn from ``seed`` (``config.json`` only is needed), so
+    that the same settings always rebuild the same frozen weights.
+    """
+    import torch
+
+    tf = _transformers()
+    auto = tf.AutoModelForCausalLM if causal else tf.AutoModel
+    try:
+        config = tf.AutoConfig.from_pretrained(folder, local_files_only=True)
+        config._attn_implementation = "eager"
+        if causal:
+            config.use_cache = False
+        if random_init:
+            torch.manual_seed(seed)
+            model = auto.from_config(config, attn_implementation="eager", torch_dtype=torch.float32)
+        else:
+            if not has_weights(folder):
+                raise ExportError(
+                    f"{folder} has config.json but no weights ({' or '.join(WEIGHT_FILES[::2])}); "
+                    "pass --random-init to export randomly initialised weights"
+                )
+            model = auto.from_pretrained(
+                folder, config=config, local_files_only=True, attn_implementation="eager",
+                torch_dtype=torch.float32,
+            )
+    except ExportError:
+        raise
+    except (OSError, ValueError, KeyError) as e:
+        raise ExportError(f"cannot load the model in {folder}: {str(e).splitlines()[0]}") from e
+    model.eval()
+    return model
+
+
+def load_fast_tokenizer(folder: Path) -> Any:
+    """The folder's fast (``tokenizers``-backed) tokenizer; sentencepiece models are converted."""
+    tf = _transformers()
+    try:
+        tok = tf.AutoTokenizer.from_pretrained(folder, local_files_only=True, use_fast=True)
+    except (OSError, ValueError, KeyError, TypeError, ImportError) as e:
+        raise ExportError(
+            f"cannot load a tokenizer from {folder} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+            "put tokenizer.json (or a sentencepiece tokenizer.model) beside config.json"
+        ) from e
+    if not getattr(tok, "is_fast", False):
+        raise ExportError(
+            f"the tokenizer in {folder} is not a fast tokenizer, so a device cannot run it without "
+            "transformers; add tokenizer.json (save a PreTrainedTokenizerFast with save_pretrained)"
+        )
+    return tok
+
+
+def save_tokenizer(tokenizer: Any, bundle_dir: Path) -> tuple[str, ...]:
+    """Write the tokenizer into ``bundle_dir/tokenizer`` and return its files relative to the bundle.
+
+    ``tokenizer.json`` is always among them, so a device can tokenize with the small
+    ``tokenizers`` package alone.
+    """
+    out = bundle_dir / TOKENIZER_DIR
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    tokenizer.save_pretrained(out)
+    files = tuple(sorted(p.relative_to(bundle_dir).as_posix() for p in out.rglob("*") if p.is_file()))
+    if f"{TOKENIZER_DIR}/tokenizer.json" not in files:
+        raise ExportError("the tokenizer did not write tokenizer.json; use a fast tokenizer")
+    return files
+
+
+PEFT_METHODS = ("lora", "bitfit", "lora+bitfit")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """The ``peft`` LoRA configuration. ``target_modules=None`` takes the family's default."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    target_modules: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ExportError(f"LoraSettings.rank must be >= 1, got {self.rank}")
+        if self.alpha <= 0:
+            raise ExportError(f"LoraSettings.alpha must be > 0, got {self.alpha}")
+        if self.target_modules is not None and not all(self.target_modules):
+            raise ExportError("LoraSettings.target_modules must not contain empty names")
+
+
+def adaptable_modules(model: Any) -> dict[str, str]:
+    """Names of the modules LoRA can wrap (Linear, GPT-2's Conv1D) -> their class name."""
+    from torch import nn
+
+    out: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+            out[name] = type(module).__name__
+    return out
+
+
+def _matches(module_name: str, target: str) -> bool:
+    return module_name == target or module_name.endswith("." + target)
+
+
+def apply_peft(model: Any, method: str, lora: LoraSettings, default_targets: tuple[str, ...],
+               seed: int) -> dict[str, Any]:
+    """Inject LoRA (seeded) and/or mark biases trainable; freeze everything else.
+
+    Returns the JSON-able record of what was done (saved in ``manifest.settings``). Target
+    modules that match nothing raise ExportError listing the names that would match.
+    """
+    import torch
+
+    if method not in PEFT_METHODS:
+        raise ExportError(f"method {method!r} is not one of {PEFT_METHODS}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    record: dict[str, Any] = {"method": method}
+    if "lora" in method.split("+"):
+        from peft import LoraConfig, inject_adapter_in_model
+
+        targets = tuple(lora.target_modules or default_targets)
+        candidates = adaptable_modules(model)
+        for t in targets:
+            if not any(_matches(n, t) for n in candidates):
+                leaves = sorted({n.rsplit(".", 1)[-1] for n in candidates})
+                raise ExportError(f"LoRA target module {t!r} matches no Linear layer of the model; "
+                                  f"choose among {', '.join(leaves)}")
+        fan_in_fan_out = any(candidates[n] == "Conv1D" for n in candidates
+                             if any(_matches(n, t) for t in targets))
+        config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=list(targets),
+                            lora_dropout=0.0, bias="none", fan_in_fan_out=fan_in_fan_out)
+        torch.manual_seed(seed)
+        inject_adapter_in_model(config, model)
+        for n, p in model.named_parameters():
+            p.requires_grad_("lora_" in n)
+        record["lora"] = {"rank": lora.rank, "alpha": lora.alpha, "target_modules": list(targets),
+                          "fan_in_fan_out": fan_in_fan_out}
+    if "bitfit" in method.split("+"):
+        for n, p in model.named_parameters():
+            if n.endswith(".bias") and not n.startswith("pooler."):
+                p.requires_grad_(True)
+    model.eval()
+    return record

@@ -1,0 +1,173 @@
+"""Kind ``seq_cls_lora``: a LoRA (or BitFit) sequence classifier from a local encoder folder.
+
+The model is a BERT-family encoder with LoRA on some Linear layers (``peft``), masked mean (or
+CLS) pooling and a linear head. Trainable: the LoRA A/B matrices (and/or the biases, BitFit)
+and the head, named as in ``SequenceClassifier.named_parameters()``
+(``backbone.encoder.layer.0.attention.self.query.lora_A.default.weight``, ``head.weight``).
+
+Graph ``model``: inputs ``input_ids``, ``attention_mask`` (batch, sequence) int64, ``labels``
+(batch,) int64 and every trainable; outputs ``logits`` (batch, num_labels), ``loss`` (batch,)
+per-sample cross-entropy and ``features`` (batch, hidden), the pooled features, so a device
+can fit the head forward-only before perturbing anything.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from export.hf import (
+    ENCODER_FAMILIES,
+    PEFT_METHODS,
+    LoraSettings,
+    apply_peft,
+    check_family,
+    check_model_folder,
+    load_fast_tokenizer,
+    load_pretrained,
+)
+from export.onnx_graph import ExportResult, GraphOptions, TrainablesAsInputs, write_kind_bundle
+from fwdfleet.errors import ExportError
+
+KIND = "seq_cls_lora"
+POOLINGS = ("mean", "cls")
+DATA_INPUTS = ("input_ids", "attention_mask", "labels")
+
+
+@dataclass(frozen=True)
+class SeqClsExport:
+    """What to export. ``labels`` are the class names (their count is the head's width)."""
+
+    source: Path
+    labels: tuple[str, ...]
+    method: str = "lora"
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    pooling: str = "mean"
+    max_length: int = 128
+    quantize: str | None = None
+    graph: GraphOptions = field(default_factory=GraphOptions)
+    seed: int = 0
+    random_init: bool = False
+    verify: bool = True
+
+    def __post_init__(self) -> None:
+        if len(self.labels) < 2:
+            raise ExportError(f"SeqClsExport.labels needs at least 2 class names, got {list(self.labels)}")
+        if len(set(self.labels)) != len(self.labels):
+            raise ExportError(f"SeqClsExport.labels has duplicates: {list(self.labels)}")
+        if self.method not in PEFT_METHODS:
+            raise ExportError(f"SeqClsExport.method must be one of {PEFT_METHODS}, got {self.method!r}")
+        if self.pooling not in POOLINGS:
+            raise ExportError(f"SeqClsExport.pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if self.max_length < 2:
+            raise ExportError(f"SeqClsExport.max_length must be >= 2, got {self.max_length}")
+        if self.graph.sequence_length is not None and self.graph.sequence_length > self.max_length:
+            raise ExportError("GraphOptions.sequence_length must not exceed SeqClsExport.max_length")
+
+
+class SequenceClassifier(nn.Module):
+    """Encoder + pooling + linear head; ``forward`` returns (logits, per-sample loss, features)."""
+
+    def __init__(self, backbone: nn.Module, hidden: int, num_labels: int, pooling: str) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(hidden, num_labels)
+        self.pooling = pooling
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.pooling == "cls":
+            features = hidden[:, 0]
+        else:
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            features = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+        logits = self.head(features)
+        loss = nn.functional.cross_entropy(logits, labels, reduction="none")
+        return logits, loss, features
+
+
+def build_model(settings: Mapping[str, Any]) -> tuple[SequenceClassifier, tuple[str, ...]]:
+    """Rebuild the torch model recorded in ``manifest.settings`` (used by export and the twin)."""
+    folder = Path(settings["source"])
+    backbone = load_pretrained(folder, causal=False, random_init=bool(settings["random_init"]),
+                               seed=int(settings["seed"]))
+    if getattr(backbone, "pooler", None) is not None:
+        backbone.pooler = None  # unused by mean/CLS pooling; BitFit must not train its bias
+    peft = settings["peft"]
+    lora = peft.get("lora") or {}
+    apply_peft(backbone, peft["method"],
+               LoraSettings(rank=int(lora.get("rank", 8)), alpha=float(lora.get("alpha", 16.0)),
+                            target_modules=tuple(lora["target_modules"]) if lora else None),
+               ENCODER_FAMILIES[settings["model_type"]], int(settings["seed"]))
+    torch.manual_seed(int(settings["seed"]) + 1)
+    head = settings["head"]
+    model = SequenceClassifier(backbone, int(head["in_features"]), int(head["out_features"]),
+                               str(settings["pooling"]))
+    model.eval()
+    names = tuple(n for n, p in model.named_parameters() if p.requires_grad)
+    return model, names
+
+
+def _settings(cfg: SeqClsExport, folder: Path, hf_config: Mapping[str, Any]) -> dict[str, Any]:
+    hidden = hf_config.get("hidden_size", hf_config.get("dim"))
+    if not isinstance(hidden, int):
+        raise ExportError(f"{folder}/config.json has no hidden_size; is it an encoder model?")
+    max_pos = hf_config.get("max_position_embeddings")
+    if isinstance(max_pos, int) and cfg.max_length > max_pos:
+        raise ExportError(f"--max-length {cfg.max_length} exceeds the model's max_position_embeddings {max_pos}")
+    peft: dict[str, Any] = {"method": cfg.method}
+    if "lora" in cfg.method:
+        targets = cfg.lora.target_modules or ENCODER_FAMILIES[hf_config["model_type"]]
+        peft["lora"] = {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "target_modules": list(targets)}
+    return {
+        "source": str(folder), "model_type": hf_config["model_type"], "random_init": cfg.random_init,
+        "seed": cfg.seed, "peft": peft, "pooling": cfg.pooling, "num_labels": len(cfg.labels),
+        "max_length": cfg.max_length,
+        "head": {"type": "linear", "in_features": hidden, "out_features": len(cfg.labels)},
+    }
+
+
+def example_batch(batch: int, seq: int, vocab: int, num_labels: int, seed: int) -> dict[str, np.ndarray]:
+    """Random token ids with right padding in every other row (exercises the mask)."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(5, vocab, size=(batch, seq), dtype=np.int64)
+    mask = np.ones((batch, seq), dtype=np.int64)
+    for row in range(1, batch, 2):
+        keep = max(1, seq - 1 - row)
+        mask[row, keep:] = 0
+        ids[row, keep:] = 0
+    return {"input_ids": ids, "attention_mask": mask,
+            "labels": rng.integers(0, num_labels, size=(batch,), dtype=np.int64)}
+
+
+def export_seq_cls(cfg: SeqClsExport, out: Path, *, overwrite: bool = False) -> ExportResult:
+    """Export the classifier described by ``cfg`` as a bundle in ``out``."""
+    start = time.perf_counter()
+    folder, hf_config = check_model_folder(cfg.source)
+    check_family(str(hf_config["model_type"]), ENCODER_FAMILIES, "sequence classification", "seq-cls")
+    tokenizer = load_fast_tokenizer(folder)
+    settings = _settings(cfg, folder, hf_config)
+    model, names = build_model(settings)
+    initial = {n: p.detach().numpy().copy() for n, p in model.named_parameters() if n in names}
+    vocab = int(model.backbone.config.vocab_size)
+    wrapper = TrainablesAsInputs(model, names, DATA_INPUTS)
+    b, s = cfg.graph.batch_dim(), cfg.graph.sequence_dim()
+    hidden = int(settings["head"]["in_features"])
+    return write_kind_bundle(
+        kind=KIND, wrapper=wrapper, initial=initial, out=out, overwrite=overwrite,
+        data_specs={"input_ids": ((b, s), "int64"), "attention_mask": ((b, s), "int64"),
+                    "labels": ((b,), "int64")},
+        output_specs={"logits": ((b, len(cfg.labels)), "float32"), "loss": ((b,), "float32"),
+                      "features": ((b, hidden), "float32")},
+        make_batch=lambda bb, ss, seed: example_batch(bb, ss, vocab, len(cfg.labels), seed),
+        max_length=cfg.max_length, graph=cfg.graph, quantize=cfg.quantize, verify=cfg.verify,
+        tokenizer=tokenizer, labels=cfg.labels, settings=settings, seed=cfg.seed, start=start,
+    )

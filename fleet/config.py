@@ -1,0 +1,142 @@
+"""The fleet emulation config: one TOML file, like Flower's, with command-line overrides.
+
+    [fleet]
+    devices = 20                 # virtual devices
+    rounds = 60                  # applied aggregator rounds
+    workers = 1                  # worker processes computing device results
+    profiles = { desktop = 1 }   # preset mix (fleet.profiles.PRESETS), drawn per device
+    out_dir = "runs/fleet"
+
+    [dataset]                    # fleet.datasets.DatasetConfig
+    name = "digits"
+
+    [partition]                  # fleet.partition.PartitionConfig (num_devices comes from [fleet])
+    scheme = "dirichlet"
+    alpha = 0.5
+
+    [model]                      # an existing bundle, or a model to export first
+    bundle = ""                  # path to a bundle folder or zip
+    export = "mlp"               # used when bundle is empty: export a plain MLP classifier
+    hidden = [32]
+
+    [aggregator]                 # the aggregator's own config (aggregator.config), same keys as
+    mode = "scalar"              # `fwdfleet aggregator serve --config`
+    [aggregator.optimizer]
+    lr = 0.5
+
+Overrides look like ``aggregator.optimizer.lr=0.3`` or ``fleet.rounds=10``.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from aggregator.config import AggregatorConfig, apply_overrides, config_from_dict
+from fleet.datasets import DatasetConfig
+from fleet.partition import PartitionConfig
+from fleet.profiles import PRESETS
+from fwdfleet.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class FleetSection:
+    devices: int = 20
+    rounds: int = 30
+    workers: int = 1
+    eval_every: int = 5
+    seed: int = 0
+    profiles: Mapping[str, float] = field(default_factory=lambda: {"desktop": 1.0})
+    out_dir: str = "runs/fleet"
+    measure_memory: bool = True
+
+    def __post_init__(self) -> None:
+        if self.devices < 1:
+            raise ValueError(f"fleet.devices must be >= 1, got {self.devices}")
+        if self.rounds < 1:
+            raise ValueError(f"fleet.rounds must be >= 1, got {self.rounds}")
+        if self.workers < 1:
+            raise ValueError(f"fleet.workers must be >= 1, got {self.workers}")
+        unknown = sorted(set(self.profiles) - set(PRESETS))
+        if unknown:
+            raise ValueError(f"fleet.profiles names unknown presets {unknown}; choose from {sorted(PRESETS)}")
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    bundle: str = ""
+    export: str = "mlp"
+    hidden: tuple[int, ...] = (32,)
+
+    def __post_init__(self) -> None:
+        if not self.bundle and self.export != "mlp":
+            raise ValueError(f"model.export must be 'mlp' (or give model.bundle), got {self.export!r}")
+        if any(h < 1 for h in self.hidden):
+            raise ValueError(f"model.hidden sizes must be positive, got {self.hidden}")
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    fleet: FleetSection = field(default_factory=FleetSection)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    model: ModelSection = field(default_factory=ModelSection)
+    aggregator: AggregatorConfig = field(default_factory=AggregatorConfig)
+
+
+def _section(cls: type, table: Any, name: str, **fixed: Any) -> Any:
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"[{name}] must be a table")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in [{name}]; valid keys: {sorted(known)}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in table.items()}
+    try:
+        return cls(**{**values, **fixed})
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"[{name}]: {e}") from e
+
+
+def config_from_mapping(data: Mapping[str, Any], *, source: str = "fleet config") -> FleetConfig:
+    unknown = sorted(set(data) - {"fleet", "dataset", "partition", "model", "aggregator"})
+    if unknown:
+        raise ConfigError(f"{source}: unknown table(s) {unknown}; expected fleet, dataset, partition, model, aggregator")
+    fleet = _section(FleetSection, data.get("fleet", {}), "fleet")
+    part = dict(data.get("partition", {}))
+    part.pop("num_devices", None)
+    return FleetConfig(
+        fleet=fleet,
+        dataset=_section(DatasetConfig, data.get("dataset", {}), "dataset"),
+        partition=_section(PartitionConfig, part, "partition", num_devices=fleet.devices),
+        model=_section(ModelSection, data.get("model", {}), "model"),
+        aggregator=config_from_dict(data.get("aggregator", {}), source=f"{source} [aggregator]"),
+    )
+
+
+def load_fleet_config(path: str | Path | None, overrides: Sequence[str] = (),
+                      base: Mapping[str, Any] | None = None) -> FleetConfig:
+    """Read ``path`` (or start from ``base``), apply ``section.key=value`` overrides, validate."""
+    data: dict[str, Any] = dict(base or {})
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError as e:
+            raise ConfigError(f"fleet config not found: {p}") from e
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p} is not valid TOML: {e}") from e
+        source = str(p)
+    return config_from_mapping(_deep_overrides(data, overrides), source=source)
+
+
+def _deep_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    # apply_overrides copies one level; copy nested tables so the caller's mapping is untouched
+    def copy(v: Any) -> Any:
+        return {k: copy(x) for k, x in v.items()} if isinstance(v, Mapping) else v
+
+    return apply_overrides(copy(data), overrides)

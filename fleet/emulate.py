@@ -1,0 +1,314 @@
+"""In-process fleet emulation: many virtual devices against the real aggregator Coordinator.
+
+The transport is the Coordinator's own API (``join``, ``task_for``, ``submit``): the same calls
+the gRPC servicer makes, so emulation exercises the real round logic, validation, pacing and
+optimizer. Each virtual device computes its result with the real device runtime
+(:func:`device_runtime.estimator.estimate` on an onnxruntime session); a small pool of worker
+processes, each holding one session and the training data, serves many virtual devices in turn.
+
+Time is simulated: the Coordinator reads a clock this module advances. A device's round takes
+``profile.round_seconds(measured compute, bytes down, bytes up)``; results arrive in that order,
+late ones miss the deadline, dropouts never arrive. So a report can say what a run would take on
+a fleet of such phones, next to what it took on this desktop.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from typing import Any
+
+import numpy as np
+
+from aggregator.config import AggregatorConfig
+from aggregator.coordinator import Coordinator
+from aggregator.errors import RejectedError
+from aggregator.records import DeviceProfile
+from device_runtime.data import RawData, dataset_for_bundle
+from device_runtime.estimator import estimate
+from device_runtime.session import BundleSession, SessionOptions
+from device_runtime.task import DeviceResult, RoundTask
+from device_runtime.train import evaluate
+from fleet.profiles import EmulatedProfile, SimulatedClock
+from fwdfleet.bundle import Bundle, load_bundle
+from fwdfleet.protocol import serde
+
+
+@dataclass(frozen=True)
+class EmulationSettings:
+    rounds: int = 20
+    workers: int = 1  # processes computing device results; 1 = in this process
+    eval_every: int = 1
+    eval_batch: int = 256
+    seed: int = 0
+    threads_per_worker: int = 1
+    max_idle_steps: int = 1000  # give up after this many loop turns without progress
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise ValueError(f"EmulationSettings.rounds must be >= 1, got {self.rounds}")
+        if self.workers < 1:
+            raise ValueError(f"EmulationSettings.workers must be >= 1, got {self.workers}")
+        if self.eval_every < 0:
+            raise ValueError("EmulationSettings.eval_every must be >= 0 (0: only at the end)")
+
+
+@dataclass
+class RoundRecord:
+    """What one applied round did, for the JSON lines and the report."""
+
+    round_id: int
+    model_version: int
+    participants: int
+    dropouts: int
+    stragglers: int
+    k: int
+    extra_requests: int
+    noise_ratio: float | None
+    loss: float | None
+    accuracy: float | None
+    bytes_up: int  # real protobuf bytes of the uploads, all devices
+    bytes_up_per_device: float  # mean over the devices that uploaded this round
+    bytes_down: int
+    sim_time_s: float  # simulated fleet clock at the end of the round
+    wall_time_s: float
+    pacing: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------- device compute
+
+
+class _DeviceShard:
+    """One virtual device's local data: its indices into the shared training set."""
+
+    def __init__(self, data: Any, indices: np.ndarray) -> None:
+        self.data, self.indices = data, indices
+
+    def __len__(self) -> int:
+        return int(self.indices.size)
+
+    def batch(self, seed: int, size: int) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(seed)
+        pick = rng.choice(self.indices.size, size=size, replace=size > self.indices.size)
+        return dict(self.data.take(self.indices[np.sort(pick)]))
+
+
+class DeviceCompute:
+    """A worker's state: one onnxruntime session and the training data of every device."""
+
+    def __init__(self, bundle_path: str, train: RawData, shards: list[np.ndarray], threads: int) -> None:
+        self.bundle = load_bundle(bundle_path, verify=False)
+        self.session = BundleSession(self.bundle, SessionOptions(intra_op_threads=threads, inter_op_threads=1))
+        data = dataset_for_bundle(train, self.bundle)
+        self.shards = [_DeviceShard(data, s) for s in shards]
+        self.version = -1
+        self.trainables: dict[str, np.ndarray] = {}
+
+    def run(self, version: int, trainables: Mapping[str, np.ndarray] | None,
+            jobs: list[tuple[int, RoundTask]]) -> list[tuple[int, DeviceResult]]:
+        if trainables is not None:
+            self.version, self.trainables = version, dict(trainables)
+        out = []
+        for device, task in jobs:
+            batch = self.shards[device].batch(task.data_seed, task.batch_size)
+            out.append((device, estimate(self.session, self.trainables, batch, task)))
+        return out
+
+
+_WORKER: DeviceCompute | None = None
+
+
+def _init_worker(bundle_path: str, train: RawData, shards: list[np.ndarray], threads: int) -> None:
+    global _WORKER
+    _WORKER = DeviceCompute(bundle_path, train, shards, threads)
+
+
+def _run_in_worker(version: int, trainables: Mapping[str, np.ndarray] | None,
+                   jobs: list[tuple[int, RoundTask]]) -> list[tuple[int, DeviceResult]]:
+    assert _WORKER is not None, "worker not initialised"
+    return _WORKER.run(version, trainables, jobs)
+
+
+class ComputePool:
+    """Runs device jobs in this process (workers=1) or in a pool of worker processes."""
+
+    def __init__(self, bundle: Bundle, train: RawData, shards: list[np.ndarray], settings: EmulationSettings) -> None:
+        self.workers = settings.workers
+        args = (str(bundle.path), train, shards, settings.threads_per_worker)
+        self._local: DeviceCompute | None = None
+        self._pool: ProcessPoolExecutor | None = None
+        if self.workers == 1:
+            self._local = DeviceCompute(*args)
+        else:
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=get_context("fork"),
+                                             initializer=_init_worker, initargs=args)
+
+    def run(self, version: int, trainables: Mapping[str, np.ndarray],
+            jobs: list[tuple[int, RoundTask]]) -> list[tuple[int, DeviceResult]]:
+        if self._local is not None:
+            return self._local.run(version, trainables if self._local.version != version else None, jobs)
+        assert self._pool is not None
+        chunks = [jobs[i :: self.workers] for i in range(self.workers)]
+        futures = [self._pool.submit(_run_in_worker, version, trainables, c) for c in chunks if c]
+        return [r for f in futures for r in f.result()]
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+
+
+# ------------------------------------------------------------------------------- the loop
+
+
+def emulate(
+    bundle: Bundle,
+    config: AggregatorConfig,
+    train: RawData,
+    shards: list[np.ndarray],
+    profiles: list[EmulatedProfile],
+    settings: EmulationSettings,
+    *,
+    test: RawData | None = None,
+    on_round: Callable[[RoundRecord], None] | None = None,
+) -> Iterator[RoundRecord]:
+    """Run ``settings.rounds`` applied rounds; yields one :class:`RoundRecord` per applied round."""
+    if len(shards) != len(profiles):
+        raise ValueError(f"{len(shards)} data shards but {len(profiles)} device profiles")
+    clock = SimulatedClock()
+    coordinator = Coordinator(config, bundle, clock=lambda: clock.now_s)
+    rng = np.random.default_rng(settings.seed)
+    ids = [f"device-{i:05d}" for i in range(len(shards))]
+    for dev_id, p in zip(ids, profiles):
+        coordinator.join(dev_id, DeviceProfile(platform=p.name, ram_mb=p.memory_cap_mb, compute_speed=p.compute_speed))
+    pool = ComputePool(bundle, train, shards, settings)
+    evaluator = _Evaluator(bundle, test, settings.eval_batch) if test is not None else None
+    start = time.perf_counter()
+    synced_version = dict.fromkeys(ids, -1)
+    tally = _RoundTally()
+    idle = 0
+    online_for: tuple[int, int] = (-1, -1)
+    online: list[int] = []
+    try:
+        while coordinator.status().rounds_completed < settings.rounds:
+            status = coordinator.status()
+            if (status.round_id, status.attempt) != online_for:  # who is online is drawn once per round
+                online_for = (status.round_id, status.attempt)
+                online = [i for i, p in enumerate(profiles) if rng.random() < p.availability]
+            for i in online:
+                coordinator.heartbeat(ids[i])
+            tally.note(coordinator.advance())
+            tasks = [(i, t) for i in online if (t := coordinator.task_for(ids[i])) is not None]
+            if not tasks:
+                idle += 1
+                if idle > settings.max_idle_steps:
+                    raise RuntimeError("the emulated round made no progress; check rounds.min_devices and availability")
+                deadline = coordinator.status().deadline
+                clock.now_s = max(clock.now_s + 1.0, deadline or 0.0)
+                tally.note(coordinator.advance())
+                yield from _flush(tally, coordinator, evaluator, clock, start, settings, on_round)
+                continue
+            idle = 0
+            version, trainables = coordinator.current_trainables()
+            t0 = time.perf_counter()
+            results = pool.run(version, trainables, tasks)
+            per_device_s = (time.perf_counter() - t0) * max(1, settings.workers) / len(tasks)
+            round_start = clock.now_s
+            arrivals = []
+            for i, res in results:
+                down = 96 + (4 * bundle.manifest.num_trainable if synced_version[ids[i]] != version else 0)
+                synced_version[ids[i]] = version
+                up = len(serde.submit_request(ids[i], res))
+                sim = profiles[i].round_seconds(per_device_s, down, up)
+                tally.bytes_down += down
+                if rng.random() < profiles[i].dropout:
+                    tally.dropouts += 1
+                    continue
+                arrivals.append((sim, i, res, up))
+            deadline = coordinator.status().deadline or math.inf
+            for sim, i, res, up in sorted(arrivals, key=lambda a: a[0]):
+                clock.now_s = round_start + sim
+                if clock.now_s > deadline:
+                    tally.stragglers += 1
+                try:
+                    coordinator.submit(ids[i], res)
+                    tally.bytes_up += up
+                    tally.per_device_up.append(up)
+                except RejectedError:
+                    pass  # stale (the round closed first) or late: the device just drops it
+                tally.note(coordinator.advance())
+            yield from _flush(tally, coordinator, evaluator, clock, start, settings, on_round)
+    finally:
+        pool.close()
+
+
+@dataclass
+class _RoundTally:
+    dropouts: int = 0
+    stragglers: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    per_device_up: list[int] = field(default_factory=list)
+    applied: list[dict[str, Any]] = field(default_factory=list)
+    extra_requests: int = 0
+    k: int = 0
+
+    def note(self, events: list[Any]) -> None:
+        for e in events:
+            if e.kind == "round_opened":
+                self.k = int(e.detail.get("k", self.k))
+            elif e.kind == "extra_requested":
+                self.extra_requests += 1
+            elif e.kind == "update_applied":
+                self.applied.append(dict(e.detail))
+
+
+class _Evaluator:
+    def __init__(self, bundle: Bundle, test: RawData, batch: int) -> None:
+        self.session = BundleSession(bundle, SessionOptions(intra_op_threads=0))
+        self.data = dataset_for_bundle(test, bundle)
+        self.batch = batch
+
+    def __call__(self, trainables: Mapping[str, np.ndarray]) -> tuple[float, float]:
+        ev = evaluate(self.session, trainables, self.data.batches(self.batch))
+        return ev.loss, ev.accuracy
+
+
+def _flush(tally: _RoundTally, coordinator: Coordinator, evaluator: _Evaluator | None, clock: SimulatedClock,
+           start: float, settings: EmulationSettings, on_round: Callable[[RoundRecord], None] | None,
+           ) -> Iterator[RoundRecord]:
+    """Turn every applied update since the last flush into a RoundRecord."""
+    while tally.applied:
+        detail = tally.applied.pop(0)
+        version = int(detail["model_version"])
+        loss = acc = None
+        if evaluator is not None and (
+            (settings.eval_every and version % settings.eval_every == 0) or version >= settings.rounds
+        ):
+            loss, acc = evaluator(coordinator.current_trainables()[1])
+        noise = detail.get("noise_ratio")
+        rec = RoundRecord(
+            round_id=int(detail["round_id"]), model_version=version, participants=int(detail["participants"]),
+            dropouts=tally.dropouts, stragglers=tally.stragglers, k=tally.k, extra_requests=tally.extra_requests,
+            noise_ratio=float(noise) if noise is not None and math.isfinite(noise) else None,
+            loss=loss, accuracy=acc, bytes_up=tally.bytes_up, bytes_down=tally.bytes_down,
+            bytes_up_per_device=float(np.mean(tally.per_device_up)) if tally.per_device_up else 0.0,
+            sim_time_s=clock.now_s, wall_time_s=time.perf_counter() - start,
+        )
+        rec.pacing = [{"next_k": detail.get("next_k")}]
+        tally.dropouts = tally.stragglers = tally.bytes_up = tally.bytes_down = tally.extra_requests = 0
+        tally.per_device_up.clear()
+        if on_round is not None:
+            on_round(rec)
+        yield rec
+
+
+def default_workers() -> int:
+    return max(1, min(4, (os.cpu_count() or 1)))

@@ -1,0 +1,144 @@
+"""Run a fleet emulation from a :class:`fleet.config.FleetConfig`: model, data, devices, report.
+
+This is what ``fwdfleet fleet emulate`` and ``fwdfleet demo`` call.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from device_runtime.memory import measure_memory
+from fleet.config import FleetConfig
+from fleet.datasets import load_split
+from fleet.emulate import EmulationSettings, RoundRecord, emulate
+from fleet.partition import label_histogram, partition, plot_label_distribution
+from fleet.profiles import assign_profiles
+from fleet.report import write_report
+from fwdfleet.bundle import Bundle, load_bundle
+from fwdfleet.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class FleetSummary:
+    devices: int
+    rounds: int
+    trainable_parameters: int
+    initial_accuracy: float | None
+    final_accuracy: float | None
+    uplink_bytes_per_device_per_round: float
+    uplink_bytes_per_device_total: float
+    dense_update_bytes: int  # what one float32 update of the trainables would take, for comparison
+    peak_rss_inference_mb: float | None
+    peak_rss_train_step_mb: float | None
+    wall_seconds: float
+    simulated_fleet_seconds: float
+    bundle: str
+    report: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def prepare_bundle(cfg: FleetConfig, out_dir: Path, num_features: int, num_classes: int,
+                   labels: tuple[str, ...]) -> Bundle:
+    if cfg.model.bundle:
+        return load_bundle(cfg.model.bundle)
+    from export.mlp import MLPConfig, export_mlp  # the export extra (torch) is needed only here
+
+    target = out_dir / "bundle"
+    if target.exists():
+        import shutil
+
+        shutil.rmtree(target)
+    sizes = (num_features, *cfg.model.hidden, num_classes)
+    return load_bundle(export_mlp(MLPConfig(layer_sizes=sizes, labels=labels, seed=cfg.fleet.seed), target))
+
+
+def run_fleet(cfg: FleetConfig, *, progress: bool = True, log: Callable[[str], None] = print) -> FleetSummary:
+    start = time.perf_counter()
+    out_dir = Path(cfg.fleet.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = load_split(cfg.dataset)
+    if data.train.labels is None:
+        raise ConfigError("the training data has no labels")
+    features = data.train.features.shape[1] if data.train.features is not None else 0
+    bundle = prepare_bundle(cfg, out_dir, features, data.num_classes, data.label_names)
+    log(f"bundle     {bundle.path} ({bundle.manifest.kind}, {bundle.manifest.num_trainable:,} trainable values)")
+    shards = partition(data.train.labels, cfg.partition)
+    hist = label_histogram(data.train.labels, shards, data.num_classes)
+    labels_png = Path(plot_label_distribution(hist, str(out_dir / "labels.png"),
+                                              f"{cfg.partition.scheme} partition of {cfg.dataset.name}"))
+    profiles = assign_profiles(cfg.fleet.devices, cfg.fleet.profiles, seed=cfg.fleet.seed)
+    settings = EmulationSettings(rounds=cfg.fleet.rounds, workers=cfg.fleet.workers,
+                                 eval_every=cfg.fleet.eval_every, seed=cfg.fleet.seed)
+    log(f"fleet      {cfg.fleet.devices} devices ({cfg.partition.scheme}), {cfg.fleet.rounds} rounds, "
+        f"K={cfg.aggregator.perturbation.k}, mode {cfg.aggregator.mode}")
+
+    initial = _initial_accuracy(bundle, data.test)
+    records: list[RoundRecord] = []
+    bar = _bar(cfg.fleet.rounds, progress)
+    for rec in emulate(bundle, cfg.aggregator, data.train, shards, profiles, settings, test=data.test):
+        records.append(rec)
+        if bar is not None:
+            bar.update(1)
+            if rec.accuracy is not None:
+                bar.set_postfix(acc=f"{100 * rec.accuracy:.1f}%", up=f"{rec.bytes_up_per_device:.0f}B")
+    if bar is not None:
+        bar.close()
+
+    memory: dict[str, float | None] = {}
+    if cfg.fleet.measure_memory:
+        rep = measure_memory(bundle.path, batch_size=cfg.aggregator.rounds.batch_size,
+                             num_perturbations=cfg.aggregator.perturbation.k, modes=("inference", "train"))
+        memory = {f"onnxruntime {f.mode}": f.peak_mb for f in rep.figures}
+    final = next((r.accuracy for r in reversed(records) if r.accuracy is not None), None)
+    per_round = [r.bytes_up_per_device for r in records if r.bytes_up_per_device]
+    participation = sum(r.participants for r in records) / max(1, cfg.fleet.devices)
+    summary = FleetSummary(
+        devices=cfg.fleet.devices,
+        rounds=len(records),
+        trainable_parameters=bundle.manifest.num_trainable,
+        initial_accuracy=initial,
+        final_accuracy=final,
+        uplink_bytes_per_device_per_round=float(np.mean(per_round)) if per_round else 0.0,
+        uplink_bytes_per_device_total=sum(r.bytes_up for r in records) / max(1, cfg.fleet.devices),
+        dense_update_bytes=4 * bundle.manifest.num_trainable,
+        peak_rss_inference_mb=memory.get("onnxruntime inference"),
+        peak_rss_train_step_mb=memory.get("onnxruntime train"),
+        wall_seconds=time.perf_counter() - start,
+        simulated_fleet_seconds=records[-1].sim_time_s if records else 0.0,
+        bundle=str(bundle.path),
+        report=str(out_dir / "report.html"),
+    )
+    table = {k: v for k, v in summary.to_json().items() if k != "report"}
+    table["rounds taken part in, per device (mean)"] = round(participation, 1)
+    write_report(out_dir, f"fwdfleet: {cfg.dataset.name}, {cfg.fleet.devices} devices", records, table,
+                 memory, extra_images=[labels_png])
+    (out_dir / "summary.json").write_text(json.dumps(summary.to_json(), indent=2) + "\n")
+    return summary
+
+
+def _initial_accuracy(bundle: Bundle, test: Any) -> float | None:
+    from device_runtime.data import dataset_for_bundle
+    from device_runtime.session import BundleSession
+    from device_runtime.train import evaluate
+
+    ev = evaluate(BundleSession(bundle), bundle.load_trainables(), dataset_for_bundle(test, bundle).batches(256))
+    return ev.accuracy
+
+
+def _bar(total: int, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="rounds", unit="round", dynamic_ncols=True)

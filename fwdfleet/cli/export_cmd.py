@@ -1,0 +1,136 @@
+"""``fwdfleet export``: turn a PyTorch model into a bundle a torch-free device can train.
+
+torch, transformers and peft are imported only when an export runs, so ``fwdfleet --help``
+works on a device install; without the export extra an export fails with one line that says
+what to install.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from fwdfleet.errors import ExportError
+
+QUANTIZE_CHOICES = ("none", "int8", "int8-weight", "int4-weight")
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "export", help="export a model to a bundle (needs the export extra)",
+        description="Export a model to a bundle: model.onnx with frozen weights as initializers and "
+                    "every trainable tensor as a named graph input, manifest.json, initial trainable "
+                    "values and the tokenizer. Needs: pip install torch==2.13.0 && pip install "
+                    "'fwdfleet[export]'.",
+    )
+    esub = p.add_subparsers(dest="export_kind", metavar="KIND", required=True)
+
+    sc = esub.add_parser(
+        "seq-cls", help="LoRA/BitFit sequence classifier from a local BERT-family folder",
+        description="LoRA (peft) or BitFit sequence classifier: encoder + mean pooling + linear head. "
+                    "Outputs logits, per-sample loss and pooled features.",
+    )
+    sc.add_argument("model", help="local Hugging Face encoder folder (config.json, weights, tokenizer)")
+    lab = sc.add_mutually_exclusive_group(required=True)
+    lab.add_argument("--labels", help="comma-separated class names, e.g. World,Sports,Business,Sci/Tech")
+    lab.add_argument("--num-labels", type=int, help="number of classes (named 0..N-1)")
+    sc.add_argument("--pooling", choices=("mean", "cls"), default="mean", help="feature pooling (default mean)")
+    sc.add_argument("--max-length", type=int, default=128, help="tokenizer max length (default 128)")
+    _common(sc)
+    sc.set_defaults(func=_run_seq_cls)
+
+    lm = esub.add_parser(
+        "causal-lm", help="LoRA causal LM from a local Llama or GPT-2 folder",
+        description="LoRA causal language model; per-sample mean next-token loss with padding masked. "
+                    "A folder with config.json and a tokenizer but no weights exports with --random-init.",
+    )
+    lm.add_argument("model", help="local Hugging Face Llama or GPT-2 folder")
+    lm.add_argument("--max-length", type=int, default=256, help="tokenizer max length (default 256)")
+    _common(lm)
+    lm.set_defaults(func=_run_causal_lm)
+
+    try:
+        from fwdfleet.cli.export_ff_cmd import register_ff
+    except ImportError:
+        pass
+    else:
+        register_ff(esub)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", "-o", required=True, help="bundle folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle in --out")
+    p.add_argument("--method", choices=("lora", "bitfit", "lora+bitfit"), default="lora",
+                   help="what is trainable besides the head (default lora)")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
+    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
+    p.add_argument("--target-modules", help="comma-separated LoRA target modules (default: the family's q/v)")
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="none",
+                   help="quantize frozen weights: int8 (dynamic), int8-weight / int4-weight (MatMulNBits; "
+                        "best for perturbed training); trainables stay float (default none)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    p.add_argument("--batch-size", type=int, help="fix the batch size (default dynamic)")
+    p.add_argument("--sequence-length", type=int, help="fix the sequence length (default dynamic)")
+    p.add_argument("--exporter", choices=("dynamo", "legacy"), default="dynamo",
+                   help="torch exporter (default dynamo; legacy is faster but specialises shapes)")
+    p.add_argument("--random-init", action="store_true", help="random (seeded) weights instead of the folder's")
+    p.add_argument("--seed", type=int, default=0, help="seed of LoRA/head init and random weights")
+    p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime-vs-torch parity check")
+    p.add_argument("--json", action="store_true", help="print the export summary as JSON")
+
+
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    from export.hf import require_export_extra
+
+    require_export_extra()
+    from export.hf import LoraSettings
+    from export.onnx_graph import GraphOptions
+
+    targets = tuple(t.strip() for t in args.target_modules.split(",")) if args.target_modules else None
+    return {
+        "method": args.method,
+        "lora": LoraSettings(rank=args.rank, alpha=args.alpha, target_modules=targets),
+        "max_length": args.max_length,
+        "quantize": None if args.quantize == "none" else args.quantize,
+        "graph": GraphOptions(opset=args.opset, batch_size=args.batch_size,
+                              sequence_length=args.sequence_length, exporter=args.exporter),
+        "seed": args.seed, "random_init": args.random_init, "verify": not args.no_verify,
+    }
+
+
+def _report(args: argparse.Namespace, summary: dict[str, Any]) -> int:
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    q = summary["quantization"] or "fp32"
+    print(f"wrote {summary['kind']} bundle {summary['bundle']} ({q}, {summary['bundle_bytes'] / 1e6:.1f} MB) "
+          f"in {summary['export_seconds']:.1f} s")
+    print(f"trainable: {summary['trainable_tensors']} tensors, {summary['trainable_values']:,} values")
+    if summary["parity_max_abs_diff"]:
+        diffs = ", ".join(f"{k} {v:.1e}" for k, v in summary["parity_max_abs_diff"].items())
+        print(f"fp32 parity vs torch at shape {tuple(summary['parity_shape'])}: max |diff| {diffs}")
+    return 0
+
+
+def _run_seq_cls(args: argparse.Namespace) -> int:
+    opts = _options(args)
+    from export.seq_cls import SeqClsExport, export_seq_cls
+
+    if args.labels:
+        labels = tuple(x.strip() for x in args.labels.split(",") if x.strip())
+    else:
+        if args.num_labels < 2:
+            raise ExportError(f"--num-labels must be >= 2, got {args.num_labels}")
+        labels = tuple(str(i) for i in range(args.num_labels))
+    cfg = SeqClsExport(source=Path(args.model), labels=labels, pooling=args.pooling, **opts)
+    return _report(args, export_seq_cls(cfg, Path(args.out), overwrite=args.overwrite).summary())
+
+
+def _run_causal_lm(args: argparse.Namespace) -> int:
+    opts = _options(args)
+    from export.causal_lm import CausalLmExport, export_causal_lm
+
+    cfg = CausalLmExport(source=Path(args.model), **opts)
+    return _report(args, export_causal_lm(cfg, Path(args.out), overwrite=args.overwrite).summary())

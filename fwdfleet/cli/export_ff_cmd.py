@@ -1,0 +1,115 @@
+"""``fwdfleet export ff-mlp``: write a Forward-Forward MLP bundle (graph ``model`` + one graph per layer).
+
+``fwdfleet.cli.export_cmd`` calls :func:`register_ff` with its subparsers. The export itself
+(``export.ff_mlp``) needs the ``onnx`` package of the export extra, imported only when the
+command runs; torch is not needed to export an FF MLP (only to build its torch twin).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+from fwdfleet.errors import ExportError
+
+_HEADS = ("none", "softmax", "class-goodness")
+_SCORE_LAYERS = ("all_but_first", "all")
+
+
+def register_ff(export_subparsers: Any) -> argparse.ArgumentParser:
+    p: argparse.ArgumentParser = export_subparsers.add_parser(
+        "ff-mlp",
+        help="export a Forward-Forward MLP (label in the input, one graph per layer)",
+        description=(
+            "Export a Forward-Forward MLP as a bundle: graph 'model' (logits = label goodness summed "
+            "over layers, or the layers' head logits; per-sample cross-entropy loss) and graphs "
+            "'layer_0'..'layer_{L-1}' (RMS-normalised input -> relu layer -> h, goodness, head_logits). "
+            "Every weight is a named graph input. Layer-local training happens on the device "
+            "(device_runtime.ff_train)."
+        ),
+    )
+    p.add_argument("--layers", default="784,2000,2000,2000,2000",
+                   help="input width then each layer's width, comma-separated (default: %(default)s)")
+    p.add_argument("--num-classes", type=int, default=10, help="number of labels (default: %(default)s)")
+    p.add_argument("--heads", choices=_HEADS, default="none",
+                   help="per-layer head: softmax (PON) or class-goodness (SFF) (default: %(default)s)")
+    p.add_argument("--head-units-per-class", type=int, default=4,
+                   help="units per class of a class-goodness head (default: %(default)s)")
+    p.add_argument("--score-layers", choices=_SCORE_LAYERS, default="all_but_first",
+                   help="layers summed into graph 'model''s logits (default: %(default)s, as in Hinton's paper)")
+    p.add_argument("--label-scale", type=float, default=1.0,
+                   help="value of the one-hot label written into the first num-classes inputs (default: %(default)s)")
+    p.add_argument("--batch", default="dynamic", help="fixed batch size N, or 'dynamic' (default: %(default)s)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset, 13..23 (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial weights (default: %(default)s)")
+    p.add_argument("--quantize", choices=("none", "int8"), default="none",
+                   help="not supported for FF MLPs: every weight is trainable (kept for a clear error)")
+    p.add_argument("--out", required=True, help="output bundle folder (must be new or empty)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=run_export_ff)
+    return p
+
+
+def _parse_layers(text: str) -> tuple[int, ...]:
+    try:
+        layers = tuple(int(part) for part in text.split(","))
+    except ValueError as e:
+        raise ExportError(f"--layers must be comma-separated integers like 784,2000,2000, got {text!r}") from e
+    return layers
+
+
+def _parse_batch(text: str) -> int | None:
+    if text == "dynamic":
+        return None
+    try:
+        return int(text)
+    except ValueError as e:
+        raise ExportError(f"--batch must be a positive integer or 'dynamic', got {text!r}") from e
+
+
+def run_export_ff(args: argparse.Namespace) -> int:
+    from export.ff_mlp import FFMLPConfig, export_ff_mlp  # numpy only; onnx is imported when exporting
+
+    if args.quantize != "none":
+        raise ExportError("--quantize int8: a Forward-Forward MLP has no frozen weights (every weight is "
+                          "trainable and fed as a graph input), so quantization does not apply; drop --quantize")
+    try:
+        config = FFMLPConfig(
+            layers=_parse_layers(args.layers),
+            num_classes=args.num_classes,
+            heads=args.heads,
+            head_units_per_class=args.head_units_per_class,
+            label_scale=args.label_scale,
+            score_layers=args.score_layers,
+            batch=_parse_batch(args.batch),
+            opset=args.opset,
+            seed=args.seed,
+        )
+    except ValueError as e:
+        raise ExportError(str(e)) from e
+    start = time.perf_counter()
+    path = export_ff_mlp(config, args.out)
+    seconds = time.perf_counter() - start
+    from fwdfleet.bundle import load_bundle
+
+    bundle = load_bundle(path)
+    m = bundle.manifest
+    result: dict[str, Any] = {
+        "path": str(path),
+        "kind": m.kind,
+        "layers": list(config.layers),
+        "heads": config.heads,
+        "num_trainable": m.num_trainable,
+        "graphs": [g.name for g in m.graphs],
+        "opset": config.opset,
+        "batch": config.batch if config.batch is not None else "dynamic",
+        "seconds": round(seconds, 3),
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"wrote ff_mlp bundle {path}: layers {args.layers}, heads {config.heads}, "
+              f"{m.num_trainable:,} trainable values, graphs {', '.join(result['graphs'])} ({seconds:.2f} s)")
+    return 0

@@ -1,0 +1,17 @@
+"""The wire protocol between devices and the aggregator (gRPC, protobuf package ``fwdfleet.v1``).
+
+* ``proto/fwdfleet/v1/fleet.proto``: the source of truth;
+* :mod:`fwdfleet.protocol.v1`: the generated stubs (``scripts/gen_proto.py``; never edit them);
+* :mod:`fwdfleet.protocol.serde`: the only module that touches generated classes; it converts
+  wire messages to the domain dataclasses (:class:`device_runtime.task.RoundTask`, ...) and back.
+"""
+
+PROTOCOL_VERSION = 1
+SERVICE_NAME = "fwdfleet.v1.Fleet"
+
+AUTH_METADATA_KEY = "authorization"
+
+
+def bearer_metadata(token: str) -> tuple[tuple[str, str], ...]:
+    """Call metadata carrying a device token (``authorization: Bearer <token>``)."""
+    return ((AUTH_METADATA_KEY, f"Bearer {token}"),)

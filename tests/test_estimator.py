@@ -1,0 +1,139 @@
+"""The estimator on real onnxruntime sessions: accuracy, reproducibility, server-side regeneration, NaN."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from _tiny_bundles import make_classifier_bundle, numpy_directional_derivative, numpy_loss
+
+from device_runtime.estimator import EstimatorWorkspace, dense_gradient, estimate, uplink_bytes
+from device_runtime.perturbation import PerturbationSpec, split
+from device_runtime.sampling import select_indices
+from device_runtime.session import BundleSession, SessionOptions
+from device_runtime.task import RoundTask
+
+
+@pytest.fixture(scope="module")
+def softmax(tmp_path_factory: pytest.TempPathFactory):
+    bundle = make_classifier_bundle(tmp_path_factory.mktemp("sm"), in_dim=12, num_classes=4, seed=3)
+    session = BundleSession(bundle, SessionOptions(intra_op_threads=1))
+    rng = np.random.default_rng(0)
+    trainables = {
+        k: v + rng.standard_normal(v.shape).astype(np.float32) * 0.3 for k, v in bundle.load_trainables().items()
+    }
+    batch = {"x": rng.standard_normal((32, 12)).astype(np.float32), "labels": rng.integers(0, 4, 32).astype(np.int64)}
+    return bundle, session, trainables, batch
+
+
+def _task(**kw) -> RoundTask:
+    base = {"round_id": 3, "model_version": 2, "round_seed": 0xC0FFEE, "device_index": 7, "num_perturbations": 6}
+    return RoundTask(**{**base, **kw})
+
+
+@pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
+def test_central_difference_matches_the_analytic_directional_derivative(softmax, distribution) -> None:
+    bundle, session, trainables, batch = softmax
+    task = _task(eps=1e-2, distribution=distribution)
+    result = estimate(session, trainables, batch, task)
+    assert result.indices == tuple(range(6)) and not result.skipped
+    spec = PerturbationSpec(task.round_seed, task.device_index, bundle.manifest.num_trainable, distribution)
+    for k, d in zip(result.indices, result.derivatives, strict=True):
+        z = split(spec.z(k), bundle.manifest.trainables)
+        exact = numpy_directional_derivative(trainables, z, batch["x"], batch["labels"])
+        # float32 losses (~1e-7 relative) over 2 eps = 2e-2, plus O(eps^2) truncation: 1e-3 absolute is generous
+        assert abs(d - exact) <= 1e-3 + 1e-3 * abs(exact), (k, d, exact)
+
+
+def test_forward_difference_takes_k_plus_one_passes_and_is_close(softmax) -> None:
+    _, session, trainables, batch = softmax
+    central = estimate(session, trainables, batch, _task())
+    forward = estimate(session, trainables, batch, _task(difference="forward", eps=1e-3))
+    assert central.extras["passes"] == 12 and forward.extras["passes"] == 7
+    np.testing.assert_allclose(forward.derivatives, central.derivatives, rtol=0.05, atol=0.02)
+    exact_loss = float(numpy_loss(trainables, batch["x"], batch["labels"]).mean())
+    assert forward.loss_mean == pytest.approx(exact_loss, rel=1e-5)
+    assert central.loss_mean == pytest.approx(exact_loss, rel=1e-3)  # mean of L(w +- eps z): O(eps^2) off
+    assert central.loss_std > 0 and central.num_samples == 32
+
+
+def test_estimate_is_reproducible_and_the_server_regenerates_the_update(softmax) -> None:
+    bundle, session, trainables, batch = softmax
+    task = _task(num_perturbations=8)
+    ws = EstimatorWorkspace(session.trainable_specs)
+    a = estimate(session, trainables, batch, task, workspace=ws)
+    b = estimate(session, trainables, batch, task, workspace=ws)
+    assert a.indices == b.indices and a.derivatives == b.derivatives
+    other = estimate(session, trainables, batch, _task(num_perturbations=8, round_seed=task.round_seed + 1))
+    assert other.derivatives != a.derivatives
+
+    # "server side": only (seed, device, k, d_k) and the manifest; z regenerated independently
+    n = bundle.manifest.num_trainable
+    spec = PerturbationSpec(task.round_seed, task.device_index, n)
+    g = np.zeros(n, dtype=np.float64)
+    for k, d in zip(a.indices, a.derivatives, strict=True):
+        g += d * spec.z(k).astype(np.float64)
+    g /= len(a.indices)
+    np.testing.assert_allclose(dense_gradient(a, task, n), g, rtol=1e-5, atol=1e-6)
+    # the estimate is unbiased-ish: it correlates with the true gradient
+    true = np.concatenate([
+        np.asarray(v).reshape(-1)
+        for v in _numpy_gradient(trainables, batch).values()
+    ])  # fmt: skip
+    assert float(np.dot(g, true)) > 0
+
+
+def _numpy_gradient(trainables, batch) -> dict[str, np.ndarray]:
+    x, y = batch["x"].astype(np.float64), batch["labels"]
+    logits = x @ trainables["W"] + trainables["b"]
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    p[np.arange(len(y)), y] -= 1.0
+    return {"W": x.T @ p / len(y), "b": p.mean(axis=0)}
+
+
+def test_trainables_are_not_modified(softmax) -> None:
+    _, session, trainables, batch = softmax
+    before = {k: v.copy() for k, v in trainables.items()}
+    estimate(session, trainables, batch, _task())
+    for k in before:
+        np.testing.assert_array_equal(trainables[k], before[k])
+
+
+def test_nan_losses_are_skipped_and_reported(softmax) -> None:
+    _, session, trainables, batch = softmax
+    bad = {"x": batch["x"].copy(), "labels": batch["labels"]}
+    bad["x"][0, 0] = np.inf  # inf * w of both signs -> NaN logits -> NaN loss on every pass
+    result = estimate(session, trainables, bad, _task())
+    assert result.indices == () and result.derivatives == ()
+    assert result.skipped == tuple(range(6))
+    assert math.isfinite(result.loss_mean) and result.extras["finite_loss"] == 0.0
+
+
+def test_only_non_finite_perturbations_are_skipped(softmax) -> None:
+    session = softmax[1]
+    # logits = 1e38 * 0.5 * (sum of 12 random signs) overflow float32 (3.4e38) only when |sum| >= 7
+    x = np.full((4, 12), 1e38, dtype=np.float32)
+    t = {"W": np.zeros((12, 4), np.float32), "b": np.zeros(4, np.float32)}
+    result = estimate(session, t, {"x": x, "labels": np.zeros(4, np.int64)}, _task(num_perturbations=16, eps=0.5))
+    assert set(result.skipped) | set(result.indices) == set(range(16))
+    assert result.skipped and result.indices  # a mix: only the overflowing ones are dropped
+    assert all(math.isfinite(d) for d in result.derivatives)
+
+
+def test_discriminative_sampling_inside_estimate(softmax) -> None:
+    bundle, session, trainables, batch = softmax
+    n = bundle.manifest.num_trainable
+    guide = np.random.default_rng(5).standard_normal(n).astype(np.float32)
+    task = _task(num_perturbations=4, candidate_ratio=5)
+    result = estimate(session, trainables, batch, task, guide)
+    assert result.indices == select_indices(task, n, guide)
+    assert len(result.indices) == 4 and set(result.indices) <= set(task.candidate_indices)
+
+
+def test_uplink_is_under_one_kilobyte_at_k64(softmax) -> None:
+    _, session, trainables, batch = softmax
+    result = estimate(session, trainables, batch, _task(num_perturbations=64))
+    assert len(result.indices) == 64
+    assert uplink_bytes(result) < 1024
