@@ -116,7 +116,8 @@ def perturbation(
     if distribution == "rademacher":
         words = random_words(round_seed, device, k, (n + 31) // 32)
         bits = np.unpackbits(words.astype("<u4").view(np.uint8), bitorder="little")[:n]
-        np.subtract(np.float32(1.0), np.float32(2.0) * bits, out=out, casting="unsafe")
+        np.multiply(bits, np.float32(-2.0), out=out, casting="unsafe")  # no n-sized temporary
+        out += np.float32(1.0)
     elif distribution == "gaussian":
         words = random_words(round_seed, device, k, 2 * n).astype(np.float64)
         u1 = (words[0::2] + 1.0) / float(_U32)
