@@ -32,7 +32,7 @@ FASHION = Path("/usr/share/datasets/fashion-mnist")
 HEAD_OF = {"hinton": "none", "symmetric": "none", "sff": "class-goodness", "pon": "softmax"}
 # Zeroth-order steps: plain SGD (Adam normalises the estimate's noise into full-size steps); the
 # goodness losses have small gradients at init, the cross-entropy heads large ones.
-PERTURBED_LR = {"hinton": 0.5, "symmetric": 0.5, "sff": 0.02, "pon": 0.01}
+PERTURBED_LR = {"hinton": 0.2, "symmetric": 0.2, "sff": 0.01, "pon": 0.01}
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                 config = FFTrainConfig(
                     objective=objective, negatives=args.negatives, mode=mode, seed=args.seed,
                     epochs=args.perturbed_epochs if perturbed else args.epochs,
-                    optimizer="sgd" if perturbed else "adam",
+                    optimizer=args.perturbed_optimizer if perturbed else "adam",
                     lr=(args.perturbed_lr or PERTURBED_LR[objective]) if perturbed else args.lr,
                     num_perturbations=args.k, eps=args.eps,
                 )
@@ -125,10 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", nargs="+", default=["closed_form", "perturbed"], choices=["closed_form", "perturbed"])
     p.add_argument("--negatives", choices=("adaptive", "random", "fixed"), default="adaptive")
     p.add_argument("--epochs", type=int, default=10, help="closed-form epochs (default: %(default)s)")
-    p.add_argument("--perturbed-epochs", type=int, default=3, help="perturbed-mode epochs (default: %(default)s)")
+    p.add_argument("--perturbed-epochs", type=int, default=5, help="perturbed-mode epochs (default: %(default)s)")
     p.add_argument("--lr", type=float, default=3e-3, help="closed-form Adam learning rate (default: %(default)s)")
     p.add_argument("--perturbed-lr", type=float, default=None,
                    help="perturbed-mode SGD learning rate (default: per objective, see PERTURBED_LR)")
+    p.add_argument("--perturbed-optimizer", choices=("sgd", "adam"), default="sgd")
     p.add_argument("--k", type=int, default=8, help="perturbations per step in perturbed mode (default: %(default)s)")
     p.add_argument("--eps", type=float, default=1e-2, help="perturbation scale (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)

@@ -46,13 +46,14 @@ record everything needed to rebuild the network (:func:`torch_twin`) or to train
 from __future__ import annotations
 
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from fwdfleet.bundle import Bundle, BundleManifest, GraphSpec, TensorSpec, write_bundle
+from fwdfleet.bundle import MANIFEST_FILE, Bundle, BundleManifest, GraphSpec, TensorSpec, write_bundle
 from fwdfleet.errors import ExportError
 
 Head = Literal["none", "softmax", "class-goodness"]
@@ -301,8 +302,11 @@ def _model_graph(config: FFMLPConfig) -> tuple[Any, GraphSpec]:
     return model, GraphSpec("model", "model.onnx", inputs, outputs, tuple(t.name for t in specs))
 
 
-def export_ff_mlp(config: FFMLPConfig, out_dir: str | Path) -> Path:
-    """Write the bundle (``model.onnx``, ``layer_i.onnx``, trainables, manifest) into ``out_dir``."""
+def export_ff_mlp(config: FFMLPConfig, out_dir: str | Path, *, overwrite: bool = False) -> Path:
+    """Write the bundle (``model.onnx``, ``layer_i.onnx``, trainables, manifest) into ``out_dir``.
+
+    ``overwrite`` replaces an existing *bundle* folder; any other non-empty folder is refused.
+    """
     try:
         import onnx
     except ModuleNotFoundError as e:
@@ -311,7 +315,10 @@ def export_ff_mlp(config: FFMLPConfig, out_dir: str | Path) -> Path:
         ) from e
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
-        raise ExportError(f"output folder {out} is not empty; choose a new folder or empty it first")
+        if not (overwrite and (out / MANIFEST_FILE).is_file()):
+            hint = "pass --overwrite to replace it" if (out / MANIFEST_FILE).is_file() else "choose a new folder"
+            raise ExportError(f"output folder {out} is not empty; {hint}")
+        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     graphs: list[GraphSpec] = []
     for model, spec in [_model_graph(config), *(_layer_graph(config, i) for i in range(config.num_layers))]:

@@ -129,6 +129,10 @@ def test_cli_writes_a_bundle_and_prints_json(tmp_path, capsys):
     assert result["graphs"] == ["model", "layer_0", "layer_1"] and result["batch"] == 8
     assert result["num_trainable"] == 20 * 16 + 16 + 16 * 16 + 16 + 2 * (16 * 16 + 16)
     assert load_bundle(out).manifest.settings["heads"] == "class-goodness"
+    with pytest.raises(ExportError, match="--overwrite"):
+        _cli(["ff-mlp", "--layers", "20,16", "--num-classes", "4", "--out", str(out)])
+    assert _cli(["ff-mlp", "--layers", "20,16", "--num-classes", "4", "--out", str(out), "--overwrite"]) == 0
+    assert [g.name for g in load_bundle(out).manifest.graphs] == ["model", "layer_0"]
 
 
 @pytest.mark.parametrize(

@@ -46,7 +46,8 @@ def register_ff(export_subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the initial weights (default: %(default)s)")
     p.add_argument("--quantize", choices=("none", "int8"), default="none",
                    help="not supported for FF MLPs: every weight is trainable (kept for a clear error)")
-    p.add_argument("--out", required=True, help="output bundle folder (must be new or empty)")
+    p.add_argument("--out", "-o", required=True, help="output bundle folder (must be new or empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle in --out")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run_export_ff)
     return p
@@ -90,7 +91,7 @@ def run_export_ff(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise ExportError(str(e)) from e
     start = time.perf_counter()
-    path = export_ff_mlp(config, args.out)
+    path = export_ff_mlp(config, args.out, overwrite=args.overwrite)
     seconds = time.perf_counter() - start
     from fwdfleet.bundle import load_bundle
 

@@ -26,6 +26,7 @@ SUBCOMMANDS: tuple[str, ...] = (
     "fleet",
     "demo",
     "pack",
+    "pff",
 )
 
 
