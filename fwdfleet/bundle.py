@@ -333,12 +333,19 @@ def verify_checksums(path: Path, manifest: BundleManifest) -> None:
 
 
 def zip_bundle(bundle: Bundle, out: str | Path) -> Path:
-    """Write the bundle folder as a zip (stored, not compressed: ONNX weights barely compress)."""
+    """Write the bundle folder as a zip (stored, not compressed: ONNX weights barely compress).
+
+    Entries are sorted and carry a fixed date, so the same bundle gives the same bytes on every
+    host (a device that already holds it can skip the download by checksum).
+    """
     out = Path(out)
     with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED) as zf:
         for p in sorted(bundle.path.rglob("*")):
             if p.is_file():
-                zf.write(p, p.relative_to(bundle.path).as_posix())
+                info = zipfile.ZipInfo(p.relative_to(bundle.path).as_posix(), date_time=(1980, 1, 1, 0, 0, 0))
+                info.external_attr = 0o644 << 16
+                with open(p, "rb") as src, zf.open(info, "w") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
     return out
 
 

@@ -103,3 +103,12 @@ def test_cli_inspect(bundle_dir, capsys):
     assert main(["bundle", "inspect", str(bundle_dir)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("fwdfleet bundle: error: checksum mismatch") and "\n" not in err
+
+
+def test_zip_is_reproducible(bundle_dir, tmp_path):
+    import os
+
+    b = load_bundle(bundle_dir)
+    first = zip_bundle(b, tmp_path / "one.zip").read_bytes()
+    os.utime(bundle_dir / "model.onnx", (1_000_000, 1_000_000))
+    assert zip_bundle(b, tmp_path / "two.zip").read_bytes() == first

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _grpc_fixtures import DEVICE_TOKEN, aggregator_config, make_env, start  # noqa: E402
+from _grpc_fixtures import DEVICE_TOKEN, aggregator_config, make_env, start
 
-from aggregator.auth import TokenAllowList  # noqa: E402
-from device_runtime.kit import (  # noqa: E402
+from aggregator.auth import TokenAllowList
+from device_runtime.kit import (
     KIT_FILE,
     KitError,
     build_wheel,
@@ -23,8 +23,8 @@ from device_runtime.kit import (  # noqa: E402
     run_kit,
     source_tree,
 )
-from fwdfleet.bundle import load_bundle  # noqa: E402
-from fwdfleet.cli.main import main  # noqa: E402
+from fwdfleet.bundle import load_bundle
+from fwdfleet.cli.main import main
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,7 @@ def test_corrupt_or_newer_kits_are_refused(env, tmp_path, wheel):
     raw = bytearray((kit / "bundle.zip").read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     (kit / "bundle.zip").write_bytes(bytes(raw))
-    with pytest.raises(KitError, match="bundle.zip .*checksum"):
+    with pytest.raises(KitError, match=r"bundle\.zip .*checksum"):
         load_kit(kit)
     manifest = json.loads((kit / KIT_FILE).read_text())
     manifest["kit_version"] = 99
