@@ -6,13 +6,16 @@ Layout of a checkpoint folder::
     latest.json         which .npz is current, its SHA-256, round counter, model version,
                         pacing state, seed/generator state and the config it was written with
     devices.jsonl       append-only registry journal: one line per joined device
+    round.jsonl         journal of the round in progress: its opening (selection), deadline
+                        decisions and every accepted scalar upload, fsynced before the upload
+                        is acknowledged; emptied after each checkpoint
 
 A checkpoint is written to a temporary file, fsynced, and moved into place with
 ``os.replace``; ``latest.json`` is replaced last, so a crash at any moment leaves either the
 old or the new checkpoint, never a mix. The round counter is stored with the trainables it
 produced: on restart the aggregator re-runs the first round not in the checkpoint, with the
 same round seed (seeds derive from the master seed and the round id), so no update is lost or
-applied twice.
+applied twice; replaying ``round.jsonl`` restores what the round had already accepted.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from fwdfleet.errors import FwdfleetError
 FORMAT_VERSION = 1
 LATEST = "latest.json"
 DEVICES = "devices.jsonl"
+ROUND_JOURNAL = "round.jsonl"
 
 
 class CheckpointError(FwdfleetError):
@@ -142,6 +146,10 @@ class Journal:
             f.flush()
             if self.fsync:
                 os.fsync(f.fileno())
+
+    def reset(self) -> None:
+        """Start an empty journal (atomically: a crash leaves the old or the empty one)."""
+        _atomic_write(self.path, lambda f: None)
 
     def records(self) -> Iterator[dict[str, Any]]:
         if not self.path.is_file():

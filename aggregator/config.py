@@ -119,7 +119,8 @@ class OptimizerConfig:
     """The server optimizer and its learning-rate schedule.
 
     ``schedule = "linear"`` is FwdLLM's: linear warm-up from 0 over ``warmup_steps`` updates, then
-    linear decay to ``final_lr_ratio * lr`` at ``total_steps`` (0: ``rounds.num_rounds``).
+    linear decay to ``final_lr_ratio * lr`` at ``total_steps`` (0: ``rounds.num_rounds``; both 0:
+    no decay after the warm-up).
     """
 
     name: str = "sgd"
@@ -202,6 +203,7 @@ class RobustConfig:
 @dataclass(frozen=True)
 class CheckpointConfig:
     dir: str | None = None  # None: no checkpoints (the Coordinator's checkpoint_dir argument wins)
+    fsync_journal: bool = True  # fsync each accepted upload's journal line before acknowledging it
 
 
 @dataclass(frozen=True)

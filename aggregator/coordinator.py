@@ -33,18 +33,26 @@ import math
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from aggregator.checkpoint import DEVICES, CheckpointError, CheckpointState, Journal, load_checkpoint, save_checkpoint
+from aggregator.checkpoint import (
+    DEVICES,
+    ROUND_JOURNAL,
+    CheckpointError,
+    CheckpointState,
+    Journal,
+    load_checkpoint,
+    save_checkpoint,
+)
 from aggregator.config import AggregatorConfig
 from aggregator.errors import RejectCode, RejectedError
 from aggregator.optim import Optimizer
-from aggregator.pacing import Pacer, PacingDecision
-from aggregator.reconstruct import Accumulator, Contribution, accumulate
+from aggregator.pacing import Pacer
+from aggregator.reconstruct import Accumulator, accumulate
 from aggregator.records import (
     CoordinatorStatus,
     DeviceProfile,
@@ -53,16 +61,14 @@ from aggregator.records import (
     SubmitReceipt,
     derive_seed,
 )
-from aggregator.validation import Issued, Ledger, check_result, check_round, check_vector, fingerprint
+from aggregator.rounds import RoundState, select
+from aggregator.validation import Ledger, check_result, check_round, check_vector, fingerprint
 from device_runtime.perturbation import flatten, split
 from device_runtime.task import DeviceResult, RoundTask
 from fwdfleet.bundle import Bundle
 
 __all__ = ["Coordinator", "CoordinatorStatus", "DeviceProfile", "JoinInfo", "RoundEvent", "SubmitReceipt"]
 
-TASK_BYTES = 96  # estimate of one task message on the wire
-RESULT_OVERHEAD_BYTES = 48
-PAIR_BYTES = 12  # varint index + double derivative
 Evaluate = Callable[[int, Mapping[str, np.ndarray]], Mapping[str, float]]
 
 
@@ -72,30 +78,6 @@ class _Device:
     index: int
     profile: DeviceProfile
     last_seen: float
-
-
-@dataclass
-class _Round:
-    round_id: int
-    attempt: int
-    seed: int
-    model_version: int
-    k: int
-    opened_at: float
-    deadline: float
-    selected: list[str]
-    target: int
-    acc: Accumulator
-    request: int = 0
-    extensions: int = 0
-    issued: dict[str, Issued] = field(default_factory=dict)  # outstanding requests of this phase
-    answered: dict[str, Contribution | None] = field(default_factory=dict)  # this request's answers
-    next_k: dict[str, int] = field(default_factory=dict)  # first unused perturbation index per device
-    contributors: dict[str, tuple[int, float]] = field(default_factory=dict)  # device -> (samples, loss)
-    fed_weight: float = 0.0
-    decisions: list[PacingDecision] = field(default_factory=list)
-    bytes_up: int = 0
-    bytes_down: int = 0
 
 
 class Coordinator:
@@ -117,12 +99,15 @@ class Coordinator:
         self._version = 0
         self._attempt = 0
         self._devices: dict[str, _Device] = {}
-        self._round: _Round | None = None
+        self._round: RoundState | None = None
         self._ledger = Ledger()
         self._events: list[RoundEvent] = []
         ckdir = checkpoint_dir if checkpoint_dir is not None else config.checkpoint.dir
         self._ckdir = Path(ckdir) if ckdir is not None else None
         self._journal = Journal(self._ckdir / DEVICES) if self._ckdir else None
+        self._round_log = (Journal(self._ckdir / ROUND_JOURNAL, fsync=config.checkpoint.fsync_journal)
+                           if self._ckdir else None)
+        self._replaying = False
         if self._ckdir:
             self._restore(self._clock())
         self._ledger.start_round(self._round_id)
@@ -242,36 +227,37 @@ class Coordinator:
         if len(self._events) > 10_000:  # nobody is reading: keep the newest
             del self._events[:5_000]
 
+    def _log(self, record: dict[str, Any]) -> None:
+        if self._round_log is not None and not self._replaying:
+            self._round_log.append({"round_id": self._round_id, **record})
+
     def _tick(self, now: float) -> None:
         rnd = self._round
         if rnd is not None and now >= rnd.deadline:
+            self._log({"e": "deadline", "now": now})
             self._on_deadline(rnd, now)
         if self._round is None and not self._finished():
             self._try_open(now)
 
     def _try_open(self, now: float) -> None:
-        rc, p = self.config.rounds, self.config.perturbation
-        live = self._available(now)
-        if len(live) < max(rc.min_devices, rc.min_available):
-            return
-        target = max(rc.min_devices, math.ceil(rc.fraction * len(live)))
-        count = min(len(live), math.ceil(target * rc.over_selection))
-        order = sorted(live, key=lambda d: derive_seed(self.config.master_seed, "select", self._round_id,
-                                                       self._attempt, d.device_id))
-        selected = [d.device_id for d in order[:count]]
-        k = self._pacer.k
-        rnd = _Round(round_id=self._round_id, attempt=self._attempt,
-                     seed=derive_seed(self.config.master_seed, "round", self._round_id, self._attempt),
-                     model_version=self._version, k=k, opened_at=now, deadline=now + rc.deadline_s,
-                     selected=selected, target=min(target, count), acc=Accumulator(self._n))
-        for dev_id in selected:
-            rnd.issued[dev_id] = Issued(rnd.round_id, rnd.model_version, 0, 0, k, p.candidate_ratio)
-            rnd.next_k[dev_id] = p.candidate_ratio * k
-        rnd.bytes_down = count * (TASK_BYTES + 4 * self._n)  # task + current trainables
-        self._round = rnd
-        self._event("round_opened", now, attempt=self._attempt, selected=count, target=rnd.target, k=k)
+        picked = select([d.device_id for d in self._available(now)], self.config.rounds,
+                        self.config.master_seed, self._round_id, self._attempt)
+        if picked is not None:
+            self._open(*picked, now)
 
-    def _on_deadline(self, rnd: _Round, now: float) -> None:
+    def _open(self, selected: list[str], target: int, now: float) -> None:
+        self._log({"e": "open", "attempt": self._attempt, "selected": selected, "target": target, "now": now})
+        k = self._pacer.k
+        rnd = RoundState(round_id=self._round_id, attempt=self._attempt,
+                         seed=derive_seed(self.config.master_seed, "round", self._round_id, self._attempt),
+                         model_version=self._version, k=k, opened_at=now,
+                         deadline=now + self.config.rounds.deadline_s, selected=selected, target=target,
+                         acc=Accumulator(self._n))
+        rnd.issue_first(self.config.perturbation.candidate_ratio, self._n)
+        self._round = rnd
+        self._event("round_opened", now, attempt=self._attempt, selected=len(selected), target=target, k=k)
+
+    def _on_deadline(self, rnd: RoundState, now: float) -> None:
         rc = self.config.rounds
         if rnd.request > 0 or len(rnd.answered) >= rc.min_results:
             self._close_request(rnd, now, reason="deadline")
@@ -301,6 +287,9 @@ class Coordinator:
             check_round(result, rnd.round_id if rnd else None, rnd.model_version if rnd else self._version)
             assert rnd is not None
             iss = rnd.issued.get(device_id)
+            if iss is None and device_id in rnd.selected:
+                raise RejectedError(RejectCode.STALE_ROUND, f"round {rnd.round_id} stopped collecting this "
+                                    "request before the upload arrived (enough results were in); poll for a task")
             if iss is None:
                 raise RejectedError(RejectCode.NOT_SELECTED, f"device {device_id!r} was not selected for round "
                                     f"{rnd.round_id}; poll for a task instead of uploading")
@@ -310,63 +299,36 @@ class Coordinator:
             check_result(result, iss, self.config.validation, scalar=mode == "scalar")
             if vector is not None:
                 check_vector(vector, self._n, self.config.validation, "gradient" if mode == "dense" else "weights")
-            self._accept(rnd, device_id, result, vector, iss)
-            self._ledger.record(device_id, rnd.round_id, iss.request, fp)
-            receipt = SubmitReceipt(accepted=True, duplicate=False, round_id=rnd.round_id)
-            needed = rnd.target if rnd.request == 0 else len(rnd.issued)
-            if len(rnd.answered) >= needed:
-                self._close_request(rnd, now, reason="all results in")
-            return receipt
+            if vector is None:  # scalars are journaled: a restarted server keeps what it accepted
+                self._log({"e": "submit", "device_id": device_id, "now": now, "result": asdict(result)})
+            self._record(rnd, device_id, result, vector, fp, now)
+            return SubmitReceipt(accepted=True, duplicate=False, round_id=rnd.round_id)
 
-    def _accept(self, rnd: _Round, device_id: str, result: DeviceResult, vector: np.ndarray | None,
-                iss: Issued) -> None:
-        dev = self._devices[device_id]
-        samples, loss = rnd.contributors.get(device_id, (0, 0.0))
-        if iss.request == 0:  # the loss of the round's model on the device's batch
-            samples, loss = result.num_samples, result.loss_mean
-        rnd.contributors[device_id] = (samples, loss)
-        rnd.bytes_up += RESULT_OVERHEAD_BYTES + PAIR_BYTES * len(result.indices)
-        if vector is None:
-            rnd.answered[device_id] = Contribution(dev.index, result.indices, result.derivatives)
-            return
-        rnd.answered[device_id] = None
-        rnd.bytes_up += 4 * self._n
-        v = vector.astype(np.float32)
-        if self.config.mode == "dense":
-            rnd.acc.total += v
-            rnd.acc.add_unit(1, float(np.dot(v.astype(np.float64), v)))
-        else:
-            w = float(max(result.num_samples, 1))
-            rnd.acc.total += np.float32(w) * v
-            rnd.fed_weight += w
-            rnd.acc.pairs += 1
+    def _record(self, rnd: RoundState, device_id: str, result: DeviceResult, vector: np.ndarray | None, fp: str,
+                now: float) -> None:
+        request = rnd.issued[device_id].request
+        rnd.accept(device_id, self._devices[device_id].index, result, vector, self.config.mode)
+        self._ledger.record(device_id, rnd.round_id, request, fp)
+        if rnd.complete:
+            self._close_request(rnd, now, reason="all results in")
 
-    def _close_request(self, rnd: _Round, now: float, reason: str) -> None:
+    def _close_request(self, rnd: RoundState, now: float, reason: str) -> None:
         p = self.config.perturbation
         if self.config.mode == "scalar":
-            contribs = [c for c in rnd.answered.values() if c is not None]
-            accumulate(rnd.acc, contribs, round_seed=rnd.seed, distribution=p.distribution,  # type: ignore[arg-type]
+            accumulate(rnd.acc, rnd.scalar_contributions(), round_seed=rnd.seed, distribution=p.distribution,  # type: ignore[arg-type]
                        shared_seeds=p.shared_seeds, robust=self.config.robust)
         noise = rnd.acc.noise()
         decision = self._pacer.decide(rnd.round_id, noise, rnd.request)
         rnd.decisions.append(decision)
         answered = sorted(rnd.answered, key=lambda d: self._devices[d].index)
         if decision.action == "request_more" and answered:
-            rnd.request += 1
-            rnd.issued, rnd.answered = {}, {}
-            shared_start = max(rnd.next_k[d] for d in answered)
-            for dev_id in answered:
-                start = shared_start if p.shared_seeds else rnd.next_k[dev_id]
-                rnd.issued[dev_id] = Issued(rnd.round_id, rnd.model_version, rnd.request, start, decision.extra_k, 1)
-                rnd.next_k[dev_id] = start + decision.extra_k
-            rnd.deadline = now + self.config.rounds.deadline_s
-            rnd.bytes_down += len(answered) * TASK_BYTES
+            rnd.issue_more(answered, decision.extra_k, p.shared_seeds, now + self.config.rounds.deadline_s)
             self._event("extra_requested", now, request=rnd.request, devices=len(answered), extra_k=decision.extra_k,
                         noise_ratio=decision.noise_ratio, reason=reason)
             return
         self._apply(rnd, now, noise, reason)
 
-    def _apply(self, rnd: _Round, now: float, noise: Any, reason: str) -> None:
+    def _apply(self, rnd: RoundState, now: float, noise: Any, reason: str) -> None:
         if self.config.mode == "fedavg":
             mean = rnd.acc.total / np.float32(rnd.fed_weight)
             grad: np.ndarray = self._params - mean
@@ -382,6 +344,8 @@ class Coordinator:
         self._ledger.start_round(self._round_id)
         if self._ckdir:
             self._save()
+            if self._round_log is not None and not self._replaying:
+                self._round_log.reset()
         samples = sum(s for s, _ in rnd.contributors.values())
         loss = sum(s * lo for s, lo in rnd.contributors.values()) / samples if samples else math.nan
         metrics: dict[str, Any] = {
@@ -431,8 +395,12 @@ class Coordinator:
             self._devices[rec["device_id"]] = _Device(rec["device_id"], int(rec["index"]),
                                                       DeviceProfile(**prof), now)
         state = load_checkpoint(self._ckdir)
-        if state is None:
-            return
+        if state is not None:
+            self._load_state(state)
+        self._ledger.start_round(self._round_id)
+        self._replay()
+
+    def _load_state(self, state: CheckpointState) -> None:
         meta, mine = state.meta, self._meta()
         for key in ("master_seed", "mode", "shared_seeds", "distribution", "num_trainable", "optimizer"):
             if meta.get(key) != mine[key]:
@@ -443,3 +411,25 @@ class Coordinator:
         self._optimizer.load_state_arrays(state.optimizer)
         self._pacer.load_state_json(dict(state.pacing))
         self._round_id, self._version = state.round_id, state.model_version
+
+    def _replay(self) -> None:
+        """Re-run the journaled decisions and accepted uploads of the round in progress."""
+        assert self._round_log is not None
+        self._replaying = True
+        try:
+            for rec in self._round_log.records():
+                if rec.get("round_id") != self._round_id:
+                    continue  # an older round, already in the checkpoint
+                now = float(rec["now"])
+                if rec["e"] == "open":
+                    self._attempt = int(rec["attempt"])
+                    self._open([str(d) for d in rec["selected"]], int(rec["target"]), now)
+                elif rec["e"] == "deadline" and self._round is not None:
+                    self._on_deadline(self._round, now)
+                elif rec["e"] == "submit" and self._round is not None:
+                    r = dict(rec["result"])
+                    result = DeviceResult(**{**r, "indices": tuple(r["indices"]),
+                                             "derivatives": tuple(r["derivatives"]), "skipped": tuple(r["skipped"])})
+                    self._record(self._round, str(rec["device_id"]), result, None, fingerprint(result), now)
+        finally:
+            self._replaying = False

@@ -89,4 +89,6 @@ class Pacer:
         return {"k": self.k}
 
     def load_state_json(self, state: dict[str, Any]) -> None:
-        self.k = max(self.cfg.k_min, min(self.cfg.k_max, int(state["k"]))) if self.cfg.enabled else int(state["k"])
+        """Resume the adapted K; without pacing K is the configured one, whatever was saved."""
+        if self.cfg.enabled:
+            self.k = max(self.cfg.k_min, min(self.cfg.k_max, int(state["k"])))

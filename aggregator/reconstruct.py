@@ -2,8 +2,9 @@
 
 The aggregator never receives a perturbation: it regenerates ``z_k`` with
 :func:`device_runtime.perturbation.perturbation` (the one generator, imported) and accumulates
-``d_k z_k`` in place into one buffer, a block of at most ``BLOCK_ROWS`` perturbations at a time,
-so memory is O(trainable parameters) whatever the number of devices.
+``d_k z_k`` in place into one buffer, one perturbation at a time, so memory is O(trainable
+parameters) whatever the number of devices. (With shared seeds the round's few distinct
+perturbations are held together, up to ``GRAM_BUDGET`` values, for their exact Gram matrix.)
 
 * **Per-device seeds**: device ``i`` evaluated ``z(round_seed, i, k)``; each device's vector
   ``g_i = sum_k d_ik z_ik`` is built in one scratch buffer, added to the total, and its squared
@@ -29,7 +30,6 @@ import numpy.typing as npt
 from aggregator.config import RobustConfig
 from device_runtime.perturbation import Distribution, perturbation
 
-BLOCK_ROWS = 32  # perturbations regenerated per block
 GRAM_BUDGET = 1 << 24  # elements of the (m, n) matrix used for the exact shared-seed Gram matrix
 
 FloatArray = npt.NDArray[np.floating]
@@ -90,19 +90,16 @@ class Accumulator:
     def noise(self) -> NoiseStats:
         if self.units < 2 or self.pairs == 0:
             return NoiseStats(math.nan, math.nan, math.nan, float(self.units), self.units, self.pairs)
-        mean = self.total.astype(np.float64) / self.pairs
-        mean_sq = float(mean @ mean)
+        mean_sq = _sqnorm(self.total) / float(self.pairs) ** 2
         spread_sq = max(0.0, self.sum_w_sqnorm / self.pairs - mean_sq)
         n_eff = self.pairs**2 / self.sum_w2
         ratio = spread_sq / (n_eff * mean_sq) if mean_sq > 0.0 else (0.0 if spread_sq == 0.0 else math.inf)
         return NoiseStats(ratio, spread_sq, mean_sq, n_eff, self.units, self.pairs)
 
-    def state_arrays(self) -> dict[str, np.ndarray]:
-        return {
-            "total": self.total.copy(),
-            "counts": np.array([self.pairs, self.units], dtype=np.int64),
-            "sums": np.array([self.sum_w2, self.sum_w_sqnorm], dtype=np.float64),
-        }
+
+def _sqnorm(v: FloatArray) -> float:
+    """``|v|**2`` accumulated in float64 (einsum: OpenBLAS's threaded ddot is slow on a busy machine)."""
+    return float(np.einsum("i,i->", v, v, dtype=np.float64))
 
 
 def _clipped(d: npt.NDArray[np.float64], robust: RobustConfig) -> npt.NDArray[np.float64]:
@@ -121,19 +118,25 @@ def _fill_block(block: npt.NDArray[np.float32], round_seed: int, device: int, ks
     return rows
 
 
+def _axpy(y: FloatArray, a: float, x: npt.NDArray[np.float32], tmp: FloatArray) -> None:
+    """``y += a * x`` in place (a loop of these beats OpenBLAS's small-row gemv several times)."""
+    np.multiply(x, y.dtype.type(a), out=tmp)
+    y += tmp
+
+
 def _accumulate_per_device(acc: Accumulator, contribs: Sequence[Contribution], round_seed: int,
                            distribution: Distribution, robust: RobustConfig) -> None:
-    block = np.empty((BLOCK_ROWS, acc.n), dtype=np.float32)
+    z = np.empty(acc.n, dtype=np.float32)
     g = np.empty(acc.n, dtype=acc.total.dtype)
+    tmp = np.empty(acc.n, dtype=acc.total.dtype)
     for c in contribs:
         d = _clipped(np.asarray(c.derivatives, dtype=np.float64), robust)
         g.fill(0)
-        for s in range(0, len(c.indices), BLOCK_ROWS):
-            ks = c.indices[s : s + BLOCK_ROWS]
-            rows = _fill_block(block, round_seed, c.device_index, ks, distribution)
-            g += d[s : s + len(ks)].astype(np.float32) @ rows
+        for k, dk in zip(c.indices, d, strict=True):
+            perturbation(round_seed, c.device_index, k, acc.n, distribution, out=z)
+            _axpy(g, float(dk), z, tmp)
         acc.total += g
-        acc.add_unit(len(c.indices), float(np.dot(g.astype(np.float64), g)))
+        acc.add_unit(len(c.indices), _sqnorm(g))
 
 
 def _seed_statistic(values: npt.NDArray[np.float64], robust: RobustConfig) -> float:
@@ -163,20 +166,21 @@ def _accumulate_shared(acc: Accumulator, contribs: Sequence[Contribution], round
     coef = np.array([len(v) * _seed_statistic(np.asarray(v), robust) for v in per_seed], dtype=np.float64)
     # Gram matrix of the shared perturbations for the per-device norms: exact when it fits,
     # else its diagonal (off-diagonal terms are O(sqrt(n)) against n).
-    exact = m * acc.n <= GRAM_BUDGET
-    if exact:
+    tmp = np.empty(acc.n, dtype=acc.total.dtype)
+    if m * acc.n <= GRAM_BUDGET:
         z = np.empty((m, acc.n), dtype=np.float32)
         _fill_block(z, round_seed, 0, ks, distribution)
-        acc.total += (coef.astype(np.float32) @ z).astype(acc.total.dtype)
+        for j in range(m):
+            _axpy(acc.total, float(coef[j]), z[j], tmp)
         gram = (z @ z.T).astype(np.float64)
         del z
     else:
-        block = np.empty((BLOCK_ROWS, acc.n), dtype=np.float32)
+        row = np.empty((1, acc.n), dtype=np.float32)
         diag = np.empty(m, dtype=np.float64)
-        for s in range(0, m, BLOCK_ROWS):
-            rows = _fill_block(block, round_seed, 0, ks[s : s + BLOCK_ROWS], distribution)
-            acc.total += (coef[s : s + len(rows)].astype(np.float32) @ rows).astype(acc.total.dtype)
-            diag[s : s + len(rows)] = np.einsum("ij,ij->i", rows, rows, dtype=np.float64)
+        for j, k in enumerate(ks):
+            z1 = _fill_block(row, round_seed, 0, (k,), distribution)[0]
+            _axpy(acc.total, float(coef[j]), z1, tmp)
+            diag[j] = _sqnorm(z1)
         gram = np.diag(diag)
     for idx, d in dense_d:
         sq = float(d @ gram[np.ix_(idx, idx)] @ d)

@@ -144,6 +144,7 @@ def _ort_work(mode: str, bundle_path: str, batch_size: int, seq: int, k: int, th
         return time.perf_counter() - start, "2 forwards"
     ws = EstimatorWorkspace(session.trainable_specs)
     w = flatten(trainables, session.trainable_specs)
+    del trainables  # the flat vector holds them now: one copy of the trainables, as in inference
     current = split(w, session.trainable_specs)
     task = RoundTask(round_id=0, model_version=0, round_seed=1234, device_index=0, num_perturbations=k)
     result = estimate(session, current, batch, task, workspace=ws)

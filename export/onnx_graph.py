@@ -23,6 +23,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,7 +129,10 @@ def export_graph(
     input_names = [*wrapper.data_names, *wrapper.trainable_names]
     output_names = list(output_shapes)
     wrapper.eval()
-    with tempfile.TemporaryDirectory(prefix="fwdfleet-export-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="fwdfleet-export-") as tmp, warnings.catch_warnings():
+        # the parameter swap assigns plain tensors to module attributes on purpose, and the
+        # exporters' deprecation chatter is not actionable for a user: keep the output clean
+        warnings.simplefilter("ignore")
         raw = Path(tmp) / "model.onnx"
         if options.exporter == "dynamo":
             dims: dict[str, Any] = {}

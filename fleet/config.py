@@ -4,6 +4,9 @@
     devices = 20                 # virtual devices
     rounds = 60                  # applied aggregator rounds
     workers = 1                  # worker processes computing device results
+    transport = "inprocess"      # or "grpc": the real server + one `fwdfleet device run` process per device
+    backend = "process"          # inprocess compute: local worker processes, or "ray" (fleet.ray_backend)
+    ray_address = ""             # backend "ray": "" = a local Ray instance, "auto" / "ray://head:10001" = a cluster
     profiles = { desktop = 1 }   # preset mix (fleet.profiles.PRESETS), drawn per device
     out_dir = "runs/fleet"
 
@@ -29,17 +32,21 @@ Overrides look like ``aggregator.optimizer.lr=0.3`` or ``fleet.rounds=10``.
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import tomllib
+
 from aggregator.config import AggregatorConfig, apply_overrides, config_from_dict
 from fleet.datasets import DatasetConfig
+from fleet.emulate import BACKENDS
 from fleet.partition import PartitionConfig
 from fleet.profiles import PRESETS
 from fwdfleet.errors import ConfigError
+
+TRANSPORTS = ("inprocess", "grpc")
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,9 @@ class FleetSection:
     profiles: Mapping[str, float] = field(default_factory=lambda: {"desktop": 1.0})
     out_dir: str = "runs/fleet"
     measure_memory: bool = True
+    transport: str = "inprocess"
+    backend: str = "process"
+    ray_address: str = ""
 
     def __post_init__(self) -> None:
         if self.devices < 1:
@@ -60,6 +70,13 @@ class FleetSection:
             raise ValueError(f"fleet.rounds must be >= 1, got {self.rounds}")
         if self.workers < 1:
             raise ValueError(f"fleet.workers must be >= 1, got {self.workers}")
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"fleet.transport must be one of {TRANSPORTS}, got {self.transport!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"fleet.backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.transport == "grpc" and self.backend != "process":
+            raise ValueError("fleet.backend applies to the inprocess transport; with transport \"grpc\" "
+                             "every device is its own process (leave fleet.backend = \"process\")")
         unknown = sorted(set(self.profiles) - set(PRESETS))
         if unknown:
             raise ValueError(f"fleet.profiles names unknown presets {unknown}; choose from {sorted(PRESETS)}")
@@ -104,7 +121,9 @@ def _section(cls: type, table: Any, name: str, **fixed: Any) -> Any:
 def config_from_mapping(data: Mapping[str, Any], *, source: str = "fleet config") -> FleetConfig:
     unknown = sorted(set(data) - {"fleet", "dataset", "partition", "model", "aggregator"})
     if unknown:
-        raise ConfigError(f"{source}: unknown table(s) {unknown}; expected fleet, dataset, partition, model, aggregator")
+        raise ConfigError(
+            f"{source}: unknown table(s) {unknown}; expected fleet, dataset, partition, model, aggregator"
+        )
     fleet = _section(FleetSection, data.get("fleet", {}), "fleet")
     part = dict(data.get("partition", {}))
     part.pop("num_devices", None)

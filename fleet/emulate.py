@@ -17,11 +17,11 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -38,6 +38,8 @@ from fleet.profiles import EmulatedProfile, SimulatedClock
 from fwdfleet.bundle import Bundle, load_bundle
 from fwdfleet.protocol import serde
 
+BACKENDS = ("process", "ray")
+
 
 @dataclass(frozen=True)
 class EmulationSettings:
@@ -48,6 +50,8 @@ class EmulationSettings:
     seed: int = 0
     threads_per_worker: int = 1
     max_idle_steps: int = 1000  # give up after this many loop turns without progress
+    backend: str = "process"  # "process": worker processes here; "ray": Ray actors (fleet.ray_backend)
+    ray_address: str = ""  # backend "ray": "" starts a local Ray; "auto" or "ray://host:10001" joins a cluster
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -56,6 +60,10 @@ class EmulationSettings:
             raise ValueError(f"EmulationSettings.workers must be >= 1, got {self.workers}")
         if self.eval_every < 0:
             raise ValueError("EmulationSettings.eval_every must be >= 0 (0: only at the end)")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"EmulationSettings.backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.threads_per_worker < 0:
+            raise ValueError(f"EmulationSettings.threads_per_worker must be >= 0, got {self.threads_per_worker}")
 
 
 @dataclass
@@ -158,11 +166,36 @@ class ComputePool:
         assert self._pool is not None
         chunks = [jobs[i :: self.workers] for i in range(self.workers)]
         futures = [self._pool.submit(_run_in_worker, version, trainables, c) for c in chunks if c]
-        return [r for f in futures for r in f.result()]
+        return in_job_order(jobs, [r for f in futures for r in f.result()])
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(cancel_futures=True)
+
+
+class DevicePool(Protocol):
+    """What the emulation loop needs from a backend computing device results."""
+
+    def run(self, version: int, trainables: Mapping[str, np.ndarray],
+            jobs: list[tuple[int, RoundTask]]) -> list[tuple[int, DeviceResult]]: ...
+
+    def close(self) -> None: ...
+
+
+def in_job_order(jobs: list[tuple[int, RoundTask]],
+                 results: list[tuple[int, DeviceResult]]) -> list[tuple[int, DeviceResult]]:
+    """Results in the order of their jobs, whatever worker computed them (keeps runs identical across pools)."""
+    by_device = dict(results)
+    return [(device, by_device[device]) for device, _ in jobs]
+
+
+def make_pool(bundle: Bundle, train: RawData, shards: list[np.ndarray], settings: EmulationSettings) -> DevicePool:
+    """The compute backend ``settings.backend`` names."""
+    if settings.backend == "ray":
+        from fleet.ray_backend import RayComputePool  # optional: needs the `ray` extra
+
+        return RayComputePool(bundle, train, shards, settings)
+    return ComputePool(bundle, train, shards, settings)
 
 
 # ------------------------------------------------------------------------------- the loop
@@ -178,7 +211,7 @@ def emulate(
     *,
     test: RawData | None = None,
     on_round: Callable[[RoundRecord], None] | None = None,
-) -> Iterator[RoundRecord]:
+) -> Generator[RoundRecord, None, None]:
     """Run ``settings.rounds`` applied rounds; yields one :class:`RoundRecord` per applied round."""
     if len(shards) != len(profiles):
         raise ValueError(f"{len(shards)} data shards but {len(profiles)} device profiles")
@@ -188,8 +221,8 @@ def emulate(
     ids = [f"device-{i:05d}" for i in range(len(shards))]
     for dev_id, p in zip(ids, profiles):
         coordinator.join(dev_id, DeviceProfile(platform=p.name, ram_mb=p.memory_cap_mb, compute_speed=p.compute_speed))
-    pool = ComputePool(bundle, train, shards, settings)
-    evaluator = _Evaluator(bundle, test, settings.eval_batch) if test is not None else None
+    pool = make_pool(bundle, train, shards, settings)
+    evaluator = Evaluator(bundle, test, settings.eval_batch) if test is not None else None
     start = time.perf_counter()
     synced_version = dict.fromkeys(ids, -1)
     tally = _RoundTally()
@@ -270,7 +303,9 @@ class _RoundTally:
                 self.applied.append(dict(e.detail))
 
 
-class _Evaluator:
+class Evaluator:
+    """Test loss and accuracy of a set of trainables (one onnxruntime session)."""
+
     def __init__(self, bundle: Bundle, test: RawData, batch: int) -> None:
         self.session = BundleSession(bundle, SessionOptions(intra_op_threads=0))
         self.data = dataset_for_bundle(test, bundle)
@@ -281,7 +316,7 @@ class _Evaluator:
         return ev.loss, ev.accuracy
 
 
-def _flush(tally: _RoundTally, coordinator: Coordinator, evaluator: _Evaluator | None, clock: SimulatedClock,
+def _flush(tally: _RoundTally, coordinator: Coordinator, evaluator: Evaluator | None, clock: SimulatedClock,
            start: float, settings: EmulationSettings, on_round: Callable[[RoundRecord], None] | None,
            ) -> Iterator[RoundRecord]:
     """Turn every applied update since the last flush into a RoundRecord."""

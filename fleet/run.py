@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
+from contextlib import closing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -77,19 +78,31 @@ def run_fleet(cfg: FleetConfig, *, progress: bool = True, log: Callable[[str], N
                                               f"{cfg.partition.scheme} partition of {cfg.dataset.name}"))
     profiles = assign_profiles(cfg.fleet.devices, cfg.fleet.profiles, seed=cfg.fleet.seed)
     settings = EmulationSettings(rounds=cfg.fleet.rounds, workers=cfg.fleet.workers,
-                                 eval_every=cfg.fleet.eval_every, seed=cfg.fleet.seed)
+                                 eval_every=cfg.fleet.eval_every, seed=cfg.fleet.seed,
+                                 backend=cfg.fleet.backend, ray_address=cfg.fleet.ray_address)
     log(f"fleet      {cfg.fleet.devices} devices ({cfg.partition.scheme}), {cfg.fleet.rounds} rounds, "
-        f"K={cfg.aggregator.perturbation.k}, mode {cfg.aggregator.mode}")
+        f"K={cfg.aggregator.perturbation.k}, mode {cfg.aggregator.mode}, transport {cfg.fleet.transport}")
 
     initial = _initial_accuracy(bundle, data.test)
     records: list[RoundRecord] = []
     bar = _bar(cfg.fleet.rounds, progress)
-    for rec in emulate(bundle, cfg.aggregator, data.train, shards, profiles, settings, test=data.test):
-        records.append(rec)
-        if bar is not None:
-            bar.update(1)
-            if rec.accuracy is not None:
-                bar.set_postfix(acc=f"{100 * rec.accuracy:.1f}%", up=f"{rec.bytes_up_per_device:.0f}B")
+    rounds: Generator[RoundRecord, None, None]
+    device_uplink: list[int] = []  # grpc transport: the bytes each device process counted itself
+    if cfg.fleet.transport == "grpc":
+        from fleet.grpc_fleet import emulate_grpc
+
+        rounds = emulate_grpc(bundle, cfg.aggregator, data.train, shards, profiles, settings, out_dir / "grpc",
+                              test=data.test, on_stop=lambda fleet: device_uplink.extend(
+                                  s.uplink_bytes for s in fleet.device_stats.values() if s is not None))
+    else:
+        rounds = emulate(bundle, cfg.aggregator, data.train, shards, profiles, settings, test=data.test)
+    with closing(rounds):  # stops worker or device processes at once, also on error and Ctrl-C
+        for rec in rounds:
+            records.append(rec)
+            if bar is not None:
+                bar.update(1)
+                if rec.accuracy is not None:
+                    bar.set_postfix(acc=f"{100 * rec.accuracy:.1f}%", up=f"{rec.bytes_up_per_device:.0f}B")
     if bar is not None:
         bar.close()
 
@@ -108,7 +121,8 @@ def run_fleet(cfg: FleetConfig, *, progress: bool = True, log: Callable[[str], N
         initial_accuracy=initial,
         final_accuracy=final,
         uplink_bytes_per_device_per_round=float(np.mean(per_round)) if per_round else 0.0,
-        uplink_bytes_per_device_total=sum(r.bytes_up for r in records) / max(1, cfg.fleet.devices),
+        uplink_bytes_per_device_total=(sum(device_uplink) if device_uplink else sum(r.bytes_up for r in records))
+        / max(1, cfg.fleet.devices),
         dense_update_bytes=4 * bundle.manifest.num_trainable,
         peak_rss_inference_mb=memory.get("onnxruntime inference"),
         peak_rss_train_step_mb=memory.get("onnxruntime train"),

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Generate the Python stubs of the wire protocol from ``proto/`` (the only way they are made).
 
-    python scripts/gen_proto.py            # regenerate fwdfleet/protocol/v1/*_pb2*.py[i]
+    python scripts/gen_proto.py            # regenerate fwdfleet/protocol/v1/*_pb2*.py[i] (fleet, pff)
     python scripts/gen_proto.py --check    # exit 1 if the checked-in stubs differ (drift)
     python scripts/gen_proto.py --out DIR  # write into DIR instead (used by the drift test)
 
@@ -26,9 +26,12 @@ from pathlib import Path
 GRPCIO_TOOLS_VERSION = "1.85.1"
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "proto"
-PROTO_FILES = ("fwdfleet/v1/fleet.proto",)
+PROTO_FILES = ("fwdfleet/v1/fleet.proto", "fwdfleet/v1/pff.proto")
 PACKAGE_DIR = ROOT / "fwdfleet" / "protocol" / "v1"
-GENERATED = ("fleet_pb2.py", "fleet_pb2_grpc.py", "fleet_pb2.pyi")
+GENERATED = (
+    "fleet_pb2.py", "fleet_pb2_grpc.py", "fleet_pb2.pyi",
+    "pff_pb2.py", "pff_pb2_grpc.py", "pff_pb2.pyi",  # Pipeline Forward-Forward parameter store
+)
 _IMPORT = re.compile(r"^from fwdfleet\.v1 import ", re.MULTILINE)
 
 

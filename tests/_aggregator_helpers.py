@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from _tiny_bundles import make_classifier_bundle
 
 from aggregator.coordinator import Coordinator, DeviceProfile
 from device_runtime.perturbation import flatten, perturbation
 from device_runtime.task import DeviceResult, RoundTask
 from fwdfleet.bundle import Bundle
-from _tiny_bundles import make_classifier_bundle
 
 
 class ManualClock:

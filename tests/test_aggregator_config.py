@@ -73,16 +73,16 @@ def test_invalid_values_name_the_field(overrides: list[str], field: str) -> None
 
 
 def test_bad_files_and_overrides(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="not found"):
+    with pytest.raises(ConfigError, match=r"not found"):
         load_config(tmp_path / "missing.toml")
     bad = tmp_path / "bad.toml"
     bad.write_text("[rounds\n")
-    with pytest.raises(ConfigError, match="not valid TOML"):
+    with pytest.raises(ConfigError, match=r"not valid TOML"):
         load_config(bad)
-    with pytest.raises(ConfigError, match="section.key=value"):
+    with pytest.raises(ConfigError, match=r"section\.key=value"):
         apply_overrides({}, ["rounds.deadline_s"])
 
 
 def test_direct_construction_raises_value_error() -> None:
-    with pytest.raises(ValueError, match="rounds.over_selection"):
+    with pytest.raises(ValueError, match=r"rounds\.over_selection"):
         RoundsConfig(over_selection=0.5)

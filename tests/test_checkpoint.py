@@ -11,6 +11,7 @@ from _aggregator_helpers import ManualClock, flat_params, join_all, make_devices
 
 from aggregator.checkpoint import (
     LATEST,
+    ROUND_JOURNAL,
     CheckpointError,
     CheckpointState,
     Journal,
@@ -81,16 +82,20 @@ def _config() -> AggregatorConfig:
     )
 
 
-def test_crash_mid_round_resumes_to_the_same_trainables(tmp_path: Path) -> None:
-    bundle = tiny_bundle(tmp_path)
-    devices, _ = make_devices(bundle.manifest.num_trainable, 5)
-    rounds = 6
-
+def _reference(tmp_path: Path, bundle, devices, rounds: int) -> np.ndarray:
     ref = Coordinator(_config(), bundle, checkpoint_dir=tmp_path / "ref", clock=ManualClock())
     join_all(ref, devices)
     while ref.status().model_version < rounds:
         play_round(ref, devices)
-    want = flat_params(ref)
+    return flat_params(ref)
+
+
+@pytest.mark.parametrize("lose_journal", [False, True])
+def test_crash_mid_round_resumes_to_the_same_trainables(tmp_path: Path, lose_journal: bool) -> None:
+    bundle = tiny_bundle(tmp_path)
+    devices, _ = make_devices(bundle.manifest.num_trainable, 5)
+    rounds = 6
+    want = _reference(tmp_path, bundle, devices, rounds)
 
     ckdir = tmp_path / "crash"
     first = Coordinator(_config(), bundle, checkpoint_dir=ckdir, clock=ManualClock())
@@ -98,15 +103,23 @@ def test_crash_mid_round_resumes_to_the_same_trainables(tmp_path: Path) -> None:
     while first.status().model_version < 3:
         play_round(first, devices)
     w = flat_params(first)
+    accepted = {}
     for d in devices[:2]:  # round 3 is half done when the server dies
-        first.submit(d.device_id, d.answer(first.task_for(d.device_id), w))
+        accepted[d.device_id] = d.answer(first.task_for(d.device_id), w)
+        first.submit(d.device_id, accepted[d.device_id])
     assert first.status().results == 2
-    del first
+    del first  # the crash: nothing is flushed beyond what each call already made durable
+    if lose_journal:
+        (ckdir / ROUND_JOURNAL).unlink()
 
-    clock = ManualClock(5000.0)
-    second = Coordinator(_config(), bundle, checkpoint_dir=ckdir, clock=clock)
+    second = Coordinator(_config(), bundle, checkpoint_dir=ckdir, clock=ManualClock())
     st = second.status()
     assert (st.model_version, st.round_id, st.devices_registered, st.state) == (3, 3, 5, "open")
+    if lose_journal:  # the round starts over: the same task is issued again
+        assert st.results == 0 and second.task_for(devices[0].device_id) is not None
+    else:  # what was accepted is still there; an identical retry is recognised
+        assert st.results == 2 and second.task_for(devices[0].device_id) is None
+        assert second.submit(devices[0].device_id, accepted[devices[0].device_id]).duplicate
     assert flat_params(second).tobytes() != want.tobytes()
     while second.status().model_version < rounds:  # devices keep polling: no re-join needed
         play_round(second, devices)
@@ -114,6 +127,33 @@ def test_crash_mid_round_resumes_to_the_same_trainables(tmp_path: Path) -> None:
     assert flat_params(second).tobytes() == want.tobytes()
     latest = json.loads((ckdir / LATEST).read_text())
     assert (latest["model_version"], latest["round_id"]) == (rounds, rounds)
+
+
+def test_crash_during_a_pacing_extra_request_resumes_it(tmp_path: Path) -> None:
+    bundle = tiny_bundle(tmp_path)
+    devices, _ = make_devices(bundle.manifest.num_trainable, 5)
+    want = _reference(tmp_path, bundle, devices, 2)
+    ckdir = tmp_path / "crash"
+    first = Coordinator(_config(), bundle, checkpoint_dir=ckdir, clock=ManualClock())
+    join_all(first, devices)
+    play_round(first, devices)
+    w = flat_params(first)
+    for d in devices:
+        first.submit(d.device_id, d.answer(first.task_for(d.device_id), w))
+    assert first.status().request >= 1  # pacing asked for more perturbations
+    extra = first.task_for(devices[0].device_id)
+    first.submit(devices[0].device_id, devices[0].answer(extra, w))
+    del first
+    second = Coordinator(_config(), bundle, checkpoint_dir=ckdir, clock=ManualClock())
+    st = second.status()
+    assert st.model_version == 1 and st.request >= 1
+    assert second.task_for(devices[0].device_id) is None
+    again = second.task_for(devices[1].device_id)  # the same extra request as before the crash
+    key = ("round_id", "model_version", "round_seed", "k_start", "num_perturbations")
+    assert again is not None and [getattr(again, f) for f in key] == [getattr(extra, f) for f in key]
+    while second.status().model_version < 2:
+        play_round(second, devices)
+    assert flat_params(second).tobytes() == want.tobytes()
 
 
 def test_resuming_with_another_master_seed_is_refused(tmp_path: Path) -> None:

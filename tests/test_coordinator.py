@@ -198,7 +198,7 @@ def test_fedavg_mode_with_unit_sgd_is_the_weighted_average(tmp_path: Path) -> No
     for name in ("a", "b"):
         coord.join(name, DeviceProfile())
     rng = np.random.default_rng(0)
-    uploads = {"a": (rng.standard_normal(n).astype(np.float32), 10), "b": (rng.standard_normal(n).astype(np.float32), 30)}
+    uploads = {name: (rng.standard_normal(n).astype(np.float32), samples) for name, samples in (("a", 10), ("b", 30))}
     for name, (flat, samples) in uploads.items():
         task = coord.task_for(name)
         meta = DeviceResult(task.round_id, task.model_version, (), (), samples, 1.0)
@@ -232,3 +232,27 @@ def test_metrics_lines_and_evaluation_callback(tmp_path: Path) -> None:
     assert m["loss_mean"] > 0 and m["noise_ratio"] >= 0
     assert m["bytes_up"] == 4 * (48 + 12 * 3) and m["bytes_down"] > 0
     assert m["pacing"][0]["action"] == "apply" and m["pacing"][-1]["action"] == "adapt_k"
+
+
+def test_concurrent_uploads_from_threads_are_each_counted_once(tmp_path: Path) -> None:
+    import threading
+
+    bundle = tiny_bundle(tmp_path)
+    devices, _ = make_devices(bundle.manifest.num_trainable, 16)
+    coord = Coordinator(_config(rounds=RoundsConfig(min_devices=16)), bundle, clock=ManualClock())
+    join_all(coord, devices)
+    w = flat_params(coord)
+    results = {d.device_id: d.answer(coord.task_for(d.device_id), w) for d in devices}
+    receipts = []
+
+    def upload(d) -> None:
+        for _ in range(2):  # every device retries once
+            receipts.append(coord.submit(d.device_id, results[d.device_id]))
+
+    threads = [threading.Thread(target=upload, args=(d,)) for d in devices]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(receipts) == 32 and sum(not r.duplicate for r in receipts) == 16
+    assert coord.status().model_version == 1

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from export.hf import LoraSettings
+from export.onnx_graph import GraphOptions
 from export.quantize import quantize_bundle_graph
 from export.rebuild import torch_twin_from_bundle
 from export.seq_cls import SeqClsExport, export_seq_cls
@@ -54,11 +55,11 @@ def batch(vocab: int, num_labels: int, seed: int, b: int = 4, s: int = 19) -> di
     return {"input_ids": ids, "attention_mask": mask, "labels": rng.integers(0, num_labels, b, dtype=np.int64)}
 
 
-def assert_parity(bundle: Bundle, tmp: Path, vocab: int) -> None:
+def assert_parity(bundle: Bundle, tmp: Path, vocab: int, shape: tuple[int, int] = (4, 19)) -> None:
     values = random_trainables(bundle, seed=7)
     assert all(np.abs(v).max() > 0 for v in values.values())
     moved = bundle.save_as(tmp / "random", values)
-    feed = batch(vocab, len(bundle.manifest.labels), seed=3)
+    feed = batch(vocab, len(bundle.manifest.labels), seed=3, b=shape[0], s=shape[1])
     sess = ort.InferenceSession(str(moved.graph_path()), providers=["CPUExecutionProvider"])
     logits, loss, features = sess.run(["logits", "loss", "features"], {**feed, **values})
     twin = torch_twin_from_bundle(moved)
@@ -159,8 +160,12 @@ def test_quantized_bundle_keeps_float_trainable_inputs(lora_bundle: Bundle, tmp_
 
 
 def test_bitfit_trains_biases_and_head_with_parity(bert_folder: Path, tmp_path: Path) -> None:
-    cfg = SeqClsExport(source=bert_folder, labels=("a", "b"), method="bitfit", max_length=32, pooling="cls")
+    # also covers the legacy exporter with fixed shapes (fast; shapes cannot be mis-specialised)
+    graph = GraphOptions(exporter="legacy", batch_size=4, sequence_length=19, opset=17)
+    cfg = SeqClsExport(source=bert_folder, labels=("a", "b"), method="bitfit", max_length=32, pooling="cls",
+                       graph=graph)
     bundle = export_seq_cls(cfg, tmp_path / "bitfit").bundle
+    assert bundle.manifest.graph().inputs[0].shape == (4, 19) and bundle.manifest.opset == 17
     names = [t.name for t in bundle.manifest.trainables]
     assert names and all(n.endswith(".bias") or n.startswith("head.") for n in names)
     assert not any("lora" in n or "pooler" in n for n in names)

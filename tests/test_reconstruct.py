@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from aggregator.config import RobustConfig
-from aggregator.reconstruct import BLOCK_ROWS, Accumulator, Contribution, accumulate, reconstruct
+from aggregator.reconstruct import Accumulator, Contribution, accumulate, reconstruct
 from device_runtime.perturbation import perturbation
 
 SEED = 0xDEADBEEF12345
@@ -135,11 +135,11 @@ def _peak_bytes(num_devices: int, n: int, k: int, shared: bool) -> int:
 
 @pytest.mark.parametrize("shared", [False, True])
 def test_memory_is_independent_of_the_number_of_devices(shared: bool) -> None:
-    n, k = 8192, 4
+    n, k = 8192, 2
     small = _peak_bytes(10, n, k, shared)
     large = _peak_bytes(1000, n, k, shared)
-    # O(n) buffers: accumulator, scratch, one block of at most BLOCK_ROWS perturbations (and
-    # its float64 Gram work when shared); 1000 devices x n floats would be 32 MB.
-    bound = (BLOCK_ROWS + 16) * n * 4
+    # O(n) buffers: accumulator, scratch vectors (and with shared seeds the K perturbations of
+    # the round for their Gram matrix); 1000 devices x n floats would be 32 MB.
+    bound = (2 * k + 16) * n * 4
     assert large < bound, (large, bound)
     assert large < small + 2 * 1024 * 1024, (small, large)
