@@ -85,7 +85,7 @@ def build_model(settings: Mapping[str, Any]) -> tuple[CausalLanguageModel, tuple
     peft = settings["peft"]
     lora = peft.get("lora") or {}
     apply_peft(lm, peft["method"],
-               LoraSettings(rank=int(lora.get("rank", 8)), alpha=float(lora.get("alpha", 16.0)),
+               LoraSettings(rank=int(lora.get("rank", 8)), alpha=int(lora.get("alpha", 16)),
                             target_modules=tuple(lora["target_modules"]) if lora else None),
                CAUSAL_LM_FAMILIES[settings["model_type"]], int(settings["seed"]))
     model = CausalLanguageModel(lm)
@@ -129,7 +129,7 @@ def export_causal_lm(cfg: CausalLmExport, out: Path, *, overwrite: bool = False)
     }
     model, names = build_model(settings)
     initial = {n: p.detach().numpy().copy() for n, p in model.named_parameters() if n in names}
-    vocab = int(model.lm.config.vocab_size)
+    vocab = int(hf_config["vocab_size"])
     pad_id = min(int(settings["pad_token_id"]), vocab - 1)
     wrapper = TrainablesAsInputs(model, names, DATA_INPUTS)
     b, s = cfg.graph.batch_dim(), cfg.graph.sequence_dim()

@@ -93,8 +93,10 @@ def _transformers() -> Any:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     import transformers
 
-    transformers.logging.set_verbosity_error()
-    return transformers
+    tf: Any = transformers
+    tf.logging.set_verbosity_error()
+    tf.logging.disable_progress_bar()
+    return tf
 
 
 def load_pretrained(folder: Path, *, causal: bool, random_init: bool, seed: int) -> Any:
@@ -176,7 +178,7 @@ class LoraSettings:
     """The ``peft`` LoRA configuration. ``target_modules=None`` takes the family's default."""
 
     rank: int = 8
-    alpha: float = 16.0
+    alpha: int = 16
     target_modules: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:

@@ -8,13 +8,16 @@ Hidden layers use tanh (smooth, so finite differences behave).
 
 from __future__ import annotations
 
+import itertools
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from fwdfleet.bundle import BundleManifest, GraphSpec, TensorSpec, write_bundle
+from fwdfleet.bundle import Bundle, BundleManifest, GraphSpec, TensorSpec, write_bundle
 from fwdfleet.errors import ExportError
 
 
@@ -36,7 +39,7 @@ class MLPConfig:
     @property
     def trainables(self) -> tuple[TensorSpec, ...]:
         specs: list[TensorSpec] = []
-        for i, (d_in, d_out) in enumerate(zip(self.layer_sizes[:-1], self.layer_sizes[1:])):
+        for i, (d_in, d_out) in enumerate(itertools.pairwise(self.layer_sizes)):
             specs += [TensorSpec(f"layers.{i}.weight", (d_out, d_in)), TensorSpec(f"layers.{i}.bias", (d_out,))]
         return tuple(specs)
 
@@ -69,13 +72,8 @@ def export_mlp(config: MLPConfig, out_dir: str | Path) -> Path:
 
     class _MLP(torch.nn.Module):
         def forward(self, x: torch.Tensor, labels: torch.Tensor, *params: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            h = x
-            for i in range(n_layers):
-                h = h @ params[2 * i].T + params[2 * i + 1]
-                if i < n_layers - 1:
-                    h = torch.tanh(h)
-            loss = torch.nn.functional.cross_entropy(h, labels, reduction="none")
-            return h, loss
+            logits = _mlp_logits(x, params, n_layers)
+            return logits, torch.nn.functional.cross_entropy(logits, labels, reduction="none")
 
     values = init_mlp(config)
     specs = config.trainables
@@ -121,3 +119,38 @@ def export_mlp(config: MLPConfig, out_dir: str | Path) -> Path:
     )
     write_bundle(out, manifest, values)
     return out
+
+
+def _mlp_logits(x: Any, params: Sequence[Any], n_layers: int) -> Any:
+    import torch
+
+    h = x
+    for i in range(n_layers):
+        h = torch.nn.functional.linear(h, params[2 * i], params[2 * i + 1])
+        if i < n_layers - 1:
+            h = torch.tanh(h)
+    return h
+
+
+def torch_twin(bundle: Bundle) -> Any:
+    """The bundle's MLP in torch, with its current values as parameters; forward(x=, labels=) -> loss."""
+    import torch
+
+    sizes = tuple(int(v) for v in bundle.manifest.settings["layer_sizes"])
+    values = bundle.load_trainables()
+
+    class MLPClassifier(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = torch.nn.ModuleList(torch.nn.Linear(i, o) for i, o in itertools.pairwise(sizes))
+
+        def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            params = [p for layer in self.layers for p in (layer.weight, layer.bias)]
+            logits = _mlp_logits(x, params, len(self.layers))
+            return torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+
+    twin = MLPClassifier()
+    with torch.no_grad():
+        for name, p in twin.named_parameters():
+            p.copy_(torch.from_numpy(values[name]))
+    return twin.eval()

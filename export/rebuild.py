@@ -27,7 +27,8 @@ class LossTwin(nn.Module):
         self.model = model
 
     def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
-        return self.model(**inputs)[1]
+        loss: torch.Tensor = self.model(**inputs)[1]
+        return loss
 
 
 def _seq_cls(bundle: Bundle) -> nn.Module:
@@ -51,7 +52,15 @@ def _ff_mlp(bundle: Bundle) -> nn.Module:
     return twin
 
 
+def _mlp(bundle: Bundle) -> nn.Module:
+    from export.mlp import torch_twin
+
+    twin: nn.Module = torch_twin(bundle)
+    return twin
+
+
 _BUILDERS: dict[str, Callable[[Bundle], nn.Module]] = {
+    "mlp": _mlp,
     "seq_cls_lora": _seq_cls,
     "causal_lm_lora": _causal_lm,
     "ff_mlp": _ff_mlp,
@@ -64,10 +73,11 @@ def torch_twin_from_bundle(bundle: Bundle) -> nn.Module:
     if kind not in _BUILDERS:
         raise BundleError(f"no torch twin for bundle kind {kind!r}; known: {sorted(_BUILDERS)}")
     twin = _BUILDERS[kind](bundle)
-    if kind == "ff_mlp":
+    if kind in ("ff_mlp", "mlp"):  # these twins load the bundle's values themselves
         return twin
     values = bundle.load_trainables()
-    params: dict[str, Any] = dict(twin.model.named_parameters())
+    inner: nn.Module = twin.model  # type: ignore[assignment]
+    params: dict[str, Any] = dict(inner.named_parameters())
     missing = sorted(set(values) - set(params))
     if missing:
         raise BundleError(f"the rebuilt model has no parameters {missing[:3]}; was the source folder changed?")

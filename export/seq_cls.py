@@ -104,7 +104,7 @@ def build_model(settings: Mapping[str, Any]) -> tuple[SequenceClassifier, tuple[
     peft = settings["peft"]
     lora = peft.get("lora") or {}
     apply_peft(backbone, peft["method"],
-               LoraSettings(rank=int(lora.get("rank", 8)), alpha=float(lora.get("alpha", 16.0)),
+               LoraSettings(rank=int(lora.get("rank", 8)), alpha=int(lora.get("alpha", 16)),
                             target_modules=tuple(lora["target_modules"]) if lora else None),
                ENCODER_FAMILIES[settings["model_type"]], int(settings["seed"]))
     torch.manual_seed(int(settings["seed"]) + 1)
@@ -157,7 +157,7 @@ def export_seq_cls(cfg: SeqClsExport, out: Path, *, overwrite: bool = False) -> 
     settings = _settings(cfg, folder, hf_config)
     model, names = build_model(settings)
     initial = {n: p.detach().numpy().copy() for n, p in model.named_parameters() if n in names}
-    vocab = int(model.backbone.config.vocab_size)
+    vocab = int(hf_config["vocab_size"])
     wrapper = TrainablesAsInputs(model, names, DATA_INPUTS)
     b, s = cfg.graph.batch_dim(), cfg.graph.sequence_dim()
     hidden = int(settings["head"]["in_features"])

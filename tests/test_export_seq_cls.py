@@ -8,12 +8,14 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from _export_fixtures import TORCH_BLOCKER, minilm_folder, tiny_bert_folder
 
 from export.hf import LoraSettings
 from export.onnx_graph import GraphOptions
@@ -22,7 +24,6 @@ from export.rebuild import torch_twin_from_bundle
 from export.seq_cls import SeqClsExport, export_seq_cls
 from fwdfleet.bundle import Bundle, load_bundle, write_bundle
 from fwdfleet.cli.main import main
-from _export_fixtures import TORCH_BLOCKER, minilm_folder, tiny_bert_folder
 
 # fp32 parity tolerance between onnxruntime and torch (observed differences are ~1e-6)
 ATOL, RTOL = 1e-4, 1e-4
@@ -36,13 +37,15 @@ def bert_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def lora_bundle(bert_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Bundle:
-    cfg = SeqClsExport(source=bert_folder, labels=LABELS, lora=LoraSettings(rank=4, alpha=8.0), max_length=64)
+    cfg = SeqClsExport(source=bert_folder, labels=LABELS, lora=LoraSettings(rank=4, alpha=8), max_length=64)
     return export_seq_cls(cfg, tmp_path_factory.mktemp("out") / "bundle").bundle
 
 
 def random_trainables(bundle: Bundle, seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {t.name: (0.1 * rng.standard_normal(t.shape)).astype(np.float32) for t in bundle.manifest.trainables}
+    return {t.name:
+            (0.1 * rng.standard_normal(t.size).reshape(t.shape)).astype(np.float32)
+            for t in bundle.manifest.trainables}
 
 
 def batch(vocab: int, num_labels: int, seed: int, b: int = 4, s: int = 19) -> dict[str, np.ndarray]:
@@ -63,8 +66,9 @@ def assert_parity(bundle: Bundle, tmp: Path, vocab: int, shape: tuple[int, int] 
     sess = ort.InferenceSession(str(moved.graph_path()), providers=["CPUExecutionProvider"])
     logits, loss, features = sess.run(["logits", "loss", "features"], {**feed, **values})
     twin = torch_twin_from_bundle(moved)
+    inner: Any = twin.model
     with torch.no_grad():
-        t_logits, t_loss, t_features = twin.model(**{k: torch.from_numpy(v) for k, v in feed.items()})
+        t_logits, t_loss, t_features = inner(**{k: torch.from_numpy(v) for k, v in feed.items()})
         t_only = twin(**{k: torch.from_numpy(v) for k, v in feed.items()})
     np.testing.assert_allclose(loss, t_loss.numpy(), atol=ATOL, rtol=RTOL)
     np.testing.assert_allclose(logits, t_logits.numpy(), atol=ATOL, rtol=RTOL)
@@ -99,7 +103,7 @@ def test_manifest_records_rebuild_settings_labels_and_tokenizer(lora_bundle: Bun
     assert m.kind == "seq_cls_lora" and m.labels == LABELS and m.quantization is None
     s = m.settings
     assert s["source"] == str(bert_folder.resolve()) and s["num_labels"] == 3 and s["pooling"] == "mean"
-    assert s["peft"]["lora"] == {"rank": 4, "alpha": 8.0, "target_modules": ["query", "value"]}
+    assert s["peft"]["lora"] == {"rank": 4, "alpha": 8, "target_modules": ["query", "value"]}
     assert s["head"] == {"type": "linear", "in_features": 32, "out_features": 3}
     assert m.tokenizer is not None and "tokenizer/tokenizer.json" in m.tokenizer.files
     assert m.tokenizer.max_length == 64

@@ -22,11 +22,10 @@ import os
 import signal
 import sys
 import threading
+import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from fwdfleet.errors import ConfigError, FwdfleetError
 
@@ -212,7 +211,7 @@ def write_dev_certificates(out: str | Path, hosts: Sequence[str] = (), days: int
         ) from e
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fwdfleet development CA")])
     ca_cert = (

@@ -31,11 +31,10 @@ import logging
 import signal
 import sys
 import threading
+import tomllib
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from fwdfleet.errors import ConfigError
 

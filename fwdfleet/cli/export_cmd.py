@@ -51,6 +51,19 @@ def register(sub: Any) -> None:
     _common(lm)
     lm.set_defaults(func=_run_causal_lm)
 
+    mlp = esub.add_parser(
+        "mlp", help="a plain MLP classifier, every weight trainable (BAFFLE's small model)",
+        description="A tanh MLP classifier with all weights as graph inputs: logits and per-sample loss. "
+                    "Trained from scratch by seeds and scalars (fwdfleet demo uses it).",
+    )
+    mlp.add_argument("--layers", default="64,32,10", help="sizes from input to classes (default 64,32,10)")
+    mlp.add_argument("--labels", help="comma-separated class names (default 0..N-1)")
+    mlp.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
+    mlp.add_argument("--opset", type=int, default=18)
+    mlp.add_argument("--out", "-o", required=True, help="bundle folder to write (must be new or empty)")
+    mlp.add_argument("--json", action="store_true")
+    mlp.set_defaults(func=_run_mlp)
+
     try:
         from fwdfleet.cli.export_ff_cmd import register_ff
     except ImportError:
@@ -65,7 +78,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=("lora", "bitfit", "lora+bitfit"), default="lora",
                    help="what is trainable besides the head (default lora)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
-    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
+    p.add_argument("--alpha", type=int, default=16, help="LoRA alpha (default 16)")
     p.add_argument("--target-modules", help="comma-separated LoRA target modules (default: the family's q/v)")
     p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="none",
                    help="quantize frozen weights: int8 (dynamic), int8-weight / int4-weight (MatMulNBits; "
@@ -134,3 +147,20 @@ def _run_causal_lm(args: argparse.Namespace) -> int:
 
     cfg = CausalLmExport(source=Path(args.model), **opts)
     return _report(args, export_causal_lm(cfg, Path(args.out), overwrite=args.overwrite).summary())
+
+
+def _run_mlp(args: argparse.Namespace) -> int:
+    from export.mlp import MLPConfig, export_mlp
+
+    try:
+        sizes = tuple(int(v) for v in args.layers.split(","))
+        labels = tuple(x.strip() for x in args.labels.split(",")) if args.labels else ()
+        cfg = MLPConfig(layer_sizes=sizes, labels=labels, seed=args.seed, opset=args.opset)
+    except ValueError as e:
+        raise ExportError(f"bad --layers/--labels: {e}") from e
+    out = export_mlp(cfg, args.out)
+    summary = {"kind": "mlp", "bundle": str(out), "layer_sizes": list(sizes),
+               "trainable_values": sum(t.size for t in cfg.trainables)}
+    print(json.dumps(summary, indent=2) if args.json else
+          f"wrote mlp bundle {out} ({summary['trainable_values']:,} trainable values)")
+    return 0
