@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 from collections.abc import Sequence
 
@@ -49,7 +50,21 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # subcommand not built yet
             raise
         module.register(sub)
+    _plain_text(parser)
     return parser
+
+
+_ROLE = re.compile(r":(?:mod|class|func|meth|attr):`~?([^`]+)`")
+
+
+def _plain_text(parser: argparse.ArgumentParser) -> None:
+    """Help texts come from docstrings: drop their reStructuredText markup for the terminal."""
+    if parser.description:
+        parser.description = _ROLE.sub(r"\1", parser.description).replace("``", "")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _plain_text(child)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
