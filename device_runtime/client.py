@@ -47,7 +47,7 @@ from device_runtime.sampling import guide_from_versions
 from device_runtime.session import BundleSession, SessionOptions
 from device_runtime.task import DeviceResult, RoundTask
 from fwdfleet import __version__
-from fwdfleet.bundle import Bundle, load_bundle
+from fwdfleet.bundle import Bundle, load_bundle, sha256_file
 from fwdfleet.errors import FwdfleetError
 from fwdfleet.protocol import bearer_metadata, serde
 
@@ -298,7 +298,7 @@ class DeviceClient:
                     raise _CorruptDownload(f"download chunk at offset {chunk.offset}, expected {offset}")
                 f.write(chunk.data)
                 offset += len(chunk.data)
-        actual = _sha256(part)
+        actual = sha256_file(part)
         if actual != sha256:
             part.unlink()
             raise _CorruptDownload(f"downloaded bundle has sha256 {actual[:12]}..., expected {sha256[:12]}...; retry")
@@ -377,14 +377,6 @@ class DeviceClient:
     def _sleep(self, seconds: float) -> None:
         if self._stop.wait(seconds):
             raise _Stopped
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _extract(zip_path: Path, target: Path) -> None:
