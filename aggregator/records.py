@@ -6,21 +6,9 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
+from device_runtime.task import DeviceProfile  # what a device says about itself; re-exported here
 
-@dataclass(frozen=True)
-class DeviceProfile:
-    """What a device says about itself when it joins."""
-
-    platform: str = "unknown"
-    ram_mb: int = 0
-    compute_speed: float = 1.0  # relative to a reference device
-    labels: dict[str, str] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.ram_mb < 0:
-            raise ValueError(f"DeviceProfile.ram_mb must be >= 0, got {self.ram_mb}")
-        if not self.compute_speed > 0:
-            raise ValueError(f"DeviceProfile.compute_speed must be > 0, got {self.compute_speed}")
+__all__ = ["CoordinatorStatus", "DeviceProfile", "JoinInfo", "RoundEvent", "SubmitReceipt", "derive_seed"]
 
 
 @dataclass(frozen=True)

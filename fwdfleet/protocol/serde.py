@@ -25,8 +25,7 @@ import numpy as np
 from google.protobuf.message import DecodeError as _PbDecodeError
 from google.protobuf.message import Message
 
-from aggregator.records import DeviceProfile  # plain dataclasses, no aggregator logic
-from device_runtime.task import DeviceResult, RoundTask
+from device_runtime.task import DeviceProfile, DeviceResult, RoundTask
 from fwdfleet.errors import FwdfleetError
 from fwdfleet.protocol import PROTOCOL_VERSION, SERVICE_NAME
 from fwdfleet.protocol.v1 import fleet_pb2 as pb
