@@ -240,6 +240,9 @@ class Coordinator:
             self._try_open(now)
 
     def _try_open(self, now: float) -> None:
+        rc = self.config.rounds
+        if len(self._devices) < max(rc.min_devices, rc.min_available):
+            return  # cannot open yet: skip scanning the registry (joins stay O(1) while a fleet arrives)
         picked = select([d.device_id for d in self._available(now)], self.config.rounds,
                         self.config.master_seed, self._round_id, self._attempt)
         if picked is not None:

@@ -32,12 +32,11 @@ Overrides look like ``aggregator.optimizer.lr=0.3`` or ``fleet.rounds=10``.
 
 from __future__ import annotations
 
+import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from aggregator.config import AggregatorConfig, apply_overrides, config_from_dict
 from fleet.datasets import DatasetConfig

@@ -1,0 +1,61 @@
+"""The Ray backend on a local Ray instance: two actors give exactly the in-process pool's results."""
+
+from __future__ import annotations
+
+import pytest
+from _tiny_bundles import make_classifier_bundle
+
+from aggregator.config import config_from_dict
+from device_runtime.task import RoundTask
+from fleet.datasets import DatasetConfig, load_split
+from fleet.emulate import ComputePool, EmulationSettings, emulate
+from fleet.partition import PartitionConfig, partition
+from fleet.profiles import EmulatedProfile
+
+ray = pytest.importorskip("ray", reason="the Ray backend needs the optional ray package (pip install 'fwdfleet[ray]')")
+
+
+def numbers(results):
+    return [(d, r.indices, r.derivatives, r.num_samples, r.loss_mean, r.loss_std, r.skipped) for d, r in results]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def test_ray_pool_matches_in_process_pool_and_runs_a_fleet(local_ray, tmp_path):
+    from fleet.ray_backend import RayComputePool
+
+    data = load_split(DatasetConfig(name="digits"))
+    bundle = make_classifier_bundle(tmp_path / "bundle", in_dim=64, num_classes=10, hidden=16)
+    shards = partition(data.train.labels, PartitionConfig("dirichlet", 6, alpha=1.0, seed=0))
+    jobs = [(i, RoundTask(0, 0, 1234, i, 8, batch_size=16, data_seed=10 + i)) for i in (5, 2, 0, 4, 1, 3)]
+    trainables = bundle.load_trainables()
+    moved = {k: v + 0.01 for k, v in trainables.items()}
+
+    local = ComputePool(bundle, data.train, shards, EmulationSettings(workers=1))
+    remote = RayComputePool(bundle, data.train, shards, EmulationSettings(workers=2, backend="ray"))
+    try:
+        assert numbers(remote.run(0, trainables, jobs)) == numbers(local.run(0, trainables, jobs))
+        # a new model version reaches every actor
+        again = numbers(remote.run(1, moved, jobs))
+        assert again == numbers(local.run(1, moved, jobs))
+        assert again != numbers(local.run(0, trainables, jobs))
+    finally:
+        local.close()
+        remote.close()
+    assert ray.is_initialized()  # the pool did not own this Ray instance, so it left it running
+
+    # the whole emulation loop on the Ray backend gives the in-process records
+    config = config_from_dict({"rounds": {"min_devices": 4, "batch_size": 16}, "perturbation": {"k": 4}})
+    profiles = [EmulatedProfile(dropout=0.2)] * 6
+
+    def records(backend: str, workers: int) -> list[tuple]:
+        settings = EmulationSettings(rounds=2, workers=workers, backend=backend, eval_every=1)
+        return [(r.model_version, r.participants, r.dropouts, r.loss, r.accuracy, r.bytes_up)
+                for r in emulate(bundle, config, data.train, shards, profiles, settings, test=data.test)]
+
+    assert records("ray", 2) == records("process", 1)
