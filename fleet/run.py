@@ -39,7 +39,8 @@ class FleetSummary:
     peak_rss_inference_mb: float | None
     peak_rss_train_step_mb: float | None
     wall_seconds: float
-    simulated_fleet_seconds: float
+    simulated_fleet_seconds: float  # in-process: the simulated phone/Pi clock; grpc: real elapsed time
+    transport: str
     bundle: str
     report: str
 
@@ -128,6 +129,7 @@ def run_fleet(cfg: FleetConfig, *, progress: bool = True, log: Callable[[str], N
         peak_rss_train_step_mb=memory.get("onnxruntime train"),
         wall_seconds=time.perf_counter() - start,
         simulated_fleet_seconds=records[-1].sim_time_s if records else 0.0,
+        transport=cfg.fleet.transport,
         bundle=str(bundle.path),
         report=str(out_dir / "report.html"),
     )

@@ -54,6 +54,9 @@ def print_summary(s: Any) -> None:
           f"{s.dense_update_bytes:,} bytes")
     print(f"device memory   peak RSS {mb(s.peak_rss_train_step_mb)} for a training step vs "
           f"{mb(s.peak_rss_inference_mb)} for inference")
-    print(f"time            {s.wall_seconds:.0f} s here; {s.simulated_fleet_seconds / 60:.1f} min simulated on the "
-          "phone/Pi fleet")
+    if s.transport == "inprocess":
+        print(f"time            {s.wall_seconds:.0f} s here; {s.simulated_fleet_seconds / 60:.1f} min simulated on "
+              "the emulated phone/Pi fleet")
+    else:
+        print(f"time            {s.wall_seconds:.0f} s here, rounds over real gRPC between {s.devices} processes")
     print(f"report          {s.report}")
