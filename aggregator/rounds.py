@@ -20,10 +20,9 @@ from aggregator.reconstruct import Accumulator, Contribution
 from aggregator.records import derive_seed
 from aggregator.validation import Issued
 from device_runtime.task import DeviceResult
+from fwdfleet.protocol import serde
 
 TASK_BYTES = 96  # estimate of one task message on the wire
-RESULT_OVERHEAD_BYTES = 48
-PAIR_BYTES = 12  # varint index + double derivative
 
 
 def select(live_ids: Sequence[str], cfg: RoundsConfig, master_seed: int, round_id: int,
@@ -92,7 +91,7 @@ class RoundState:
         if request == 0:  # the loss of the round's model on the device's batch
             samples, loss = result.num_samples, result.loss_mean
         self.contributors[device_id] = (samples, loss)
-        self.bytes_up += RESULT_OVERHEAD_BYTES + PAIR_BYTES * len(result.indices)
+        self.bytes_up += serde.result_to_proto(result).ByteSize()  # the upload's exact protobuf size
         if vector is None:
             self.answered[device_id] = Contribution(device_index, result.indices, result.derivatives)
             return
