@@ -25,12 +25,11 @@ table are errors, because a typo there silently changes an experiment.
 from __future__ import annotations
 
 import math
+import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from device_runtime.perturbation import DISTRIBUTIONS
 from device_runtime.task import DIFFERENCES

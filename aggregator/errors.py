@@ -13,7 +13,7 @@ from enum import Enum
 from fwdfleet.errors import FwdfleetError
 
 
-class RejectCode(str, Enum):
+class RejectCode(str, Enum):  # noqa: UP042  (str(code) must stay "RejectCode.X" in messages)
     """The reasons an upload or a call is refused."""
 
     UNKNOWN_DEVICE = "UNKNOWN_DEVICE"  # the device never joined (or joined another server)

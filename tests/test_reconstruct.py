@@ -127,7 +127,7 @@ def _peak_bytes(num_devices: int, n: int, k: int, shared: bool) -> int:
     tracemalloc.start()
     try:
         tracemalloc.reset_peak()
-        reconstruct(contribs, n=n, round_seed=SEED, shared_seeds=shared)
+        reconstruct(contribs, n=n, round_seed=SEED, shared_seeds=shared, threads=1)  # each thread adds O(n)
         return tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -143,3 +143,97 @@ def test_memory_is_independent_of_the_number_of_devices(shared: bool) -> None:
     bound = (2 * k + 16) * n * 4
     assert large < bound, (large, bound)
     assert large < small + 2 * 1024 * 1024, (small, large)
+
+
+# --- the bit-domain fast path (aggregator/bitsum.py, device_runtime/perturbation_fast.py) ---
+
+
+def _ragged(rng: np.random.Generator, num_devices: int, ks: list[int], scale: float = 1.0) -> list[Contribution]:
+    """Devices with varying K and scattered, unsorted seed indices."""
+    out = []
+    for i in range(num_devices):
+        k = ks[i % len(ks)]
+        idx = tuple(int(x) for x in rng.choice(10_000, size=k, replace=False))
+        out.append(Contribution(int(rng.integers(1, 2**32)) if i % 3 == 0 else i + 1, idx,
+                                tuple(float(x) * scale for x in rng.standard_normal(k))))
+    return out
+
+
+@pytest.mark.parametrize(("n", "ks"), [(1, [1]), (31, [3]), (128, [8]), (129, [9, 16]), (1003, [16, 17, 2]),
+                                       (5000, [40, 1, 8])])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fast_path_equals_reference_path(n: int, ks: list[int], dtype: type[np.floating]) -> None:
+    rng = np.random.default_rng(n)
+    contribs = _ragged(rng, 37, ks)
+    fast, ref = Accumulator(n, dtype), Accumulator(n, dtype)
+    accumulate(fast, contribs, round_seed=SEED, fast=True, threads=2)
+    accumulate(ref, contribs, round_seed=SEED, fast=False)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    scale = float(np.abs(ref.total).max())
+    np.testing.assert_allclose(fast.total, ref.total, rtol=tol, atol=tol * scale)
+    assert (fast.pairs, fast.units, fast.sum_w2) == (ref.pairs, ref.units, ref.sum_w2)
+    assert fast.sum_w_sqnorm == pytest.approx(ref.sum_w_sqnorm, rel=1e-6)
+    nf, nr = fast.noise(), ref.noise()
+    assert nf.ratio == pytest.approx(nr.ratio, rel=1e-4)
+    want = _explicit(sorted(contribs, key=lambda c: c.device_index), n, shared=False)
+    np.testing.assert_allclose(fast.total / fast.pairs, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+
+
+def test_fast_path_spans_several_segments(monkeypatch: pytest.MonkeyPatch) -> None:
+    import aggregator.bitsum as bitsum
+
+    monkeypatch.setattr(bitsum, "SEGMENT", 256)
+    monkeypatch.setattr(bitsum, "TARGET_BLOCKS", 16)  # several generator calls per chunk too
+    n = 1000  # segments of 256, 256, 256, 232
+    contribs = _ragged(np.random.default_rng(11), 20, [16, 5])
+    fast = reconstruct(contribs, n=n, round_seed=SEED, fast=True, threads=1, dtype=np.float64)
+    ref = reconstruct(contribs, n=n, round_seed=SEED, fast=False, dtype=np.float64)
+    np.testing.assert_allclose(fast, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_fast_path_is_bit_identical_for_any_thread_count_and_arrival_order() -> None:
+    contribs = _ragged(np.random.default_rng(12), 70, [16, 16, 7])  # several chunks of CHUNK_DEVICES
+    n = 3001
+    runs = []
+    for threads, order in [(1, None), (2, 0), (3, 1), (8, 2)]:
+        shuffled = contribs[:]
+        if order is not None:
+            random.Random(order).shuffle(shuffled)
+        acc = Accumulator(n)
+        accumulate(acc, shuffled, round_seed=SEED, threads=threads)
+        runs.append((acc.total.tobytes(), acc.sum_w_sqnorm, acc.noise().ratio))
+    assert all(r == runs[0] for r in runs[1:])
+
+
+def test_fast_path_clips_like_the_reference() -> None:
+    contribs = _ragged(np.random.default_rng(13), 9, [16], scale=50.0)
+    robust = RobustConfig(method="clip", clip=3.0)
+    fast = reconstruct(contribs, n=700, round_seed=SEED, robust=robust, dtype=np.float64)
+    ref = reconstruct(contribs, n=700, round_seed=SEED, robust=robust, fast=False, dtype=np.float64)
+    np.testing.assert_allclose(fast, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_gaussian_ignores_the_fast_flag() -> None:
+    contribs = _ragged(np.random.default_rng(14), 5, [4])
+    a = reconstruct(contribs, n=300, round_seed=SEED, distribution="gaussian", fast=True)
+    b = reconstruct(contribs, n=300, round_seed=SEED, distribution="gaussian", fast=False)
+    assert a.tobytes() == b.tobytes()
+
+
+def test_fast_path_memory_is_independent_of_the_number_of_devices() -> None:
+    from aggregator.bitsum import TARGET_BLOCKS
+
+    def peak(num_devices: int) -> int:
+        contribs = _contribs(num_devices, 16, shared=False, rng=np.random.default_rng(15))
+        tracemalloc.start()
+        try:
+            tracemalloc.reset_peak()
+            reconstruct(contribs, n=20_000, round_seed=SEED, threads=2)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    # Both runs keep two threads busy with full chunks; 640 x 20k floats would be 51 MB.
+    small, large = peak(64), peak(640)
+    assert large < small + 1024 * 1024, (small, large)
+    assert large < 2 * TARGET_BLOCKS * 256 + 16 * 20_000 * 4, large  # per thread: one generator call
