@@ -24,7 +24,8 @@ def test_fleet_example_runs_shortened(tmp_path, capsys):
     assert cfg.fleet.devices == 50 and cfg.partition.scheme == "dirichlet"
     code = main([
         "fleet", "emulate", "--config", str(EXAMPLES / "fleet_digits.toml"), "--json",
-        "--set", "fleet.rounds=3", "--set", "fleet.devices=12", "--set", "aggregator.rounds.min_devices=4", "--set", "aggregator.rounds.min_results=2",
+        "--set", "fleet.rounds=3", "--set", "fleet.devices=12",
+        "--set", "aggregator.rounds.min_devices=4", "--set", "aggregator.rounds.min_results=2",
         "--set", f'fleet.out_dir="{tmp_path}"', "--set", "fleet.measure_memory=false",
     ])
     assert code == 0
