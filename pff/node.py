@@ -1,0 +1,168 @@
+"""A PFF node: a process that trains its layers chapter after chapter, through the parameter store.
+
+For each of its tasks (in the order :meth:`pff.schedule.Schedule.node_tasks` gives) a node
+
+1. skips the task if its output is already published (the node is a restart of one that died);
+2. fetches what the task needs (:func:`pff.schedule.dependencies`: its layer's previous version and
+   this chapter's versions of the layers below), long-polling the store; the time spent here is
+   the node's *wait*;
+3. computes the layer's input from the layers below on its own data (numpy, one thread) and trains
+   the layer for the chapter with the device runtime (:func:`pff.chapter.train_chapter`);
+4. publishes the layer's parameters (never activations) with a timeline record, from a background
+   thread while it goes on with its next task (if it dies before the store acknowledged, the
+   restarted node trains that task again).
+
+A node holds nothing the run needs after it publishes, so the coordinator can restart a dead
+node (or give its tasks to another) and lose no work but the task in progress.
+
+    python -m pff.node --store 127.0.0.1:PORT --plan RUN/plan.json --node 0
+
+Start it with ``OPENBLAS_NUM_THREADS=1`` (the coordinator does): multithreaded BLAS on a small
+machine shared with other nodes slows Forward-Forward several times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+from device_runtime.ff import FFLayout
+from device_runtime.ff_train import FFTrainConfig
+from fwdfleet.bundle import load_bundle
+from fwdfleet.errors import FwdfleetError
+from pff.chapter import ActivationCache, Params, train_chapter
+from pff.config import NodeData, RunPlan, load_data, shard
+from pff.schedule import Schedule, Task, dependencies
+from pff.store import StoreClient
+from pff.wire import Progress, TaskRecord
+
+
+def node_id(node: int) -> str:
+    return f"node-{node}"
+
+
+class _Outbox:
+    """Publications and progress reports, sent in order by one background thread, so that the node's
+    compute thread goes on with its next task while the store stores the last one (I/O, not compute)."""
+
+    def __init__(self, client: StoreClient, node: int, every: float, total: int) -> None:
+        self.client, self.node, self.every, self.total = client, node, every, total
+        self.done = 0
+        self._last = 0.0
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pff-outbox")
+        self._pending: list[Future[object]] = []
+
+    def _submit(self, fn: Callable[..., object], *args: object) -> None:
+        still = []
+        for f in self._pending:
+            if f.done():
+                f.result()  # a failed call raises here, in the compute thread
+            else:
+                still.append(f)
+        self._pending = [*still, self._pool.submit(fn, *args)]
+
+    def report(self, state: str, task: Task | None = None, step: int = 0, steps: int = 0, *,
+               force: bool = False) -> None:
+        now = time.time()
+        if not force and now - self._last < self.every:
+            return
+        self._last = now
+        self._submit(self.client.report, Progress(node_id(self.node), state, task.layer if task else 0,
+                                                  task.chapter if task else 0, step, steps, self.done,
+                                                  self.total, now))
+
+    def publish(self, layer: int, version: int, params: Params, record: TaskRecord) -> None:
+        self._submit(self.client.publish, layer, version, params, record)
+
+    def flush(self) -> None:
+        """Wait until everything was sent; raises the first failure."""
+        for f in self._pending:
+            f.result()
+        self._pending = []
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+def run_node(plan: RunPlan, node: int, client: StoreClient, *, attempt: int = 0) -> int:
+    """Run node ``node``'s tasks; returns how many it trained (the rest were published before a restart)."""
+    config = plan.config
+    schedule = config.schedule()
+    layout = FFLayout.from_manifest(load_bundle(plan.bundle).manifest)
+    train, _ = load_data(config)
+    data = shard(train, schedule.data_shard(node), schedule.num_shards, config.seed)
+    train_config = config.train_config()
+    tasks = schedule.node_tasks(node)
+    outbox = _Outbox(client, node, plan.report_every, len(tasks))
+    try:
+        outbox.report("ready", force=True)  # the coordinator starts the run when every node is ready
+        trained = _run_tasks(layout, schedule, tasks, data, train_config, client, outbox, node, attempt)
+        outbox.report("done", force=True)
+        outbox.flush()
+    finally:
+        outbox.close()
+    return trained
+
+
+def _run_tasks(layout: FFLayout, schedule: Schedule, tasks: tuple[Task, ...], data: NodeData,
+               train_config: FFTrainConfig, client: StoreClient, outbox: _Outbox, node: int, attempt: int) -> int:
+    known: dict[tuple[int, int], Params] = {}
+    cache = ActivationCache()
+    trained = 0
+    for task in tasks:
+        done = client.fetch(task.layer, task.version_out)
+        if done is not None:  # published before this node restarted
+            known[(task.layer, task.version_out)] = done.params
+            outbox.done += 1
+            continue
+        outbox.report("waiting", task, force=True)
+        t_wait = time.time()
+        for key in dependencies(task):
+            if key not in known:
+                known[key] = client.wait_for(*key).params
+        wait = time.time() - t_wait
+        start = time.time()
+        outbox.report("training", task, 0, 1, force=True)
+
+        def on_step(step: int, steps: int, task: Task = task) -> None:
+            outbox.report("training", task, step, steps)
+
+        result = train_chapter(layout, task, {j: known[(j, task.version_out)] for j in range(task.layer)},
+                               known[(task.layer, task.version_in)], data, train_config, schedule.chapter_epochs,
+                               cache=cache, on_step=on_step)
+        end = time.time()
+        record = TaskRecord(node_id(node), task.layer, task.chapter, start, end, wait, result.input_seconds,
+                            result.train_seconds, result.loss, attempt)
+        outbox.publish(task.layer, task.version_out, result.params, record)
+        known[(task.layer, task.version_out)] = result.params
+        for key in [k for k in known if k[1] < task.chapter]:
+            del known[key]
+        trained += 1
+        outbox.done += 1
+    return trained
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Run one PFF node (started by `fwdfleet pff run`).")
+    p.add_argument("--store", required=True, help="the parameter store's host:port")
+    p.add_argument("--plan", required=True, type=Path, help="the run's plan.json")
+    p.add_argument("--node", required=True, type=int, help="this node's index")
+    p.add_argument("--attempt", type=int, default=0, help="how many times this node was restarted")
+    args = p.parse_args(argv)
+    client = StoreClient(args.store)
+    try:
+        run_node(RunPlan.read(args.plan), args.node, client, attempt=args.attempt)
+    except FwdfleetError as e:
+        print(f"pff node {args.node}: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        client.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""The PFF parameter store: published layer parameters by (layer, version), on disk and over gRPC.
+
+Why a small dedicated service (not the aggregator, not peer to peer)
+--------------------------------------------------------------------
+PFF nodes exchange whole layers (megabytes: a 2000x2000 layer is 16 MB) keyed by (layer,
+version), and a node waits for the layers below it by long-polling. The aggregator's protocol is
+round-based, moves seeds and scalars, and keeps a 16 KiB upload limit on purpose; bending it to
+carry layers would weaken exactly what makes it safe. Peer to peer would make every node a
+server that must stay up for the others, so a dead node would take its published layers with
+it. A store in the middle keeps nodes stateless: a node needs one address, can die and be
+restarted (or its layer given to another node) and fetches what it needs again; the store
+writes every version to disk before acknowledging it, so a restarted store loses nothing. It
+is ``service PffStore`` in ``proto/fwdfleet/v1/pff.proto``; the coordinator (:mod:`pff.run`)
+runs it in its own process, ``python -m pff.store DIR`` runs it alone.
+
+On disk, version ``v`` of layer ``l`` is ``l{l}.v{v}.f32`` (the tensors' raw float32 bytes, one
+after another) and ``l{l}.v{v}.json`` (names, shapes, offsets, sha256, the task record). The
+JSON is written last, atomically, and marks the version as published.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import threading
+import time
+from collections.abc import Mapping
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from fwdfleet.protocol.v1 import pff_pb2 as pb
+from fwdfleet.protocol.v1 import pff_pb2_grpc as pb_grpc
+from pff.wire import (
+    Params,
+    Progress,
+    StoreError,
+    TaskRecord,
+    decode_tensor,
+    digest,
+    progress_from_proto,
+    progress_to_proto,
+    record_from_proto,
+    record_to_proto,
+    tensor_bytes,
+    tensors_from_proto,
+    tensors_to_proto,
+)
+
+MAX_MESSAGE_BYTES = 512 << 20  # a layer travels in one message
+MAX_WAIT_SECONDS = 30.0
+GRPC_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+
+
+@dataclass(frozen=True)
+class LayerVersion:
+    layer: int
+    version: int
+    params: Params
+    record: TaskRecord
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class ParameterStore:
+    """Thread-safe, persistent map (layer, version) -> parameters; a version once published never changes."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._cond = threading.Condition()
+        self._versions: dict[tuple[int, int], LayerVersion] = {}
+        self._progress: dict[str, Progress] = {}
+        for meta in sorted(self.directory.glob("l*.v*.json")):
+            lv = self._load(meta)
+            self._versions[(lv.layer, lv.version)] = lv
+
+    def _load(self, meta_path: Path) -> LayerVersion:
+        try:
+            meta = json.loads(meta_path.read_text())
+            blob = meta_path.with_suffix(".f32").read_bytes()
+            params = {t["name"]: decode_tensor(t["name"], tuple(t["shape"]),
+                                               blob[t["offset"] : t["offset"] + t["nbytes"]], t["sha256"])
+                      for t in meta["tensors"]}
+            return LayerVersion(int(meta["layer"]), int(meta["version"]), params, TaskRecord.from_dict(meta["record"]))
+        except (OSError, KeyError, TypeError, ValueError, StoreError) as e:
+            raise StoreError(f"published layer file {meta_path} is unreadable ({e}); delete it and its .f32 "
+                             "to have that layer version trained again") from e
+
+    def publish(self, layer: int, version: int, params: Mapping[str, np.ndarray], record: TaskRecord) -> bool:
+        """Persist and publish; returns True if this exact version was already published (a retry)."""
+        if not params:
+            raise StoreError("a published layer needs at least one tensor")
+        blobs = {name: tensor_bytes(value) for name, value in params.items()}
+        with self._cond:
+            old = self._versions.get((layer, version))
+            if old is not None:
+                if {n: digest(tensor_bytes(v)) for n, v in old.params.items()} == {n: digest(b)
+                                                                                     for n, b in blobs.items()}:
+                    return True
+                raise StoreError(f"layer {layer} version {version} is already published with other values; "
+                                 "published versions are immutable")
+            stem = f"l{layer}.v{version}"
+            tensors, offset = [], 0
+            for name, data in blobs.items():
+                tensors.append({"name": name, "shape": list(np.shape(params[name])), "offset": offset,
+                                "nbytes": len(data), "sha256": digest(data)})
+                offset += len(data)
+            _write_atomic(self.directory / f"{stem}.f32", b"".join(blobs.values()))
+            meta = {"layer": layer, "version": version, "tensors": tensors, "record": record.to_dict()}
+            _write_atomic(self.directory / f"{stem}.json", json.dumps(meta, indent=1).encode())
+            self._versions[(layer, version)] = LayerVersion(
+                layer, version, {n: np.array(v, dtype=np.float32) for n, v in params.items()}, record)
+            self._cond.notify_all()
+        return False
+
+    def fetch(self, layer: int, version: int, wait_seconds: float = 0.0) -> LayerVersion | None:
+        deadline = time.monotonic() + max(0.0, min(wait_seconds, MAX_WAIT_SECONDS))
+        with self._cond:
+            while (layer, version) not in self._versions:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._cond.wait(left)
+            return self._versions[(layer, version)]
+
+    def report(self, progress: Progress) -> None:
+        with self._cond:
+            self._progress[progress.node_id] = progress
+
+    def status(self) -> tuple[list[tuple[int, int, TaskRecord]], list[Progress]]:
+        with self._cond:
+            published = [(lv.layer, lv.version, lv.record) for lv in self._versions.values()]
+            return sorted(published, key=lambda p: (p[1], p[0])), sorted(self._progress.values(),
+                                                                         key=lambda p: p.node_id)
+
+
+class _Servicer(pb_grpc.PffStoreServicer):
+    """Thin: decode, call the store, map its errors to status codes."""
+
+    def __init__(self, store: ParameterStore) -> None:
+        self.store = store
+
+    def Publish(self, request: pb.PublishRequest, context: grpc.ServicerContext) -> pb.PublishReply:
+        try:
+            dup = self.store.publish(request.layer, request.version, tensors_from_proto(request.tensors),
+                                     record_from_proto(request.record))
+        except StoreError as e:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        return pb.PublishReply(duplicate=dup)
+
+    def Fetch(self, request: pb.FetchRequest, context: grpc.ServicerContext) -> pb.FetchReply:
+        lv = self.store.fetch(request.layer, request.version, request.wait_seconds)
+        if lv is None:
+            return pb.FetchReply(found=False)
+        return pb.FetchReply(found=True, tensors=tensors_to_proto(lv.params), record=record_to_proto(lv.record))
+
+    def Report(self, request: pb.ProgressReport, context: grpc.ServicerContext) -> pb.ReportReply:
+        self.store.report(progress_from_proto(request))
+        return pb.ReportReply()
+
+    def Status(self, request: pb.PffStatusRequest, context: grpc.ServicerContext) -> pb.PffStatus:
+        published, nodes = self.store.status()
+        return pb.PffStatus(
+            published=[pb.Published(layer=la, version=v, record=record_to_proto(r)) for la, v, r in published],
+            nodes=[progress_to_proto(p) for p in nodes])
+
+
+class StoreServer:
+    """The store served on ``host:port`` (port 0: any free port; see :attr:`address`)."""
+
+    def __init__(self, directory: str | Path, *, host: str = "127.0.0.1", port: int = 0, workers: int = 16) -> None:
+        self.store = ParameterStore(directory)
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pff-store"),
+                                   options=GRPC_OPTIONS)
+        pb_grpc.add_PffStoreServicer_to_server(_Servicer(self.store), self._server)  # type: ignore[no-untyped-call]
+        bound = self._server.add_insecure_port(f"{host}:{port}")
+        if bound == 0:
+            raise StoreError(f"cannot listen on {host}:{port}; choose another --port")
+        self.address = f"{host}:{bound}"
+        self._server.start()
+
+    def stop(self, grace: float = 0.5) -> None:
+        self._server.stop(grace).wait()
+
+
+class StoreClient:
+    """Calls to the store; retries while it is unreachable (e.g. being restarted) for ``retry_seconds``."""
+
+    def __init__(self, address: str, *, retry_seconds: float = 60.0) -> None:
+        self.address = address
+        self.retry_seconds = retry_seconds
+        self._channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+        self._stub = pb_grpc.PffStoreStub(self._channel)  # type: ignore[no-untyped-call]
+
+    def _call(self, method: str, request: object, timeout: float) -> object:
+        deadline, delay = time.monotonic() + self.retry_seconds, 0.05
+        while True:
+            try:
+                return getattr(self._stub, method)(request, timeout=timeout)
+            except grpc.RpcError as e:
+                code = e.code()
+                if code == grpc.StatusCode.FAILED_PRECONDITION:
+                    raise StoreError(e.details()) from e
+                if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) \
+                        or time.monotonic() + delay > deadline:
+                    raise StoreError(f"PFF store at {self.address}: {code.name} ({e.details()}); "
+                                     "is the store running?") from e
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    def publish(self, layer: int, version: int, params: Mapping[str, np.ndarray], record: TaskRecord) -> bool:
+        req = pb.PublishRequest(layer=layer, version=version, tensors=tensors_to_proto(params),
+                                record=record_to_proto(record))
+        reply = self._call("Publish", req, 120.0)
+        assert isinstance(reply, pb.PublishReply)
+        return reply.duplicate
+
+    def fetch(self, layer: int, version: int, wait_seconds: float = 0.0) -> LayerVersion | None:
+        reply = self._call("Fetch", pb.FetchRequest(layer=layer, version=version, wait_seconds=wait_seconds),
+                           wait_seconds + 60.0)
+        assert isinstance(reply, pb.FetchReply)
+        if not reply.found:
+            return None
+        return LayerVersion(layer, version, tensors_from_proto(reply.tensors), record_from_proto(reply.record))
+
+    def wait_for(self, layer: int, version: int, poll_seconds: float = 10.0) -> LayerVersion:
+        """Block until (layer, version) is published."""
+        while True:
+            lv = self.fetch(layer, version, poll_seconds)
+            if lv is not None:
+                return lv
+
+    def report(self, progress: Progress) -> None:
+        self._call("Report", progress_to_proto(progress), 10.0)
+
+    def status(self) -> tuple[list[tuple[int, int, TaskRecord]], list[Progress]]:
+        reply = self._call("Status", pb.PffStatusRequest(), 10.0)
+        assert isinstance(reply, pb.PffStatus)
+        return ([(p.layer, p.version, record_from_proto(p.record)) for p in reply.published],
+                [progress_from_proto(n) for n in reply.nodes])
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Serve a PFF parameter store (persisted in DIR).")
+    p.add_argument("directory")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0)
+    args = p.parse_args(argv)
+    server = StoreServer(args.directory, host=args.host, port=args.port)
+    print(f"pff store serving {args.directory} on {server.address}", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,290 @@
+"""Pipeline Forward-Forward: schedules, the parameter store (disk and gRPC), real multi-process runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from device_runtime.ff import FFLayout
+from fwdfleet.errors import ConfigError
+from pff.config import NodeData, PFFConfig
+from pff.run import PFFRun, run_pff
+from pff.schedule import Schedule, Task, dependencies, makespan, simulate
+from pff.store import ParameterStore, StoreClient, StoreServer
+from pff.wire import StoreError, TaskRecord
+
+# ---------------------------------------------------------------- schedule
+
+
+@pytest.mark.parametrize(
+    ("mode", "layers", "nodes", "owners"),
+    [
+        ("sequential", 3, 1, {(0, 0): 0, (2, 1): 0}),
+        ("single-layer", 3, 3, {(0, 0): 0, (1, 0): 1, (2, 0): 2, (2, 3): 2}),
+        ("single-layer", 4, 2, {(0, 0): 0, (1, 2): 0, (2, 0): 1, (3, 3): 1}),
+        ("all-layers", 3, 2, {(0, 0): 0, (2, 0): 0, (0, 1): 1, (2, 1): 1, (1, 2): 0}),
+        ("federated", 3, 3, {(0, 0): 0, (0, 1): 1, (0, 2): 2, (1, 3): 0}),
+    ],
+)
+def test_owners_and_tasks(mode: str, layers: int, nodes: int, owners: dict[tuple[int, int], int]) -> None:
+    s = Schedule(mode, layers, nodes, splits=4, epochs=8)  # type: ignore[arg-type]
+    for (layer, chapter), node in owners.items():
+        assert s.owner(layer, chapter) == node
+    all_tasks = s.tasks()
+    assert sorted((t.layer, t.chapter) for t in all_tasks) == [(la, c) for la in range(layers) for c in range(4)]
+    per_node = [s.node_tasks(n) for n in range(nodes)]
+    assert sum(len(t) for t in per_node) == len(all_tasks)
+    assert all(len(t) > 0 for t in per_node)  # no idle node
+    for tasks in per_node:  # every dependency a node produces itself comes earlier in its own order
+        seen: set[tuple[int, int]] = {(la, 0) for la in range(layers)}
+        for t in tasks:
+            assert all(d in seen or s.owner(d[0], d[1] - 1) != t.node for d in dependencies(t))
+            seen.add((t.layer, t.version_out))
+    assert s.data_shard(0) == (0 if mode == "federated" else None)
+    assert s.chapter_epochs == 2
+
+
+def test_dependencies_are_own_previous_and_this_chapters_layers_below() -> None:
+    assert dependencies(Task(chapter=3, layer=2, node=0)) == ((2, 3), (0, 4), (1, 4))
+    assert dependencies(Task(chapter=0, layer=0, node=0)) == ((0, 0),)
+
+
+@pytest.mark.parametrize(
+    ("mode", "layers", "nodes", "expected"),
+    [
+        ("sequential", 4, 1, 40.0),
+        ("single-layer", 2, 2, 11.0),  # pipeline fill: S + L - 1
+        ("single-layer", 4, 2, 22.0),  # node 1's blocks finish 2 tasks after node 0's
+        ("all-layers", 4, 2, 21.0),  # S L / 2 + 1
+        ("all-layers", 4, 4, 13.0),  # S + L - 1: a chapter can start one layer after the previous one
+        ("federated", 4, 8, 13.0),
+    ],
+)
+def test_simulated_makespan(mode: str, layers: int, nodes: int, expected: float) -> None:
+    s = Schedule(mode, layers, nodes, splits=10, epochs=10)  # type: ignore[arg-type]
+    sim = simulate(s, lambda t: 1.0)
+    assert makespan(sim) == pytest.approx(expected)
+    ends = {(x.task.layer, x.task.version_out): x.end for x in sim}
+    for x in sim:  # nothing starts before what it needs
+        assert all(ends.get(d, 0.0) <= x.start + 1e-9 for d in dependencies(x.task))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        (dict(mode="sequential", nodes=2), "nodes"),
+        (dict(mode="single-layer", nodes=3, layers=(64, 32, 32)), "nodes"),
+        (dict(epochs=10, splits=4), "epochs"),
+        (dict(mode="pipeline"), "mode"),
+        (dict(negatives="hard"), "negatives"),
+    ],
+)
+def test_config_errors_name_the_field(kwargs: dict[str, object], field: str) -> None:
+    with pytest.raises(ConfigError, match=f"PFFConfig.{field}"):
+        PFFConfig(**kwargs)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- store
+
+
+def _params(seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"layers.0.weight": rng.standard_normal((5, 3)).astype(np.float32),
+            "layers.0.bias": rng.standard_normal(5).astype(np.float32)}
+
+
+def test_store_persists_and_versions_are_immutable(tmp_path: Path) -> None:
+    store = ParameterStore(tmp_path)
+    rec = TaskRecord(node_id="node-1", layer=0, chapter=2, start=1.0, end=2.5, loss=0.3)
+    assert store.publish(0, 3, _params(1), rec) is False
+    assert store.publish(0, 3, _params(1), rec) is True  # a retry of the same bytes
+    with pytest.raises(StoreError, match="immutable"):
+        store.publish(0, 3, _params(2), rec)
+    reopened = ParameterStore(tmp_path)  # a restarted store
+    lv = reopened.fetch(0, 3)
+    assert lv is not None and lv.record == rec
+    for name, value in _params(1).items():
+        np.testing.assert_array_equal(lv.params[name], value)
+    assert reopened.fetch(0, 4) is None
+    blob = tmp_path / "l0.v3.f32"
+    data = bytearray(blob.read_bytes())
+    data[0] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="sha256"):
+        ParameterStore(tmp_path)
+
+
+def test_store_over_grpc_long_poll_and_restart(tmp_path: Path) -> None:
+    server = StoreServer(tmp_path / "store")
+    client = StoreClient(server.address, retry_seconds=10)
+    try:
+        assert client.fetch(1, 1, wait_seconds=0.0) is None
+        timer = threading.Timer(0.3, lambda: StoreClient(server.address).publish(1, 1, _params(3), TaskRecord()))
+        timer.start()
+        t = time.monotonic()
+        lv = client.fetch(1, 1, wait_seconds=5.0)  # waits for the publication
+        assert lv is not None and 0.2 < time.monotonic() - t < 4.0
+        np.testing.assert_array_equal(lv.params["layers.0.bias"], _params(3)["layers.0.bias"])
+        with pytest.raises(StoreError, match="immutable"):
+            client.publish(1, 1, _params(4), TaskRecord())
+        published, _ = client.status()
+        assert [(la, v) for la, v, _ in published] == [(1, 1)]
+    finally:
+        server.stop()
+        client.close()
+    server = StoreServer(tmp_path / "store")  # restarted on the same folder
+    client = StoreClient(server.address)
+    try:
+        lv = client.fetch(1, 1)
+        assert lv is not None
+        np.testing.assert_array_equal(lv.params["layers.0.weight"], _params(3)["layers.0.weight"])
+    finally:
+        server.stop()
+        client.close()
+
+
+# ---------------------------------------------------------------- real runs (node processes, gRPC)
+
+DIGITS = dict(layers=(64, 128, 128), dataset="digits", epochs=12, splits=6, seed=0)
+
+
+@pytest.fixture(scope="module")
+def sequential() -> dict[str, float]:
+    return run_pff(PFFConfig(mode="sequential", nodes=1, **DIGITS)).accuracy  # type: ignore[arg-type]
+
+
+def test_two_node_single_layer_matches_sequential(sequential: dict[str, float], tmp_path: Path) -> None:
+    result = run_pff(PFFConfig(mode="single-layer", nodes=2, **DIGITS), tmp_path)  # type: ignore[arg-type]
+    assert sequential["goodness"] > 0.8  # chance is 0.1
+    # the same tasks on the same data: the pipeline changes when work happens, not what it computes
+    for key in ("goodness", "softmax"):
+        assert abs(result.accuracy[key] - sequential[key]) <= 0.02
+    assert {(r.node, r.layer) for r in result.timeline} == {(0, 0), (1, 1)}
+    assert len(result.timeline) == 2 * 6
+    layer1 = sorted((r for r in result.timeline if r.layer == 1), key=lambda r: r.chapter)
+    layer0_end = {r.chapter: r.end for r in result.timeline if r.layer == 0}
+    assert all(r.start >= layer0_end[r.chapter] - 1e-3 for r in layer1)  # waited for chapter c of layer 0
+    assert all(n.tasks == 6 and n.idle_seconds >= 0 for n in result.nodes)
+    assert sorted(p.name for p in (tmp_path / "store").glob("*.json"))[:2] == ["l0.v0.json", "l0.v1.json"]
+
+
+def test_federated_run_learns(sequential: dict[str, float]) -> None:
+    result = run_pff(PFFConfig(mode="federated", nodes=2, **DIGITS))  # type: ignore[arg-type]
+    assert result.accuracy["goodness"] > 0.7
+    assert result.accuracy["softmax"] >= sequential["softmax"] - 0.05
+    assert {r.node for r in result.timeline if r.chapter % 2 == 1} == {1}
+
+
+def test_killed_node_is_restarted_and_the_run_finishes(sequential: dict[str, float], tmp_path: Path) -> None:
+    config = PFFConfig(mode="all-layers", nodes=2, **DIGITS)  # type: ignore[arg-type]
+    run = PFFRun(config, tmp_path)
+    run.start()
+    try:
+        killed_pid = None
+        deadline = time.time() + 60
+        while killed_pid is None and time.time() < deadline:
+            run._check_processes()
+            run._release()
+            assert run.client is not None
+            published, _ = run.client.status()
+            if any(r.node_id == "node-1" for _, v, r in published if v > 0):
+                killed_pid = run.pids[1]
+                os.kill(killed_pid, signal.SIGKILL)
+            time.sleep(0.02)
+        assert killed_pid is not None, "node 1 never published"
+        result = run.wait(timeout=120)
+    finally:
+        run.close()
+    assert [ev["node"] for ev in result.restarts] == [1]
+    assert result.restarts[0]["exit_code"] == -signal.SIGKILL
+    assert result.nodes[1].restarts == 1
+    assert len(result.timeline) == 2 * 6  # every task published exactly once
+    assert any(r.attempt == 1 for r in result.timeline if r.node == 1)  # the restart trained the rest
+    assert abs(result.accuracy["goodness"] - sequential["goodness"]) <= 0.02  # nothing lost, nothing changed
+
+
+def test_cli_json_and_timeline(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fwdfleet.cli.main import main
+
+    png = tmp_path / "timeline.png"
+    code = main(["pff", "run", "--mode", "all-layers", "--nodes", "2", "--layers", "64,32,32", "--epochs", "2",
+                 "--splits", "2", "--objective", "pon", "--json", "--timeline", str(png)])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["accuracy"]["head"] > 0.3 and len(out["timeline"]) == 4
+    assert png.stat().st_size > 10_000
+
+
+# ---------------------------------------------------------------- one task (in process)
+
+
+def _tiny() -> tuple[FFLayout, dict[int, dict[str, np.ndarray]], NodeData]:
+    from export.ff_mlp import FFMLPConfig, initial_trainables
+
+    layout = FFLayout(sizes=(20, 16, 16, 16), num_classes=4)
+    init = initial_trainables(FFMLPConfig(layers=(20, 16, 16, 16), num_classes=4))
+    params = {i: {n: init[n] for n in layout.param_names(i).values()} for i in range(3)}
+    rng = np.random.default_rng(0)
+    data = NodeData(rng.random((50, 20)).astype(np.float32), rng.integers(0, 4, 50), np.arange(50))
+    return layout, params, data
+
+
+@pytest.mark.parametrize("negatives", ["fixed", "random", "adaptive"])
+def test_layer_inputs_negatives_and_cache(negatives: str) -> None:
+    from device_runtime.ff_objectives import layer_forward
+    from pff.chapter import ActivationCache, layer_inputs
+
+    layout, params, data = _tiny()
+    cfg = PFFConfig(layers=(20, 16, 16, 16), negatives=negatives).train_config()  # type: ignore[arg-type]
+    cache = ActivationCache()
+    t = Task(chapter=1, layer=2, node=0)
+    pos, neg = layer_inputs(layout, t, params, params[2], data, cfg, cache)
+    h = layout.embed_labels(data.x, data.y)
+    for j in range(2):
+        h = layer_forward(layout.layer_params(j, params[j]), h, layout.layer_shape(j)).h
+    np.testing.assert_allclose(pos, h, rtol=1e-5, atol=1e-6)
+    assert neg is not None and not np.allclose(neg, pos)
+    pos_again, neg_again = layer_inputs(layout, t, params, params[2], data, cfg, cache)
+    np.testing.assert_array_equal(pos_again, pos)  # from the cache
+    np.testing.assert_array_equal(neg_again, neg)  # deterministic in (seed, layer, chapter)
+    _, neg_next = layer_inputs(layout, Task(2, 2, 0), params, params[2], data, cfg, cache)
+    assert neg_next is not None
+    assert np.array_equal(neg_next, neg) == (negatives == "fixed")  # FixedNEG drawn once, others re-drawn
+    assert all(k[2] == 3 for k in cache._data)  # only the newest version is kept
+
+
+def test_train_chapter_is_deterministic_and_changes_only_its_layer() -> None:
+    from pff.chapter import train_chapter
+
+    layout, params, data = _tiny()
+    cfg = PFFConfig(layers=(20, 16, 16, 16)).train_config()
+    t = Task(chapter=0, layer=1, node=0)
+    a = train_chapter(layout, t, params, params[1], data, cfg, 2)
+    b = train_chapter(layout, t, params, params[1], data, cfg, 2)
+    assert set(a.params) == {"layers.1.weight", "layers.1.bias"}
+    for name in a.params:
+        np.testing.assert_array_equal(a.params[name], b.params[name])
+    assert not np.allclose(a.params["layers.1.weight"], params[1]["layers.1.weight"])
+    assert np.isfinite(a.loss)
+
+
+def test_progress_display_shows_each_node() -> None:
+    from pff.run import _Display
+    from pff.wire import Progress
+
+    display = _Display(2)
+    try:
+        display.update([Progress("node-0", "training", layer=1, chapter=2, step=5, total_steps=10, tasks_done=3,
+                                 tasks_total=8), Progress("node-1", "done", tasks_done=8, tasks_total=8)])
+        first, second = display.bars.tasks
+        assert first.description == "node 0: training layer 1 ch 2" and first.completed == pytest.approx(3.5)
+        assert second.description == "node 1: done" and second.completed == 8
+    finally:
+        display.close()
