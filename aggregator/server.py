@@ -7,7 +7,10 @@
 * **device tokens** (:mod:`aggregator.auth`): with ``tokens_file`` every call must carry a token
   on the allow-list; without one the server refuses to start unless insecure;
 * a **small receive limit** (``max_receive_bytes``, 16 KiB: a result is well under 1 KB). The
-  bundle and the trainables go the other way, streamed in chunks, so they need no large limit;
+  bundle and the trainables go the other way, streamed in chunks, so they need no large limit.
+  In ``dense`` / ``fedavg`` mode only ``SubmitVector`` may carry more:
+  :func:`vector_request_limit` (4 bytes per trainable value plus ``max_receive_bytes`` for the
+  metadata), checked per method by the servicer, the transport limit being the larger of the two;
 * a background **round clock** calling ``coordinator.advance()`` every ``advance_interval_s``
   (rounds close at their deadlines even when no device calls);
 * :meth:`RunningServer.stop`: stop accepting calls, let running ones finish within the grace
@@ -26,7 +29,7 @@ import tempfile
 import threading
 from collections.abc import Mapping
 from concurrent import futures
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +105,8 @@ class ServerConfig:
             retry_after_s=self.retry_after_s,
             chunk_bytes=self.chunk_bytes,
             heartbeat_interval_s=self.heartbeat_interval_s,
+            max_request_bytes=self.max_receive_bytes,
+            max_vector_request_bytes=self.max_receive_bytes,
         )
 
     @classmethod
@@ -114,6 +119,14 @@ class ServerConfig:
             return cls(**table)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{source}: {e}") from e
+
+
+def vector_request_limit(config: ServerConfig, mode: str, num_trainable: int) -> int:
+    """SubmitVector's receive limit: a float32 per trainable value plus the scalar limit for the
+    metadata in ``dense``/``fedavg`` mode; just the scalar limit otherwise (the call is refused)."""
+    if mode in serde.VECTOR_MODES:
+        return 4 * num_trainable + config.max_receive_bytes
+    return config.max_receive_bytes
 
 
 def _read(path: str, what: str) -> bytes:
@@ -190,13 +203,17 @@ def serve(config: ServerConfig, coordinator: Any, bundle: Bundle) -> RunningServ
     workdir = Path(tempfile.mkdtemp(prefix="fwdfleet-aggregator-"))
     try:
         archive = BundleArchive.from_bundle(bundle, workdir)
-        servicer = FleetServicer(coordinator, archive, allow_list=allow_list, settings=config.servicer_settings())
+        mode = str(getattr(getattr(coordinator, "config", None), "mode", "scalar"))
+        specs = tuple(bundle.manifest.trainables)
+        vector_limit = vector_request_limit(config, mode, bundle.manifest.num_trainable)
+        settings = replace(config.servicer_settings(), max_vector_request_bytes=vector_limit)
+        servicer = FleetServicer(coordinator, archive, allow_list=allow_list, settings=settings, trainable_specs=specs)
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="fwdfleet-rpc"),
             handlers=[serde.generic_handler(servicer)],
             interceptors=interceptors,
             options=[
-                ("grpc.max_receive_message_length", config.max_receive_bytes),
+                ("grpc.max_receive_message_length", max(config.max_receive_bytes, vector_limit)),
                 ("grpc.max_send_message_length", config.chunk_bytes + 4096),
                 ("grpc.so_reuseport", 0),
             ],
@@ -216,5 +233,6 @@ def serve(config: ServerConfig, coordinator: Any, bundle: Bundle) -> RunningServ
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
-    log.info("serving on %s:%d (%s)", config.host, port, "INSECURE" if config.insecure else "TLS")
+    log.info("serving on %s:%d (%s, mode %s, SubmitVector limit %d bytes)", config.host, port,
+             "INSECURE" if config.insecure else "TLS", mode, vector_limit)
     return RunningServer(server, servicer, port, config, workdir)

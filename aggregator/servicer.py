@@ -7,6 +7,13 @@ Errors become gRPC statuses in one place,
 :class:`~aggregator.errors.RejectedError` maps through its code's ``grpc_status``; a token used
 for another device's id is ``PERMISSION_DENIED``. Every abort message says why.
 
+Receive limits are per method: every call but ``SubmitVector`` is refused with
+``RESOURCE_EXHAUSTED`` above ``max_request_bytes`` (a scalar result is well under 1 KB), while
+``SubmitVector`` (dense gradients, FedAvg weights) may carry up to ``max_vector_request_bytes``;
+the server sets the transport limit to the larger of the two. ``SubmitVector`` hands the decoded
+vector to ``coordinator.submit_dense`` or ``coordinator.submit_weights`` (split into the
+manifest's trainables), and every JoinReply and GetTaskReply tells devices the coordinator's mode.
+
 ``GetTask`` is a long poll: it holds the call until a task exists for the device or the wait
 ends, and at most ``long_poll_slots`` calls wait at once so that long polls never starve
 ``Submit`` of worker threads (a device turned away is told to retry shortly).
@@ -30,8 +37,9 @@ import numpy as np
 
 from aggregator.auth import TokenAllowList
 from aggregator.errors import RejectedError
+from device_runtime.perturbation import split
 from fwdfleet import __version__
-from fwdfleet.bundle import Bundle, sha256_file, zip_bundle
+from fwdfleet.bundle import Bundle, TensorSpec, sha256_file, zip_bundle
 from fwdfleet.errors import FwdfleetError
 from fwdfleet.protocol import PROTOCOL_VERSION, serde
 
@@ -46,8 +54,13 @@ class ServicerSettings:
     retry_after_s: float = 1.0  # what a device turned away from the long poll is told
     chunk_bytes: int = 1 << 20  # download chunk size (well under the client's receive limit)
     heartbeat_interval_s: float = 10.0
+    max_request_bytes: int = 16 * 1024  # every call but SubmitVector
+    max_vector_request_bytes: int = 16 * 1024  # SubmitVector (the server sizes it from the bundle)
 
     def __post_init__(self) -> None:
+        for name in ("max_request_bytes", "max_vector_request_bytes"):
+            if getattr(self, name) < 1024:
+                raise ValueError(f"server.{name} must be >= 1 KiB, got {getattr(self, name)}")
         if not self.long_poll_max_s >= 0:
             raise ValueError(f"server.long_poll_max_s must be >= 0, got {self.long_poll_max_s}")
         if self.long_poll_slots < 1:
@@ -106,11 +119,21 @@ class FleetServicer:
         *,
         allow_list: TokenAllowList | None = None,
         settings: ServicerSettings | None = None,
+        trainable_specs: tuple[TensorSpec, ...] | None = None,
     ) -> None:
         self.coordinator = coordinator
         self.archive = archive
         self.allow_list = allow_list
         self.settings = settings or ServicerSettings()
+        config = getattr(coordinator, "config", None)
+        self.mode: serde.UploadMode = getattr(config, "mode", "scalar")
+        if self.mode not in serde.UPLOAD_MODES:
+            raise ValueError(f"coordinator mode {self.mode!r} is not one of {serde.UPLOAD_MODES}")
+        if trainable_specs is None:
+            bundle = getattr(coordinator, "bundle", None)
+            trainable_specs = tuple(bundle.manifest.trainables) if bundle is not None else ()
+        self.trainable_specs = trainable_specs
+        self.num_values = sum(t.size for t in trainable_specs)
         self._cache_lock = threading.Lock()  # the coordinator locks itself; this guards the npz cache
         self._changed = threading.Condition()  # notified when a round may have opened
         self._slots = threading.BoundedSemaphore(self.settings.long_poll_slots)
@@ -126,6 +149,15 @@ class FleetServicer:
             code, message = _status_for(e)
         context.abort(code, message)
         raise AssertionError("unreachable")  # context.abort raises
+
+    def _small(self, request: bytes, method: str) -> None:
+        """The per-method receive limit of every call but SubmitVector (the transport's may be larger)."""
+        limit = self.settings.max_request_bytes
+        if len(request) > limit:
+            raise _Abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{method} request of {len(request)} bytes exceeds the {limit}-byte limit (server.max_receive_bytes)",
+            )
 
     def _authorize(self, context: grpc.ServicerContext, device_id: str) -> None:
         if self.allow_list is None:
@@ -157,6 +189,7 @@ class FleetServicer:
 
     def Join(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         def run() -> bytes:
+            self._small(request, "Join")
             call = serde.parse_join(request)
             self._authorize(context, call.device_id)
             info = self.coordinator.join(call.device_id, call.profile)
@@ -171,12 +204,14 @@ class FleetServicer:
                     bundle_size=self.archive.size,
                     protocol_version=PROTOCOL_VERSION,
                     heartbeat_interval_seconds=self.settings.heartbeat_interval_s,
+                    mode=self.mode,
                 )
             )
 
         return self._guard(context, run)
 
     def GetTask(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        self._guard(context, lambda: self._small(request, "GetTask"))
         device_id, wait = self._guard(context, lambda: serde.parse_get_task(request))
         self._guard(context, lambda: self._authorize(context, device_id))
         deadline = time.monotonic() + min(wait, self.settings.long_poll_max_s)
@@ -189,7 +224,7 @@ class FleetServicer:
 
                 task, version = self._guard(context, poll)
                 if task is not None:
-                    return serde.task_poll_to_bytes(serde.TaskPoll(task=task, model_version=version))
+                    return serde.task_poll_to_bytes(serde.TaskPoll(task=task, model_version=version, mode=self.mode))
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or not context.is_active() or (wait > 0 and not waiting):
                     busy = wait > 0 and not waiting
@@ -199,6 +234,7 @@ class FleetServicer:
                             model_version=version,
                             retry_after_seconds=self.settings.retry_after_s if busy or wait == 0 else 0.0,
                             reason="server busy: too many waiting devices" if busy else "no task for you yet",
+                            mode=self.mode,
                         )
                     )
                 with self._changed:
@@ -209,18 +245,39 @@ class FleetServicer:
 
     def Submit(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         def run() -> bytes:
+            self._small(request, "Submit")
             device_id, result = serde.parse_submit(request)
             self._authorize(context, device_id)
-            receipt = self.coordinator.submit(device_id, result)
-            self.notify()
-            return serde.submit_ack_to_bytes(
-                serde.SubmitAck(accepted=receipt.accepted, duplicate=receipt.duplicate, round_id=receipt.round_id)
-            )
+            return self._ack(self.coordinator.submit(device_id, result))
 
         return self._guard(context, run)
 
+    def SubmitVector(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        def run() -> bytes:
+            limit = self.settings.max_vector_request_bytes
+            if len(request) > limit:
+                raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"SubmitVector request of {len(request)} bytes "
+                             f"exceeds the {limit}-byte limit for this model ({self.num_values} trainable values)")
+            call = serde.parse_submit_vector(request, self.num_values)
+            self._authorize(context, call.device_id)
+            if call.mode == "dense":
+                receipt = self.coordinator.submit_dense(call.device_id, call.result, call.values)
+            else:
+                weights = split(call.values, self.trainable_specs)
+                receipt = self.coordinator.submit_weights(call.device_id, call.result, weights)
+            return self._ack(receipt)
+
+        return self._guard(context, run)
+
+    def _ack(self, receipt: Any) -> bytes:
+        self.notify()
+        return serde.submit_ack_to_bytes(
+            serde.SubmitAck(accepted=receipt.accepted, duplicate=receipt.duplicate, round_id=receipt.round_id)
+        )
+
     def Heartbeat(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         def run() -> bytes:
+            self._small(request, "Heartbeat")
             device_id = serde.parse_heartbeat(request)
             self._authorize(context, device_id)
             self.coordinator.heartbeat(device_id)
@@ -230,6 +287,7 @@ class FleetServicer:
         return self._guard(context, run)
 
     def DownloadBundle(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        self._guard(context, lambda: self._small(request, "DownloadBundle"))
         call = self._guard(context, lambda: serde.parse_download(request))
         if call.offset > self.archive.size:
             self._guard(context, lambda: _raise_offset(call.offset, self.archive.size))
@@ -238,6 +296,7 @@ class FleetServicer:
             yield from self._chunks(f, call.offset, self.archive.size, self.archive.sha256, 0)
 
     def DownloadTrainables(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        self._guard(context, lambda: self._small(request, "DownloadTrainables"))
         call = self._guard(context, lambda: serde.parse_download(request))
         version, data, digest = self._guard(context, self._trainables_npz)
         if call.offset and call.model_version != version:
@@ -252,6 +311,7 @@ class FleetServicer:
 
     def Status(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         def run() -> bytes:
+            self._small(request, "Status")
             serde.parse_status(request)
             status = self.coordinator.status()
             body = asdict(status) if is_dataclass(status) and not isinstance(status, type) else dict(status)

@@ -11,6 +11,14 @@
    difference of the last two model versions, computed locally);
 5. **submit** the result.
 
+The aggregator's mode (told with every task) decides what step 4 computes and step 5 sends:
+``scalar``: the ``(k, d_k)`` pairs with ``Submit``; ``dense``: FwdLLM's dense forward gradient
+``mean_k d_k z_k`` (:func:`~device_runtime.estimator.dense_gradient`) with ``SubmitVector``;
+``fedavg``: weights trained locally from the current ones (``ff_mlp`` bundles with FF layers:
+:func:`~device_runtime.ff_train.train_ff` with the device's ``ff_train`` config; other bundles:
+:func:`~device_runtime.train.train_local`, perturbed-inference SGD with the device's
+``local_train`` steps and lr and the task's K, eps, batch size and seed) with ``SubmitVector``.
+
 Transient failures (``UNAVAILABLE``, ``DEADLINE_EXCEEDED``, a stream broken mid-download) are
 retried with jittered exponential backoff (:func:`backoff_delay`, the one such helper). When the
 aggregator forgot the device (it restarted), the client joins again and resubmits the same
@@ -31,9 +39,10 @@ import platform
 import random
 import shutil
 import threading
+import time
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -42,10 +51,13 @@ import numpy as np
 import numpy.typing as npt
 
 from device_runtime.data import LocalDataset
-from device_runtime.estimator import EstimatorWorkspace, estimate
+from device_runtime.estimator import EstimatorWorkspace, dense_gradient, estimate
+from device_runtime.ff_train import FFTrainConfig, train_ff
+from device_runtime.perturbation import F32Array
 from device_runtime.sampling import guide_from_versions
 from device_runtime.session import BundleSession, SessionOptions
 from device_runtime.task import DeviceResult, RoundTask
+from device_runtime.train import LocalTrainConfig, train_local
 from fwdfleet import __version__
 from fwdfleet.bundle import Bundle, load_bundle, sha256_file
 from fwdfleet.errors import FwdfleetError
@@ -65,6 +77,10 @@ _DROP_RESULT = frozenset(
 
 class ClientError(FwdfleetError):
     """The device cannot go on (refused token, protocol mismatch, corrupt download, gave up retrying)."""
+
+
+# fedavg on non-FF bundles: a few local steps per round unless the device says otherwise.
+DEFAULT_LOCAL_TRAIN = LocalTrainConfig(steps=10, eval_every=0)
 
 
 class _Stopped(Exception):
@@ -160,8 +176,14 @@ class DeviceClient:
         *,
         session_options: SessionOptions | None = None,
         seed: int | None = None,
+        local_train: LocalTrainConfig | None = None,
+        ff_train: FFTrainConfig | None = None,
     ) -> None:
         self.config = config
+        # fedavg mode only: how to train locally (the task supplies K, eps, batch size and seed)
+        self.local_train = local_train or DEFAULT_LOCAL_TRAIN
+        self.ff_train = ff_train or FFTrainConfig()
+        self._mode: serde.UploadMode = "scalar"
         self.bundle_dir = Path(bundle_dir)
         # A dataset, or a factory building it from the downloaded bundle (a tokenizer ships in it).
         self._dataset_factory = None if hasattr(dataset, "batch") else dataset
@@ -199,8 +221,8 @@ class DeviceClient:
                 task = self._next_task()
                 if task is None:
                     continue
-                result = self._train(task)
-                self._submit(result)
+                result, vector = self._train(task)
+                self._submit(result, vector)
         except _Stopped:
             pass
         finally:
@@ -230,6 +252,7 @@ class DeviceClient:
                 self._unary("GetTask", request, timeout=self.config.long_poll_s + self.config.rpc_timeout_s)
             ),
         )
+        self._mode = poll.mode
         if poll.task is None:
             if poll.retry_after_seconds > 0:
                 self._sleep(poll.retry_after_seconds)
@@ -240,23 +263,67 @@ class DeviceClient:
                 return None  # the model moved on while downloading: ask again
         return poll.task
 
-    def _train(self, task: RoundTask) -> DeviceResult:
-        session = self._session
-        if session is None:
+    def _train(self, task: RoundTask) -> tuple[DeviceResult, F32Array | None]:
+        """The result to upload and, in dense and fedavg mode, its flat vector (manifest order)."""
+        session, bundle, dataset = self._session, self._bundle, self.dataset
+        if session is None or bundle is None or dataset is None:
             raise ClientError("no session: the bundle was not loaded")  # unreachable after join
+        if self._mode == "fedavg":
+            return self._train_local(task, session, bundle, dataset)
         guide = None
         if task.candidate_ratio > 1 and self._previous is not None and self._previous[0] == self._version - 1:
             guide = guide_from_versions(self._trainables, self._previous[1], session.trainable_specs)
-        if self.dataset is None:
-            raise ClientError("no dataset: the bundle was not loaded")  # unreachable after join
-        batch = self.dataset.batch(task.data_seed, task.batch_size)
-        return estimate(session, self._trainables, batch, task, guide, workspace=self._workspace)
+        batch = dataset.batch(task.data_seed, task.batch_size)
+        result = estimate(session, self._trainables, batch, task, guide, workspace=self._workspace)
+        if self._mode == "scalar":
+            return result, None
+        n = bundle.manifest.num_trainable
+        if sum(t.size for t in session.trainable_specs) != n:
+            raise ClientError("dense mode needs a graph that takes every trainable of the bundle")
+        gradient = dense_gradient(result, task, n)  # zeros when every perturbation was skipped
+        return replace(result, indices=(), derivatives=()), gradient
 
-    def _submit(self, result: DeviceResult) -> None:
-        request = serde.submit_request(self.config.device_id, result)
+    def _train_local(
+        self, task: RoundTask, session: BundleSession, bundle: Bundle, dataset: LocalDataset
+    ) -> tuple[DeviceResult, F32Array]:
+        """FedAvg: train from the current trainables on local data, return the new ones flattened."""
+        start = time.perf_counter()
+        if bundle.manifest.kind == "ff_mlp" and "layers" in bundle.manifest.settings:  # an FF MLP's layer widths
+            data = dataset.batch(task.data_seed, len(dataset))  # every local example, in order
+            if "x" not in data or "labels" not in data:
+                raise ClientError(f"an ff_mlp bundle trains on inputs 'x' and 'labels'; the dataset has {sorted(data)}")
+            config = replace(self.ff_train, seed=task.data_seed & 0xFFFFFFFF)
+            ff = train_ff(bundle, data["x"], data["labels"], config, trainables=self._trainables)
+            losses = [v for k, v in ff.metrics.items() if k.startswith("loss_layer_")]
+            trained, samples, loss = ff.trainables, int(ff.metrics["samples"]), float(np.mean(losses))
+        else:
+            if not hasattr(dataset, "batches"):
+                raise ClientError("fedavg local training needs an ArrayDataset or TextDataset (with batches())")
+            config_l = replace(self.local_train, num_perturbations=task.num_perturbations, eps=task.eps,
+                               batch_size=task.batch_size, seed=task.data_seed, distribution=task.distribution,
+                               difference=task.difference, candidate_ratio=1,
+                               eval_examples=min(self.local_train.eval_examples, task.batch_size))
+            report = train_local(session, dataset, config_l, trainables=self._trainables,  # type: ignore[arg-type]
+                                 progress=False)
+            finite = [v for v in report.train_losses if math.isfinite(v)]
+            trained, samples = report.trainables, report.steps_done * task.batch_size
+            loss = float(np.mean(finite)) if finite else math.nan
+        flat = np.concatenate(
+            [np.asarray(trained[t.name], dtype=np.float32).reshape(-1) for t in bundle.manifest.trainables]
+        )
+        result = DeviceResult(round_id=task.round_id, model_version=task.model_version, indices=(), derivatives=(),
+                              num_samples=samples, loss_mean=loss, compute_seconds=time.perf_counter() - start)
+        return result, flat
+
+    def _submit(self, result: DeviceResult, vector: F32Array | None = None) -> None:
+        if vector is None:
+            method, request = "Submit", serde.submit_request(self.config.device_id, result)
+        else:
+            request = serde.submit_vector_request(self.config.device_id, result, self._mode, vector)
+            method = "SubmitVector"
         self.stats.uplink_bytes += len(request)
         try:
-            ack = self._retry("submit", lambda: serde.submit_ack_from_bytes(self._unary("Submit", request)))
+            ack = self._retry("submit", lambda: serde.submit_ack_from_bytes(self._unary(method, request)))
         except grpc.RpcError as e:
             if e.code() in _DROP_RESULT:
                 self.stats.dropped += 1

@@ -10,15 +10,19 @@ that a malformed protobuf is reported as ``INVALID_ARGUMENT`` by :func:`parse_re
 a generic ``INTERNAL`` from grpc's own deserializer.
 
 Derivatives travel as float32: 4 bytes each, packed, next to packed varint indices, so a
-result with K = 64 pairs is well under 1 KB.
+result with K = 64 pairs is well under 1 KB. In ``dense`` and ``fedavg`` mode a device uploads one
+flat vector instead (:func:`submit_vector_request` / :func:`parse_submit_vector`): little-endian
+float32 bytes in the manifest's canonical trainable order, with their count and sha256 checked
+before anything is decoded.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import grpc
 import numpy as np
@@ -40,11 +44,19 @@ __all__ = [
     "ServerStatus",
     "SubmitAck",
     "TaskPoll",
+    "UploadMode",
+    "VectorCall",
 ]
+
+UploadMode = Literal["scalar", "dense", "fedavg"]
+UPLOAD_MODES: tuple[UploadMode, ...] = ("scalar", "dense", "fedavg")
+VECTOR_MODES: tuple[UploadMode, ...] = ("dense", "fedavg")
 
 _DISTRIBUTIONS = {"rademacher": pb.DISTRIBUTION_RADEMACHER, "gaussian": pb.DISTRIBUTION_GAUSSIAN}
 _DIFFERENCES = {"central": pb.DIFFERENCE_CENTRAL, "forward": pb.DIFFERENCE_FORWARD}
+_UPLOAD_MODES = {"scalar": pb.UPLOAD_MODE_SCALAR, "dense": pb.UPLOAD_MODE_DENSE, "fedavg": pb.UPLOAD_MODE_FEDAVG}
 _F32_MAX = float(np.finfo(np.float32).max)
+_LE_F32 = np.dtype("<f4")
 
 
 class DecodeError(ValueError):
@@ -72,6 +84,7 @@ class Joined:
     bundle_size: int
     protocol_version: int = PROTOCOL_VERSION
     heartbeat_interval_seconds: float = 10.0
+    mode: UploadMode = "scalar"
 
 
 @dataclass(frozen=True)
@@ -82,6 +95,7 @@ class TaskPoll:
     model_version: int
     retry_after_seconds: float = 0.0
     reason: str = ""
+    mode: UploadMode = "scalar"  # what to upload for the task (Submit for scalar, SubmitVector otherwise)
 
 
 @dataclass(frozen=True)
@@ -263,6 +277,30 @@ def submit_request(device_id: str, result: DeviceResult) -> bytes:
     return pb.SubmitRequest(device_id=device_id, result=result_to_proto(result)).SerializeToString()
 
 
+def submit_vector_request(device_id: str, result: DeviceResult, mode: UploadMode, values: np.ndarray) -> bytes:
+    """A dense gradient (``mode="dense"``) or flat trainables (``"fedavg"``) with the result's metadata.
+
+    ``values`` is the flat vector in the manifest's canonical trainable order; it travels as
+    little-endian float32 bytes with its length and sha256.
+    """
+    if mode not in VECTOR_MODES:
+        raise ValueError(f"a vector upload's mode must be one of {VECTOR_MODES}, got {mode!r}")
+    if result.indices or result.derivatives:
+        raise ValueError("a vector upload's result must carry no (index, derivative) pairs")
+    flat = np.asarray(values).reshape(-1)
+    if flat.size and np.isfinite(flat).all() and float(np.abs(flat).max()) > _F32_MAX:
+        raise ValueError("the uploaded vector holds a value too large for float32")
+    data = flat.astype(_LE_F32).tobytes()
+    return pb.SubmitVectorRequest(
+        device_id=device_id,
+        result=result_to_proto(result),
+        mode=_UPLOAD_MODES[mode],
+        values=data,
+        num_values=flat.size,
+        sha256=hashlib.sha256(data).hexdigest(),
+    ).SerializeToString()
+
+
 def heartbeat_request(device_id: str) -> bytes:
     return pb.HeartbeatRequest(device_id=device_id).SerializeToString()
 
@@ -288,18 +326,21 @@ def joined_from_bytes(data: bytes) -> Joined:
         bundle_size=m.bundle_size,
         protocol_version=m.protocol_version,
         heartbeat_interval_seconds=m.heartbeat_interval_seconds,
+        mode=_upload_mode(m.mode, "JoinReply.mode"),
     )
 
 
 def task_poll_from_bytes(data: bytes) -> TaskPoll:
     m = _parse(pb.GetTaskReply, data)
+    mode = _upload_mode(m.mode, "GetTaskReply.mode")
     if m.WhichOneof("outcome") == "task":
-        return TaskPoll(task=task_from_proto(m.task), model_version=m.model_version)
+        return TaskPoll(task=task_from_proto(m.task), model_version=m.model_version, mode=mode)
     return TaskPoll(
         task=None,
         model_version=m.model_version,
         retry_after_seconds=m.no_task.retry_after_seconds,
         reason=m.no_task.reason,
+        mode=mode,
     )
 
 
@@ -378,6 +419,45 @@ def parse_submit(data: bytes) -> tuple[str, DeviceResult]:
     return m.device_id, result_from_proto(m.result)
 
 
+@dataclass(frozen=True)
+class VectorCall:
+    device_id: str
+    result: DeviceResult
+    mode: UploadMode  # "dense" or "fedavg"
+    values: np.ndarray  # float32, shape (num_values,)
+
+
+def parse_submit_vector(data: bytes, num_values: int) -> VectorCall:
+    """Decode a vector upload for a model of ``num_values`` trainable values.
+
+    The count, the byte length and the sha256 are checked before the values are decoded; a
+    mismatch is ``MALFORMED`` with the numbers that disagree. Finiteness and magnitude are the
+    coordinator's checks (they hold for in-process uploads too).
+    """
+    m = _parse(pb.SubmitVectorRequest, data)
+    _need_device_id(m.device_id)
+    if not m.HasField("result"):
+        raise DecodeError("MALFORMED", "vector upload carries no result")
+    mode = _upload_mode(m.mode, "SubmitVectorRequest.mode")
+    if mode not in VECTOR_MODES:
+        raise DecodeError("MALFORMED", f"SubmitVectorRequest.mode must be one of {VECTOR_MODES}, got {mode!r}; "
+                          "scalar results go through Submit")
+    if m.num_values != num_values or len(m.values) != 4 * num_values:
+        raise DecodeError(
+            "MALFORMED",
+            f"vector upload declares {m.num_values} values in {len(m.values)} bytes but this model has "
+            f"{num_values} trainable values ({4 * num_values} bytes of float32); the device runs another bundle",
+        )
+    digest = hashlib.sha256(m.values).hexdigest()
+    if digest != m.sha256.lower():
+        raise DecodeError("MALFORMED", f"vector upload has sha256 {digest[:12]}... but declares "
+                          f"{m.sha256[:12]!r}...; the upload was corrupted, send it again")
+    if len(m.result.indices) or len(m.result.derivatives):
+        raise DecodeError("MALFORMED", "a vector upload's result must carry no (index, derivative) pairs")
+    values = np.frombuffer(m.values, dtype=_LE_F32).astype(np.float32)
+    return VectorCall(m.device_id, result_from_proto(m.result), mode, values)
+
+
 def parse_heartbeat(data: bytes) -> str:
     m = _parse(pb.HeartbeatRequest, data)
     _need_device_id(m.device_id)
@@ -402,14 +482,18 @@ def joined_to_bytes(j: Joined) -> bytes:
         bundle_size=j.bundle_size,
         protocol_version=j.protocol_version,
         heartbeat_interval_seconds=j.heartbeat_interval_seconds,
+        mode=_UPLOAD_MODES[j.mode],
     ).SerializeToString()
 
 
 def task_poll_to_bytes(poll: TaskPoll) -> bytes:
+    mode = _UPLOAD_MODES[poll.mode]
     if poll.task is not None:
-        return pb.GetTaskReply(task=task_to_proto(poll.task), model_version=poll.model_version).SerializeToString()
+        return pb.GetTaskReply(
+            task=task_to_proto(poll.task), model_version=poll.model_version, mode=mode
+        ).SerializeToString()
     no_task = pb.NoTask(retry_after_seconds=poll.retry_after_seconds, reason=poll.reason)
-    return pb.GetTaskReply(no_task=no_task, model_version=poll.model_version).SerializeToString()
+    return pb.GetTaskReply(no_task=no_task, model_version=poll.model_version, mode=mode).SerializeToString()
 
 
 def submit_ack_to_bytes(ack: SubmitAck) -> bytes:
@@ -446,6 +530,7 @@ METHODS: dict[str, tuple[bool, bool]] = {
     "DownloadBundle": (False, True),
     "DownloadTrainables": (False, True),
     "Status": (False, False),
+    "SubmitVector": (False, False),
 }
 
 
@@ -513,6 +598,12 @@ def _enum_name(table: Mapping[str, int], value: int, field_name: str) -> str:
         if v == value:
             return name
     raise DecodeError("MALFORMED", f"{field_name} has unknown value {value}; expected one of {sorted(table)}")
+
+
+def _upload_mode(value: int, field_name: str) -> UploadMode:
+    if value == pb.UPLOAD_MODE_UNSPECIFIED:
+        return "scalar"  # an aggregator from before vector uploads
+    return _enum_name(_UPLOAD_MODES, value, field_name)  # type: ignore[return-value]
 
 
 def _need_device_id(device_id: str) -> None:

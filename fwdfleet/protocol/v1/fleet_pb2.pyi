@@ -7,6 +7,13 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class UploadMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    UPLOAD_MODE_UNSPECIFIED: _ClassVar[UploadMode]
+    UPLOAD_MODE_SCALAR: _ClassVar[UploadMode]
+    UPLOAD_MODE_DENSE: _ClassVar[UploadMode]
+    UPLOAD_MODE_FEDAVG: _ClassVar[UploadMode]
+
 class Distribution(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     DISTRIBUTION_UNSPECIFIED: _ClassVar[Distribution]
@@ -18,6 +25,10 @@ class Difference(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DIFFERENCE_UNSPECIFIED: _ClassVar[Difference]
     DIFFERENCE_CENTRAL: _ClassVar[Difference]
     DIFFERENCE_FORWARD: _ClassVar[Difference]
+UPLOAD_MODE_UNSPECIFIED: UploadMode
+UPLOAD_MODE_SCALAR: UploadMode
+UPLOAD_MODE_DENSE: UploadMode
+UPLOAD_MODE_FEDAVG: UploadMode
 DISTRIBUTION_UNSPECIFIED: Distribution
 DISTRIBUTION_RADEMACHER: Distribution
 DISTRIBUTION_GAUSSIAN: Distribution
@@ -57,7 +68,7 @@ class JoinRequest(_message.Message):
     def __init__(self, device_id: _Optional[str] = ..., profile: _Optional[_Union[DeviceProfile, _Mapping]] = ..., protocol_version: _Optional[int] = ..., client_version: _Optional[str] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("device_index", "model_version", "round_id", "bundle_sha256", "bundle_size", "protocol_version", "heartbeat_interval_seconds")
+    __slots__ = ("device_index", "model_version", "round_id", "bundle_sha256", "bundle_size", "protocol_version", "heartbeat_interval_seconds", "mode")
     DEVICE_INDEX_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
@@ -65,6 +76,7 @@ class JoinReply(_message.Message):
     BUNDLE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
     device_index: int
     model_version: int
     round_id: int
@@ -72,7 +84,8 @@ class JoinReply(_message.Message):
     bundle_size: int
     protocol_version: int
     heartbeat_interval_seconds: float
-    def __init__(self, device_index: _Optional[int] = ..., model_version: _Optional[int] = ..., round_id: _Optional[int] = ..., bundle_sha256: _Optional[str] = ..., bundle_size: _Optional[int] = ..., protocol_version: _Optional[int] = ..., heartbeat_interval_seconds: _Optional[float] = ...) -> None: ...
+    mode: UploadMode
+    def __init__(self, device_index: _Optional[int] = ..., model_version: _Optional[int] = ..., round_id: _Optional[int] = ..., bundle_sha256: _Optional[str] = ..., bundle_size: _Optional[int] = ..., protocol_version: _Optional[int] = ..., heartbeat_interval_seconds: _Optional[float] = ..., mode: _Optional[_Union[UploadMode, str]] = ...) -> None: ...
 
 class GetTaskRequest(_message.Message):
     __slots__ = ("device_id", "wait_seconds")
@@ -121,14 +134,16 @@ class NoTask(_message.Message):
     def __init__(self, retry_after_seconds: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class GetTaskReply(_message.Message):
-    __slots__ = ("task", "no_task", "model_version")
+    __slots__ = ("task", "no_task", "model_version", "mode")
     TASK_FIELD_NUMBER: _ClassVar[int]
     NO_TASK_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
     task: RoundTask
     no_task: NoTask
     model_version: int
-    def __init__(self, task: _Optional[_Union[RoundTask, _Mapping]] = ..., no_task: _Optional[_Union[NoTask, _Mapping]] = ..., model_version: _Optional[int] = ...) -> None: ...
+    mode: UploadMode
+    def __init__(self, task: _Optional[_Union[RoundTask, _Mapping]] = ..., no_task: _Optional[_Union[NoTask, _Mapping]] = ..., model_version: _Optional[int] = ..., mode: _Optional[_Union[UploadMode, str]] = ...) -> None: ...
 
 class DeviceResult(_message.Message):
     __slots__ = ("round_id", "model_version", "indices", "derivatives", "num_samples", "loss_mean", "loss_std", "skipped", "compute_seconds", "extras")
@@ -178,6 +193,22 @@ class SubmitReply(_message.Message):
     duplicate: bool
     round_id: int
     def __init__(self, accepted: _Optional[bool] = ..., duplicate: _Optional[bool] = ..., round_id: _Optional[int] = ...) -> None: ...
+
+class SubmitVectorRequest(_message.Message):
+    __slots__ = ("device_id", "result", "mode", "values", "num_values", "sha256")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    NUM_VALUES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    result: DeviceResult
+    mode: UploadMode
+    values: bytes
+    num_values: int
+    sha256: str
+    def __init__(self, device_id: _Optional[str] = ..., result: _Optional[_Union[DeviceResult, _Mapping]] = ..., mode: _Optional[_Union[UploadMode, str]] = ..., values: _Optional[bytes] = ..., num_values: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("device_id",)

@@ -69,6 +69,11 @@ class FleetStub:
                 request_serializer=fwdfleet_dot_v1_dot_fleet__pb2.StatusRequest.SerializeToString,
                 response_deserializer=fwdfleet_dot_v1_dot_fleet__pb2.StatusReply.FromString,
                 _registered_method=True)
+        self.SubmitVector = channel.unary_unary(
+                '/fwdfleet.v1.Fleet/SubmitVector',
+                request_serializer=fwdfleet_dot_v1_dot_fleet__pb2.SubmitVectorRequest.SerializeToString,
+                response_deserializer=fwdfleet_dot_v1_dot_fleet__pb2.SubmitReply.FromString,
+                _registered_method=True)
 
 
 class FleetServicer:
@@ -123,6 +128,14 @@ class FleetServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitVector(self, request, context):
+        """Upload a vector (dense or fedavg mode, see UploadMode): the result's metadata plus one flat
+        float32 vector. Its receive limit follows the model size, apart from Submit's small one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FleetServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -160,6 +173,11 @@ def add_FleetServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=fwdfleet_dot_v1_dot_fleet__pb2.StatusRequest.FromString,
                     response_serializer=fwdfleet_dot_v1_dot_fleet__pb2.StatusReply.SerializeToString,
+            ),
+            'SubmitVector': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitVector,
+                    request_deserializer=fwdfleet_dot_v1_dot_fleet__pb2.SubmitVectorRequest.FromString,
+                    response_serializer=fwdfleet_dot_v1_dot_fleet__pb2.SubmitReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -351,6 +369,33 @@ class Fleet:
             '/fwdfleet.v1.Fleet/Status',
             fwdfleet_dot_v1_dot_fleet__pb2.StatusRequest.SerializeToString,
             fwdfleet_dot_v1_dot_fleet__pb2.StatusReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitVector(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fwdfleet.v1.Fleet/SubmitVector',
+            fwdfleet_dot_v1_dot_fleet__pb2.SubmitVectorRequest.SerializeToString,
+            fwdfleet_dot_v1_dot_fleet__pb2.SubmitReply.FromString,
             options,
             channel_credentials,
             insecure,
