@@ -316,6 +316,7 @@ class DeviceClient:
         return result, flat
 
     def _submit(self, result: DeviceResult, vector: F32Array | None = None) -> None:
+        result = result.for_upload()
         if vector is None:
             method, request = "Submit", serde.submit_request(self.config.device_id, result)
         else:

@@ -13,7 +13,7 @@ k)`` by :mod:`device_runtime.perturbation`), plus counts and loss statistics.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from device_runtime.perturbation import DISTRIBUTIONS, Distribution
@@ -103,6 +103,13 @@ class DeviceResult:
             raise ValueError("DeviceResult.derivatives must be finite (skip NaN/inf perturbations instead)")
         if self.num_samples < 0:
             raise ValueError("DeviceResult.num_samples must be non-negative")
+
+    def for_upload(self) -> DeviceResult:
+        """This result without ``extras`` (local diagnostics such as timings): what a device sends.
+
+        Timings would more than triple a small upload (about 40 bytes at K=1) and tell the
+        aggregator nothing it needs."""
+        return replace(self, extras={}) if self.extras else self
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from aggregator.errors import RejectedError
 from aggregator.records import DeviceProfile
 from device_runtime.data import RawData, dataset_for_bundle
 from device_runtime.estimator import estimate
+from device_runtime.sampling import guide_from_versions
 from device_runtime.session import BundleSession, SessionOptions
 from device_runtime.task import DeviceResult, RoundTask
 from device_runtime.train import evaluate
@@ -119,15 +120,23 @@ class DeviceCompute:
         self.shards = [_DeviceShard(data, s) for s in shards]
         self.version = -1
         self.trainables: dict[str, np.ndarray] = {}
+        self.guide: np.ndarray | None = None  # the last global update, for discriminative sampling
 
     def run(self, version: int, trainables: Mapping[str, np.ndarray] | None,
             jobs: list[tuple[int, RoundTask]]) -> list[tuple[int, DeviceResult]]:
-        if trainables is not None:
-            self.version, self.trainables = version, dict(trainables)
+        if trainables is not None and version != self.version:
+            previous = self.trainables
+            self.trainables = dict(trainables)
+            # as on a real device (device_runtime.client): the guide is w_t - w_{t-1} of consecutive versions
+            consecutive = bool(previous) and version == self.version + 1
+            self.guide = guide_from_versions(self.trainables, previous, self.session.trainable_specs) \
+                if consecutive else None
+            self.version = version
         out = []
         for device, task in jobs:
             batch = self.shards[device].batch(task.data_seed, task.batch_size)
-            out.append((device, estimate(self.session, self.trainables, batch, task)))
+            guide = self.guide if task.candidate_ratio > 1 else None
+            out.append((device, estimate(self.session, self.trainables, batch, task, guide).for_upload()))
         return out
 
 

@@ -112,3 +112,25 @@ def test_settings_validate():
     with pytest.raises(ValueError, match="workers"):
         EmulationSettings(workers=0)
     assert preset("budget-phone").compute_speed < 1
+
+
+def test_discriminative_sampling_is_guided_by_the_last_update(bundle, digits):
+    """With candidate_ratio > 1 a virtual device scores its pool against w_t - w_{t-1}, as a real one does."""
+    from device_runtime.sampling import guide_from_versions, select_indices
+    from device_runtime.task import RoundTask
+    from fleet.emulate import DeviceCompute
+
+    shards = partition(digits.train.labels, PartitionConfig("iid", 2, seed=0))
+    compute = DeviceCompute(str(bundle.path), digits.train, shards, threads=1)
+    w0 = bundle.load_trainables()
+    rng = np.random.default_rng(3)
+    w1 = {k: v + 0.1 * rng.standard_normal(v.shape).astype(v.dtype) for k, v in w0.items()}
+    task = RoundTask(round_id=1, model_version=1, round_seed=11, device_index=1, num_perturbations=3,
+                     candidate_ratio=5, batch_size=16)
+    compute.run(0, w0, [])
+    (_, result), = compute.run(1, w1, [(0, task)])
+    n = bundle.manifest.num_trainable
+    guided = select_indices(task, n, guide_from_versions(w1, w0, bundle.manifest.trainables))
+    assert list(result.indices) == sorted(guided) or set(result.indices) == set(guided)
+    assert set(result.indices) != set(range(3))  # not just the first K of the pool
+    assert result.extras == {}  # diagnostics stay on the device
