@@ -110,7 +110,7 @@ def class_stats(features: np.ndarray, labels: np.ndarray, num_classes: int) -> C
 def stats_wire_bytes(stats: ClassStats) -> int:
     """Header + per present class: 1-byte class id, 4-byte count, float16 mean."""
     present = int((stats.counts > 0).sum())
-    return _HEADER_BYTES + present * (1 + 4 + 2 * stats.means.shape[1])
+    return _HEADER_BYTES + present * (1 + 4 + 2 * int(stats.means.shape[1]))
 
 
 def centroid_head(uploads: Sequence[ClassStats]) -> tuple[np.ndarray, np.ndarray]:
