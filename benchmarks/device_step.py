@@ -10,30 +10,50 @@ and an FF-MLP bundle from ``fwdfleet export ff-mlp``) this measures
    the training step (target < 10%), and the time to regenerate the update from (k, d_k);
 3. the bytes of one DeviceResult on the wire at K = 1..64 (target < 1 KB): the real protobuf
    (``fwdfleet.protocol.serde.result_to_proto``) with and without the diagnostic ``extras``,
-   and the compact estimate 8 bytes per (k, d_k) + 40 fixed.
+   and the compact estimate 8 bytes per (k, d_k) + 40 fixed;
+4. ``--compare-options``: the speed of one forward under each session-option variant relative to
+   the defaults, in one process with the variants interleaved (robust to a shared machine), next
+   to the peak memory of each variant's training step (fresh processes);
+5. generating a perturbation as one vector versus chunk by chunk (time, and a bit-for-bit check).
 
     python benchmarks/device_step.py BUNDLE [BUNDLE ...] [--batch-size 16] [--sequence-length 128]
-        [--k 4] [--repeats 3] [--torch] [--json]
+        [--k 4] [--repeats 3] [--torch] [--external-data] [--compare-options] [--json]
+
+Memory-option flags (``--no-arena``, ``--mem-pattern``, ``--no-prepacking``,
+``--graph-optimization``, ``--spinning``, ``--threads``, ``--chunk``) are those of ``fwdfleet device memory``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from device_runtime.data import synthetic_batch
-from device_runtime.estimator import EstimatorWorkspace, accumulate_update, estimate, uplink_bytes
-from device_runtime.memory import measure_memory
-from device_runtime.perturbation import flatten, perturbation, random_words, split
-from device_runtime.session import BundleSession, SessionOptions
+from device_runtime.estimator import EstimatorWorkspace, accumulate_update, estimate, load_flat_trainables, uplink_bytes
+from device_runtime.memory import RuntimeOptions, add_runtime_args, measure_memory, worker_batch
+from device_runtime.perturbation import perturbation, split
+from device_runtime.sampling import perturbation_chunks
+from device_runtime.session import BundleSession
 from device_runtime.task import DeviceResult, RoundTask
-from fwdfleet.bundle import load_bundle
+from fwdfleet.bundle import Bundle, load_bundle, write_bundle
+
+# Session-option variants compared by --compare-options (name -> change from the defaults).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "defaults (pattern off, arena on, no spinning)": {},
+    "memory pattern on (onnxruntime's default)": {"enable_mem_pattern": True},
+    "arena off": {"enable_cpu_mem_arena": False},
+    "prepacking off": {"disable_prepacking": True},
+    "graph optimization basic": {"graph_optimization": "basic"},
+    "threads spinning (onnxruntime's default)": {"allow_spinning": True},
+}
 
 
 def _task(k: int, step: int) -> RoundTask:
@@ -41,12 +61,29 @@ def _task(k: int, step: int) -> RoundTask:
                      k_start=k * step)  # fmt: skip
 
 
-def time_step(path: Path, batch_size: int, seq: int, k: int, repeats: int, threads: int) -> dict[str, Any]:
+def external_data_copy(bundle: Bundle, out: Path) -> Path:
+    """A copy of ``bundle`` whose graphs keep their weights as ONNX external data (``<graph>.data``)."""
+    import onnx
+
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(bundle.path, out)
+    for g in bundle.manifest.graphs:
+        model = onnx.load(str(bundle.path / g.file))
+        target = out / g.file
+        onnx.save_model(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=target.name + ".data", size_threshold=1024)  # fmt: skip
+    (out / "manifest.json").unlink()
+    write_bundle(out, bundle.manifest, bundle.load_trainables())
+    return load_bundle(out).path
+
+
+def time_step(path: Path, batch_size: int, seq: int, k: int, repeats: int, opts: RuntimeOptions) -> dict[str, Any]:
     bundle = load_bundle(path)
-    session = BundleSession(bundle, SessionOptions(intra_op_threads=threads))
-    batch = synthetic_batch(bundle, batch_size, sequence_length=seq)
-    ws = EstimatorWorkspace(session.trainable_specs)
-    w = flatten(bundle.load_trainables(), session.trainable_specs)
+    session = BundleSession(bundle, opts.session_options())
+    batch = worker_batch(bundle, batch_size, seq)
+    ws = EstimatorWorkspace(session.trainable_specs, chunk=opts.chunk)
+    w = load_flat_trainables(bundle, session.trainable_specs)
     current = split(w, session.trainable_specs)
     estimate(session, current, batch, _task(1, 10_000), workspace=ws)  # warm-up
     steps, perturb, update, forward = [], [], [], []
@@ -58,11 +95,6 @@ def time_step(path: Path, batch_size: int, seq: int, k: int, repeats: int, threa
         steps.append(result.compute_seconds)
         perturb.append(result.extras["perturbation_seconds"])
         forward.append(result.extras["session_seconds"] / result.extras["passes"])
-    gen = []
-    for i in range(3):
-        t = time.perf_counter()
-        perturbation(7, 0, i, ws.n, out=ws.z)
-        gen.append(time.perf_counter() - t)
     step_s, perturb_s, update_s = float(np.median(steps)), float(np.median(perturb)), float(np.median(update))
     return {
         "kind": bundle.manifest.kind,
@@ -75,36 +107,62 @@ def time_step(path: Path, batch_size: int, seq: int, k: int, repeats: int, threa
         "perturbation_share": perturb_s / step_s,
         "update_seconds": update_s,
         "perturbation_and_update_share": (perturb_s + update_s) / (step_s + update_s),
-        "generate_one_z_seconds": float(np.median(gen)),
         "last_result": result,
     }
 
 
-def rademacher_without_temporary(round_seed: int, device: int, k: int, n: int, out: np.ndarray) -> np.ndarray:
-    """Proposed change to ``device_runtime.perturbation.perturbation`` (Rademacher branch): write
-    ``1 - 2 * bit`` into ``out`` in place instead of through an n-sized float32 temporary
-    (``np.float32(2.0) * bits``). Same values bit for bit; checked by :func:`compare_generators`."""
-    words = random_words(round_seed, device, k, (n + 31) // 32)
-    bits = np.unpackbits(words.astype("<u4").view(np.uint8), bitorder="little")[:n]
-    np.multiply(bits, np.float32(-2.0), out=out, casting="unsafe")
-    out += np.float32(1.0)
-    return out
+def compare_options(
+    path: Path, batch_size: int, seq: int, k: int, rounds: int, opts: RuntimeOptions
+) -> list[dict[str, Any]]:
+    """Per variant: forward time relative to the defaults (interleaved in one process) and the
+    training step's peak RSS (fresh process)."""
+    bundle = load_bundle(path)
+    base = opts.session_options()
+    sessions = {name: BundleSession(bundle, replace(base, **change)) for name, change in VARIANTS.items()}
+    trainables = bundle.load_trainables()
+    batch = worker_batch(bundle, batch_size, seq)
+    runners = {name: s.bind(trainables, batch) for name, s in sessions.items()}
+    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    for r in runners.values():
+        r.run()
+    for _ in range(rounds):
+        for name, r in runners.items():
+            t = time.perf_counter()
+            r.run()
+            times[name].append(time.perf_counter() - t)
+    del runners, sessions
+    ref = float(np.median(times[next(iter(VARIANTS))]))
+    rows = []
+    for name, change in VARIANTS.items():
+        variant = RuntimeOptions(**{**vars(opts), **change})
+        mem = measure_memory(path, batch_size=batch_size, sequence_length=seq, num_perturbations=k, options=variant,
+                             modes=("train",))  # fmt: skip
+        median = float(np.median(times[name]))
+        rows.append(
+            {"variant": name, "forward_seconds": median, "time_ratio": median / ref,
+             "train_peak_mb": mem.figure("train").peak_mb}
+        )  # fmt: skip
+    return rows
 
 
-def compare_generators(n: int, repeats: int = 5) -> dict[str, float]:
-    """Median seconds of the current generator and of the proposed in-place variant, into a warm buffer."""
-    a, b = np.zeros(n, np.float32), np.zeros(n, np.float32)
-    cur, new = [], []
+def compare_generation(n: int, chunk: int, repeats: int = 5) -> dict[str, float]:
+    """Median seconds to generate one Rademacher z of ``n`` values as one vector and chunk by chunk
+    (into a warm buffer); raises if the chunks differ from the vector by a single bit."""
+    whole, part = np.zeros(n, np.float32), np.zeros(min(n, chunk), np.float32)
+    check = np.zeros(n, np.float32)
+    t_whole, t_chunks = [], []
     for i in range(repeats):
         t = time.perf_counter()
-        perturbation(11, 0, i, n, out=a)
-        cur.append(time.perf_counter() - t)
+        perturbation(11, 0, i, n, out=whole)
+        t_whole.append(time.perf_counter() - t)
         t = time.perf_counter()
-        rademacher_without_temporary(11, 0, i, n, b)
-        new.append(time.perf_counter() - t)
-        if not np.array_equal(a, b):
-            raise AssertionError("the proposed generator differs from device_runtime.perturbation")
-    return {"n": float(n), "current_seconds": float(np.median(cur)), "proposed_seconds": float(np.median(new))}
+        for start, zc in perturbation_chunks(11, 0, i, n, "rademacher", part):
+            check[start : start + zc.size] = zc
+        t_chunks.append(time.perf_counter() - t)
+        if not np.array_equal(whole.view(np.uint32), check.view(np.uint32)):
+            raise AssertionError("chunked generation differs from device_runtime.perturbation")
+    return {"n": float(n), "chunk": float(chunk), "whole_seconds": float(np.median(t_whole)),
+            "chunked_seconds": float(np.median(t_chunks))}  # fmt: skip
 
 
 def uplink(result: DeviceResult, ks: list[int]) -> list[dict[str, Any]]:
@@ -130,6 +188,19 @@ def uplink(result: DeviceResult, ks: list[int]) -> list[dict[str, Any]]:
     return rows
 
 
+def _print_memory(label: str, mem: Any, with_torch: bool) -> None:
+    inf, tr = mem.figure("inference"), mem.figure("train")
+    print(f"{label}: peak RSS inference {inf.peak_mb or 0:.1f} MB, training step {tr.peak_mb or 0:.1f} MB, ratio "
+          f"{mem.train_over_inference or float('nan'):.3f} (target <= 1.05)")  # fmt: skip
+    print("  import baseline (peak MB after each stage): " + ", ".join(f"{k} {v:.1f}" for k, v in tr.stages.items()))
+    if with_torch:
+        tf = mem.figure("torch")
+        print(f"  torch backprop step {tf.peak_mb or float('nan'):.1f} MB ({tf.note}); torch / training step "
+              f"{mem.torch_over_train or float('nan'):.2f}x (target >= 4)")  # fmt: skip
+        if tf.stages:
+            print("  torch stages: " + ", ".join(f"{k} {v:.1f}" for k, v in tf.stages.items()))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("bundles", nargs="+", type=Path)
@@ -138,56 +209,62 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=4, help="perturbations per timed/measured step")
     p.add_argument("--uplink-ks", default="1,4,16,64")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=0)
     p.add_argument("--torch", action="store_true", help="also measure a torch backprop step (needs the export extra)")
-    p.add_argument(
-        "--generator-n",
-        type=int,
-        default=13_600_000,
-        help="also time generating one Rademacher z of this size, current vs proposed (0: skip)",
-    )
+    p.add_argument("--external-data", action="store_true", help="also measure a copy with external-data weights")
+    p.add_argument("--compare-options", action="store_true", help="speed and memory of each session-option variant")
+    p.add_argument("--compare-rounds", type=int, default=10, help="interleaved forwards per variant")
+    p.add_argument("--generator-n", type=int, default=13_600_000,
+                   help="also time generating one Rademacher z of this size, whole vs chunked (0: skip)")  # fmt: skip
+    add_runtime_args(p)
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
+    opts = RuntimeOptions.from_args(a)
     ks = [int(v) for v in a.uplink_ks.split(",")]
-    report = []
-    for path in a.bundles:
-        modes = ("inference", "train", "torch") if a.torch else ("inference", "train")
-        mem = measure_memory(path, batch_size=a.batch_size, sequence_length=a.sequence_length,
-                             num_perturbations=a.k, threads=a.threads, modes=modes)  # fmt: skip
-        timing = time_step(path, a.batch_size, a.sequence_length, a.k, a.repeats, a.threads)
-        result = timing.pop("last_result")
-        entry: dict[str, Any] = {
-            "bundle": str(path),
-            "memory": mem.to_json(),
-            "timing": timing,
-            "uplink": uplink(result, ks),
-        }
-        report.append(entry)
-        if not a.json:
-            inf, tr = mem.figure("inference"), mem.figure("train")
+    modes = ("inference", "train", "torch") if a.torch else ("inference", "train")
+    report: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in a.bundles:
+            mem = measure_memory(path, batch_size=a.batch_size, sequence_length=a.sequence_length,
+                                 num_perturbations=a.k, options=opts, modes=modes)  # fmt: skip
+            timing = time_step(path, a.batch_size, a.sequence_length, a.k, a.repeats, opts)
+            result = timing.pop("last_result")
+            entry: dict[str, Any] = {"bundle": str(path), "memory": mem.to_json(), "timing": timing,
+                                     "uplink": uplink(result, ks)}  # fmt: skip
+            ext_mem = None
+            if a.external_data:
+                ext = external_data_copy(load_bundle(path), Path(tmp) / f"ext_{len(report)}")
+                ext_mem = measure_memory(ext, batch_size=a.batch_size, sequence_length=a.sequence_length,
+                                         num_perturbations=a.k, options=opts, modes=("inference", "train"))  # fmt: skip
+                entry["external_data_memory"] = ext_mem.to_json()
+            if a.compare_options:
+                entry["options"] = compare_options(path, a.batch_size, a.sequence_length, a.k, a.compare_rounds, opts)
+            report.append(entry)
+            if a.json:
+                continue
             t = timing
             print(f"== {path} ({t['kind']}, {t['quantization']}, {t['num_trainable']:,} trainable values; "
                   f"batch {a.batch_size}, sequence {a.sequence_length}, K={a.k})")  # fmt: skip
-            ratio = mem.train_over_inference
-            print(f"peak RSS: inference {inf.peak_mb or 0:.1f} MB, training step {tr.peak_mb or 0:.1f} MB, "
-                  f"ratio {ratio or float('nan'):.3f}  (target <= 1.05)")  # fmt: skip
-            if a.torch:
-                tf = mem.figure("torch")
-                print(f"torch backprop step: {tf.peak_mb or float('nan'):.1f} MB ({tf.note})")
-            print(f"forward {timing['forward_seconds']:.4f} s; step {timing['step_seconds']:.4f} s; perturbation "
-                  f"generation+bookkeeping {timing['perturbation_seconds']:.4f} s = "
-                  f"{100 * timing['perturbation_share']:.2f}% of the step (target < 10%); with the update "
-                  f"regenerated on the device: {100 * timing['perturbation_and_update_share']:.2f}%")  # fmt: skip
+            _print_memory("as exported", mem, a.torch)
+            if ext_mem is not None:
+                _print_memory("weights as external data", ext_mem, False)
+                torch_mb, ext_train = mem.figure("torch").peak_mb if a.torch else None, ext_mem.figure("train").peak_mb
+                if torch_mb and ext_train:
+                    print(f"  torch / training step (external data): {torch_mb / ext_train:.2f}x")
+            print(f"forward {t['forward_seconds']:.4f} s; step {t['step_seconds']:.4f} s; perturbation "
+                  f"generation+bookkeeping {t['perturbation_seconds']:.4f} s = {100 * t['perturbation_share']:.2f}% "
+                  f"of the step (target < 10%); with the update regenerated on the device: "
+                  f"{100 * t['perturbation_and_update_share']:.2f}%")  # fmt: skip
+            for row in entry.get("options", []):
+                print(f"  {row['variant']:<44} forward x{row['time_ratio']:.3f}  train peak "
+                      f"{row['train_peak_mb'] or float('nan'):.1f} MB")  # fmt: skip
             for row in entry["uplink"]:
                 print(f"uplink K={row['k']:>3}: " + ", ".join(f"{k} {v}" for k, v in row.items() if k != "k"))
-    generator = compare_generators(a.generator_n) if a.generator_n > 0 else None
+    generator = compare_generation(a.generator_n, a.chunk) if a.generator_n > 0 else None
     if generator and not a.json:
-        print(
-            f"generating one Rademacher z of {a.generator_n:,} values into a warm buffer: current "
-            f"{generator['current_seconds']:.4f} s, proposed in-place {generator['proposed_seconds']:.4f} s"
-        )
+        print(f"generating one Rademacher z of {a.generator_n:,} values: whole vector {generator['whole_seconds']:.4f}"
+              f" s, in chunks of {a.chunk:,} {generator['chunked_seconds']:.4f} s (bit-identical)")  # fmt: skip
     if a.json:
-        print(json.dumps({"bundles": report, "generator": generator}, indent=2))
+        print(json.dumps({"bundles": report, "generator": generator, "options": vars(opts)}, indent=2))
     return 0
 
 

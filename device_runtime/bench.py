@@ -17,13 +17,13 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from device_runtime.memory import peak_rss_kb, run_worker
+from device_runtime.memory import RuntimeOptions, add_runtime_args, peak_rss_kb, run_worker, worker_batch
 from device_runtime.session import available_providers, check_providers, provider_name
 
 # Providers listed by onnxruntime that do not run a model on this machine.
@@ -59,6 +59,7 @@ class BenchResult:
     train_step: Latency | None
     peak_mb: float | None
     error: str = ""
+    options: RuntimeOptions = field(default_factory=RuntimeOptions)
 
 
 def benchmark(
@@ -72,10 +73,11 @@ def benchmark(
     num_perturbations: int = 4,
     batch_size: int = 16,
     sequence_length: int = 128,
-    threads: int = 0,
+    options: RuntimeOptions | None = None,
     timeout: float = 1800.0,
 ) -> list[BenchResult]:
     """Benchmark every (provider, bundle) pair, each in a fresh process."""
+    opts = options if options is not None else RuntimeOptions()
     chosen = [provider_name(p) for p in providers] if providers else ["CPUExecutionProvider"]
     check_providers(chosen)
     out = []
@@ -84,10 +86,10 @@ def benchmark(
             args = [str(bundle), "--provider", provider, "--warmup", str(warmup), "--count", str(count),
                     "--train-count", str(train_count), "--duration", str(duration), "--k", str(num_perturbations),
                     "--batch-size", str(batch_size), "--sequence-length", str(sequence_length),
-                    "--threads", str(threads)]  # fmt: skip
+                    *opts.to_args()]  # fmt: skip
             r = run_worker("device_runtime.bench", args, timeout)
             if "error" in r:
-                out.append(BenchResult(str(bundle), provider, "?", 0, None, None, None, r["error"]))
+                out.append(BenchResult(str(bundle), provider, "?", 0, None, None, None, r["error"], opts))
                 continue
             out.append(
                 BenchResult(
@@ -98,6 +100,7 @@ def benchmark(
                     inference=Latency(**r["inference"]),
                     train_step=Latency(**r["train_step"]),
                     peak_mb=r["peak_kb"] / 1024.0,
+                    options=opts,
                 )
             )
     return out
@@ -158,22 +161,21 @@ def _main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--sequence-length", type=int, default=128)
-    p.add_argument("--threads", type=int, default=0)
+    add_runtime_args(p)
     a = p.parse_args(argv)
     try:
-        from device_runtime.data import synthetic_batch
-        from device_runtime.estimator import EstimatorWorkspace, accumulate_update, estimate
-        from device_runtime.perturbation import flatten, split
-        from device_runtime.session import BundleSession, SessionOptions
+        from device_runtime.estimator import EstimatorWorkspace, accumulate_update, estimate, load_flat_trainables
+        from device_runtime.perturbation import split
+        from device_runtime.session import BundleSession
         from device_runtime.task import RoundTask
         from fwdfleet.bundle import load_bundle
 
+        opts = RuntimeOptions.from_args(a)
         bundle = load_bundle(a.bundle)
-        session = BundleSession(bundle, SessionOptions(providers=(a.provider,), intra_op_threads=a.threads))
-        trainables = bundle.load_trainables()
-        batch = synthetic_batch(bundle, a.batch_size, sequence_length=a.sequence_length)
-        ws = EstimatorWorkspace(session.trainable_specs)
-        w = flatten(trainables, session.trainable_specs)
+        session = BundleSession(bundle, replace(opts.session_options(), providers=(a.provider,)))
+        batch = worker_batch(bundle, a.batch_size, a.sequence_length)
+        ws = EstimatorWorkspace(session.trainable_specs, chunk=opts.chunk)
+        w = load_flat_trainables(bundle, session.trainable_specs)
         current = split(w, session.trainable_specs)
         runner = session.bind(current, batch, ("loss",))
         inference = _timed(runner.run, a.warmup, a.count, a.duration)

@@ -2,14 +2,21 @@
 
 Each figure is the peak resident set size (``VmHWM`` in ``/proc/self/status``) of a **fresh**
 Python process that loads the bundle and does one thing, so the figures do not contaminate each
-other. ``tracemalloc`` is never used: it cannot see onnxruntime's (C++) allocations.
+other. ``tracemalloc`` is never used: it cannot see onnxruntime's (C++) allocations. VmHWM
+counts file-backed pages too, so weights memory-mapped from external data count once touched.
 
 * ``inference``: one session, two forwards of a batch (the first allocates the arena);
 * ``train``: one session, one training step: K central-difference estimates (2K forwards) and
-  the SGD update regenerated from the seeds;
+  the SGD update regenerated from the seeds, with the trainables held as one flat vector;
 * ``torch`` (only where torch and the export extra are installed): the bundle's torch twin
   (``export.rebuild.torch_twin_from_bundle``), forward + backward + AdamW step on the same
   batch. torch is imported inside that subprocess only; the device runtime never imports it.
+
+Every worker also records the peak after each stage (interpreter, numpy, onnxruntime or torch,
+our modules, session or model built), so the import baseline is reported apart from the work.
+Token ids of the synthetic batch are drawn over the whole vocabulary (when the bundle's
+tokenizer tells its size) so that a memory-mapped embedding table is paged in as by real text
+or worse.
 
 ``python -m device_runtime.memory BUNDLE --mode MODE ...`` is the worker; :func:`measure_memory`
 runs the workers and collects their JSON.
@@ -24,11 +31,15 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:  # the worker measures its imports: onnxruntime is imported where it is used
+    from device_runtime.session import GraphOptimization, SessionOptions
 
 MODES = ("inference", "train", "torch")
+GRAPH_OPTIMIZATIONS = ("disable", "basic", "extended", "all")
 
 
 def peak_rss_kb() -> int:
@@ -44,12 +55,76 @@ def peak_rss_kb() -> int:
 
 
 @dataclass(frozen=True)
+class RuntimeOptions:
+    """The session and estimator settings a memory or benchmark worker runs with (see
+    :class:`device_runtime.session.SessionOptions` for what each costs)."""
+
+    threads: int = 0
+    enable_cpu_mem_arena: bool = True
+    enable_mem_pattern: bool = False
+    disable_prepacking: bool = False
+    graph_optimization: str = "all"
+    allow_spinning: bool = False
+    chunk: int = 1 << 16  # z values generated at a time by the estimator
+
+    def __post_init__(self) -> None:
+        if self.threads < 0:
+            raise ValueError(f"RuntimeOptions.threads must be >= 0 (0: automatic), got {self.threads}")
+        if self.graph_optimization not in GRAPH_OPTIMIZATIONS:
+            raise ValueError(f"RuntimeOptions.graph_optimization must be one of {GRAPH_OPTIMIZATIONS}")
+        if self.chunk < 1:
+            raise ValueError(f"RuntimeOptions.chunk must be >= 1, got {self.chunk}")
+
+    def to_args(self) -> list[str]:
+        args = ["--threads", str(self.threads), "--graph-optimization", self.graph_optimization]
+        args += ["--chunk", str(self.chunk)]
+        args += [] if self.enable_cpu_mem_arena else ["--no-arena"]
+        args += ["--mem-pattern"] if self.enable_mem_pattern else []
+        args += ["--no-prepacking"] if self.disable_prepacking else []
+        args += ["--spinning"] if self.allow_spinning else []
+        return args
+
+    def session_options(self) -> SessionOptions:
+        from device_runtime.session import SessionOptions  # imports onnxruntime: not at module level
+
+        return SessionOptions(intra_op_threads=self.threads, enable_cpu_mem_arena=self.enable_cpu_mem_arena,
+                              enable_mem_pattern=self.enable_mem_pattern, disable_prepacking=self.disable_prepacking,
+                              graph_optimization=cast("GraphOptimization", self.graph_optimization),
+                              allow_spinning=self.allow_spinning)  # fmt: skip
+
+    @classmethod
+    def from_args(cls, a: argparse.Namespace) -> RuntimeOptions:
+        return cls(
+            threads=a.threads,
+            enable_cpu_mem_arena=not a.no_arena,
+            enable_mem_pattern=a.mem_pattern,
+            disable_prepacking=a.no_prepacking,
+            graph_optimization=a.graph_optimization,
+            allow_spinning=a.spinning,
+            chunk=a.chunk,
+        )
+
+
+def add_runtime_args(p: argparse.ArgumentParser) -> None:
+    """The worker and CLI flags of :class:`RuntimeOptions` (defaults: the memory-friendly ones)."""
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: automatic)")
+    p.add_argument("--no-arena", action="store_true", help="disable onnxruntime's CPU memory arena")
+    p.add_argument("--mem-pattern", action="store_true", help="enable onnxruntime's memory pattern (more memory)")
+    p.add_argument("--no-prepacking", action="store_true", help="do not keep pre-packed copies of constant weights")
+    p.add_argument("--graph-optimization", choices=GRAPH_OPTIMIZATIONS, default="all")
+    p.add_argument("--spinning", action="store_true", help="let onnxruntime's intra-op threads spin between runs "
+                   "(its default; off here: it slows the perturbation arithmetic on few cores)")  # fmt: skip
+    p.add_argument("--chunk", type=int, default=1 << 16, help="perturbation values generated at a time")
+
+
+@dataclass(frozen=True)
 class MemoryFigure:
     mode: str
     peak_mb: float | None  # None: not measured (see note)
-    baseline_mb: float | None = None  # peak after imports, before the bundle is loaded
+    baseline_mb: float | None = None  # peak after all imports, before the bundle is loaded
     seconds: float | None = None  # time of the measured work (not of the process)
     note: str = ""
+    stages: dict[str, float] = field(default_factory=dict)  # peak MB after each stage, in order
 
 
 @dataclass(frozen=True)
@@ -59,18 +134,28 @@ class MemoryReport:
     sequence_length: int
     num_perturbations: int
     figures: tuple[MemoryFigure, ...]
+    options: RuntimeOptions = field(default_factory=RuntimeOptions)
 
     def figure(self, mode: str) -> MemoryFigure:
         return next(f for f in self.figures if f.mode == mode)
 
+    def _ratio(self, top: str, bottom: str) -> float | None:
+        modes = {f.mode: f.peak_mb for f in self.figures}
+        a, b = modes.get(top), modes.get(bottom)
+        return a / b if a and b else None
+
     @property
     def train_over_inference(self) -> float | None:
-        inf, tr = self.figure("inference").peak_mb, self.figure("train").peak_mb
-        return tr / inf if inf and tr else None
+        return self._ratio("train", "inference")
+
+    @property
+    def torch_over_train(self) -> float | None:
+        return self._ratio("torch", "train")
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["train_over_inference"] = self.train_over_inference
+        d["torch_over_train"] = self.torch_over_train
         return d
 
 
@@ -95,17 +180,18 @@ def measure_memory(
     batch_size: int = 16,
     sequence_length: int = 128,
     num_perturbations: int = 4,
-    threads: int = 0,
+    options: RuntimeOptions | None = None,
     modes: Sequence[str] = MODES,
     timeout: float = 600.0,
 ) -> MemoryReport:
     """Measure each mode in its own fresh process."""
+    opts = options if options is not None else RuntimeOptions()
     figures = []
     for mode in modes:
         if mode not in MODES:
             raise ValueError(f"unknown memory mode {mode!r}; choose from {MODES}")
         args = [str(bundle), "--mode", mode, "--batch-size", str(batch_size), "--sequence-length",
-                str(sequence_length), "--k", str(num_perturbations), "--threads", str(threads)]  # fmt: skip
+                str(sequence_length), "--k", str(num_perturbations), *opts.to_args()]  # fmt: skip
         r = run_worker("device_runtime.memory", args, timeout)
         if "error" in r:
             figures.append(MemoryFigure(mode=mode, peak_mb=None, note=f"n/a: {r['error']}"))
@@ -117,92 +203,133 @@ def measure_memory(
                     baseline_mb=r["baseline_kb"] / 1024.0,
                     seconds=r["seconds"],
                     note=r.get("note", ""),
+                    stages={k: v / 1024.0 for k, v in r.get("stages_kb", {}).items()},
                 )
             )
-    return MemoryReport(str(bundle), batch_size, sequence_length, num_perturbations, tuple(figures))
+    return MemoryReport(str(bundle), batch_size, sequence_length, num_perturbations, tuple(figures), opts)
 
 
 # ------------------------------------------------------------------------------------------ worker
 
 
-def _ort_work(mode: str, bundle_path: str, batch_size: int, seq: int, k: int, threads: int) -> tuple[float, str]:
+def _vocab_size(bundle: Any) -> int | None:
+    """The tokenizer's vocabulary size, from the bundle's tokenizer files (None if unknown)."""
+    tok = bundle.manifest.tokenizer
+    for rel in tok.files if tok is not None else ():
+        path = bundle.path / rel
+        try:
+            if path.name == "tokenizer.json":
+                return len(json.loads(path.read_text())["model"]["vocab"])
+            if path.name == "vocab.txt":
+                return sum(1 for _ in path.open(encoding="utf-8"))
+        except (OSError, KeyError, TypeError, ValueError):
+            continue
+    return None
+
+
+def worker_batch(bundle: Any, batch_size: int, seq: int) -> dict[str, Any]:
+    """A synthetic batch whose token ids span the whole vocabulary (see the module doc)."""
+    import numpy as np
+
     from device_runtime.data import synthetic_batch
-    from device_runtime.estimator import EstimatorWorkspace, accumulate_update, estimate
-    from device_runtime.perturbation import flatten, split
-    from device_runtime.session import BundleSession, SessionOptions
+
+    batch = synthetic_batch(bundle, batch_size, sequence_length=seq)
+    vocab = _vocab_size(bundle)
+    if vocab and vocab > 1000 and "input_ids" in batch:
+        ids = batch["input_ids"]
+        batch["input_ids"] = np.random.default_rng(1).integers(5, vocab, size=ids.shape).astype(ids.dtype)
+    return batch
+
+
+def _ort_work(
+    mode: str, bundle_path: str, batch_size: int, seq: int, k: int, opts: RuntimeOptions, stages: dict[str, int]
+) -> tuple[float, str]:
+    from device_runtime.estimator import EstimatorWorkspace, accumulate_update, estimate, load_flat_trainables
+    from device_runtime.perturbation import split
+    from device_runtime.session import BundleSession
     from device_runtime.task import RoundTask
     from fwdfleet.bundle import load_bundle
 
+    stages["runtime modules"] = peak_rss_kb()
     bundle = load_bundle(bundle_path)
-    session = BundleSession(bundle, SessionOptions(intra_op_threads=threads))
-    trainables = bundle.load_trainables()
-    batch = synthetic_batch(bundle, batch_size, sequence_length=seq)
+    session = BundleSession(bundle, opts.session_options())
+    stages["session created"] = peak_rss_kb()
+    batch = worker_batch(bundle, batch_size, seq)
     start = time.perf_counter()
     if mode == "inference":
+        trainables = bundle.load_trainables()
         for _ in range(2):
             session.run(trainables, batch, ("loss",))
         return time.perf_counter() - start, "2 forwards"
-    ws = EstimatorWorkspace(session.trainable_specs)
-    w = flatten(trainables, session.trainable_specs)
-    del trainables  # the flat vector holds them now: one copy of the trainables, as in inference
+    w = load_flat_trainables(bundle, session.trainable_specs)  # the one copy of the trainables
     current = split(w, session.trainable_specs)
+    ws = EstimatorWorkspace(session.trainable_specs, chunk=opts.chunk)
     task = RoundTask(round_id=0, model_version=0, round_seed=1234, device_index=0, num_perturbations=k)
     result = estimate(session, current, batch, task, workspace=ws)
     accumulate_update(result, task, ws.n, scale=-1e-3 / max(1, len(result.indices)), out=w, buffer=ws.z)
-    return time.perf_counter() - start, f"{int(result.extras['passes'])} forwards + update"
+    copied = " (trainables copied)" if ws.copies_trainables else ""
+    return time.perf_counter() - start, f"{int(result.extras['passes'])} forwards + update{copied}"
 
 
-def _torch_work(bundle_path: str, batch_size: int, seq: int, threads: int) -> tuple[float, str]:
+def _torch_work(bundle_path: str, batch_size: int, seq: int, threads: int, stages: dict[str, int]) -> tuple[float, str]:
     import importlib.util
 
     if importlib.util.find_spec("torch") is None:
         raise RuntimeError("torch is not installed (pip install 'fwdfleet[export]')")
+    import torch
+
+    stages["torch"] = peak_rss_kb()
     try:
         from export.rebuild import torch_twin_from_bundle  # type: ignore[import-not-found,unused-ignore]
     except ImportError as e:
         raise RuntimeError(f"export.rebuild is not available ({e})") from e
-    import torch
-
-    from device_runtime.data import synthetic_batch
     from fwdfleet.bundle import load_bundle
 
+    stages["runtime modules"] = peak_rss_kb()
     if threads:
         torch.set_num_threads(threads)
     bundle = load_bundle(bundle_path)
     model = torch_twin_from_bundle(bundle)
-    batch = {k: torch.from_numpy(v) for k, v in synthetic_batch(bundle, batch_size, sequence_length=seq).items()}
+    stages["model built"] = peak_rss_kb()
+    batch = {k: torch.from_numpy(v) for k, v in worker_batch(bundle, batch_size, seq).items()}
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3)
     start = time.perf_counter()
     loss = model(**batch).mean()
+    stages["forward"] = peak_rss_kb()
     loss.backward()
     opt.step()
     return time.perf_counter() - start, f"forward + backward + AdamW over {sum(p.numel() for p in params):,} values"
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
+    stages = {"interpreter": peak_rss_kb()}
     p = argparse.ArgumentParser(prog="python -m device_runtime.memory", description=__doc__)
     p.add_argument("bundle")
     p.add_argument("--mode", choices=MODES, required=True)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--sequence-length", type=int, default=128)
     p.add_argument("--k", type=int, default=4)
-    p.add_argument("--threads", type=int, default=0)
+    add_runtime_args(p)
     a = p.parse_args(argv)
-    if a.mode != "torch":
-        import numpy  # noqa: F401  (counted in the baseline, as a device always has it loaded)
-        import onnxruntime  # noqa: F401
-    baseline = peak_rss_kb()
     try:
+        opts = RuntimeOptions.from_args(a)
         if a.mode == "torch":
-            seconds, note = _torch_work(a.bundle, a.batch_size, a.sequence_length, a.threads)
+            seconds, note = _torch_work(a.bundle, a.batch_size, a.sequence_length, a.threads, stages)
         else:
-            seconds, note = _ort_work(a.mode, a.bundle, a.batch_size, a.sequence_length, a.k, a.threads)
+            import numpy  # noqa: F401  (counted in the baseline, as a device always has it loaded)
+
+            stages["numpy"] = peak_rss_kb()
+            import onnxruntime  # noqa: F401
+
+            stages["onnxruntime"] = peak_rss_kb()
+            seconds, note = _ort_work(a.mode, a.bundle, a.batch_size, a.sequence_length, a.k, opts, stages)
     except Exception as e:  # reported to the parent as a one-line reason
         print(json.dumps({"error": f"{type(e).__name__}: {e}".splitlines()[0]}))
         return 0
-    print(json.dumps({"mode": a.mode, "peak_kb": peak_rss_kb(), "baseline_kb": baseline, "seconds": seconds,
-                      "note": note}))  # fmt: skip
+    stages["peak"] = peak_rss_kb()
+    print(json.dumps({"mode": a.mode, "peak_kb": stages["peak"], "baseline_kb": stages["runtime modules"],
+                      "seconds": seconds, "note": note, "stages_kb": stages}))  # fmt: skip
     return 0
 
 

@@ -12,6 +12,8 @@ path (never from bytes read into Python).
 
 from __future__ import annotations
 
+import ctypes
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -55,19 +57,35 @@ def provider_name(name: str) -> str:
 class SessionOptions:
     """How to run a bundle's graph on this device (never saved in the bundle).
 
-    ``intra_op_threads``/``inter_op_threads`` of 0 let onnxruntime choose. ``enable_cpu_mem_arena``
-    off trades speed for returning freed memory (it raised peak RSS in the prototype);
-    ``disable_prepacking`` keeps onnxruntime from keeping a second, pre-packed copy of constant
-    weights (lower peak memory, slower MatMuls).
+    ``intra_op_threads``/``inter_op_threads`` of 0 let onnxruntime choose.
+
+    Memory (peak RSS of a MiniLM LoRA training step, batch 16 x 128, measured by
+    ``fwdfleet device memory``; see ``benchmarks/device_step.py``):
+
+    * ``enable_mem_pattern`` (default **off**): onnxruntime's memory pattern pre-plans one
+      block for all the activations of a run; with dynamic shapes it reserved ~90 MB more than
+      allocating per operator (341 -> ~250 MB) for no measurable speed gain (0.98-1.05x), so it is
+      off by default;
+    * ``enable_cpu_mem_arena``: the arena keeps freed blocks for reuse; off lowers the resident
+      size between runs but not the peak (within noise), and costs a few percent; on by default;
+    * ``disable_prepacking``: onnxruntime keeps pre-packed copies of constant MatMul weights; with
+      weights in external data (memory-mapped) it lowers the session's resident size after
+      loading (107 -> 67 MB) but not the peak of a run, so it is off by default;
+    * ``graph_optimization``: no measurable effect on peak memory;
+    * ``allow_spinning`` (default **off**, onnxruntime's default is on): spinning intra-op threads
+      keep the cores busy after a run and slow the perturbation arithmetic between forwards; on
+      the FF MLP (643 K values, 2 cores) a training step took 0.72-0.98x the time with spinning
+      off (three interleaved pairs) and the perturbation share fell from 20-38% to 13-22%.
     """
 
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     intra_op_threads: int = 0
     inter_op_threads: int = 0
     enable_cpu_mem_arena: bool = True
-    enable_mem_pattern: bool = True
+    enable_mem_pattern: bool = False
     disable_prepacking: bool = False
     graph_optimization: GraphOptimization = "all"
+    allow_spinning: bool = False
     log_severity: int = 3
 
     def __post_init__(self) -> None:
@@ -93,7 +111,28 @@ class SessionOptions:
         so.log_severity_level = self.log_severity
         if self.disable_prepacking:
             so.add_session_config_entry("session.disable_prepacking", "1")
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.allow_spinning else "0")
         return so
+
+
+def release_freed_memory() -> bool:
+    """Give freed heap memory back to the operating system (glibc ``malloc_trim``; False elsewhere).
+
+    Called once a session is built: loading a graph whose weights are inside the ``.onnx`` file
+    frees a graph-sized protobuf buffer and many weight-sized temporaries, after which glibc's
+    adaptive mmap threshold made the peak of the next runs bimodal (MiniLM LoRA: 252 or 276 MB
+    from one run to the next). After a trim it is 252-253 MB every time.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    trim(0)
+    return True
 
 
 def check_providers(providers: Sequence[str]) -> None:
@@ -146,6 +185,7 @@ class BundleSession:
                 f"onnxruntime cannot load graph {graph!r} from {path}: {str(e).strip().splitlines()[0]}; "
                 "re-export the bundle or check that this onnxruntime supports its opset"
             ) from e
+        release_freed_memory()
         actual = {i.name for i in self._session.get_inputs()}
         declared = {t.name for t in self.graph.inputs}
         if actual != declared:

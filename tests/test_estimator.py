@@ -8,11 +8,20 @@ import numpy as np
 import pytest
 from _tiny_bundles import make_classifier_bundle, numpy_directional_derivative, numpy_loss
 
-from device_runtime.estimator import EstimatorWorkspace, dense_gradient, estimate, uplink_bytes
-from device_runtime.perturbation import PerturbationSpec, split
+from device_runtime.estimator import (
+    EstimatorWorkspace,
+    accumulate_update,
+    dense_gradient,
+    estimate,
+    flat_view,
+    load_flat_trainables,
+    uplink_bytes,
+)
+from device_runtime.perturbation import PerturbationSpec, flatten, perturbation, split
 from device_runtime.sampling import select_indices
 from device_runtime.session import BundleSession, SessionOptions
-from device_runtime.task import RoundTask
+from device_runtime.task import DeviceResult, RoundTask
+from fwdfleet.bundle import TensorSpec
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +146,53 @@ def test_uplink_is_under_one_kilobyte_at_k64(softmax) -> None:
     result = estimate(session, trainables, batch, _task(num_perturbations=64))
     assert len(result.indices) == 64
     assert uplink_bytes(result) < 1024
+
+
+# ------------------------------------------------------------------ memory: chunks and no copies
+
+
+@pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
+@pytest.mark.parametrize("chunk", [5, 64, 10_000])
+def test_chunked_perturbed_point_and_update_match_whole_vectors_bit_for_bit(distribution, chunk) -> None:
+    specs = (TensorSpec("a", (13, 7)), TensorSpec("b", (300,)))
+    n = 13 * 7 + 300
+    rng = np.random.default_rng(2)
+    w0 = rng.standard_normal(n).astype(np.float32)
+    ws = EstimatorWorkspace(specs, chunk=chunk)
+    ws.load(split(w0, specs))
+    z = perturbation(77, 3, 5, n, distribution)
+    for scale in (1e-2, -1e-2):
+        ws.perturb(77, 3, 5, distribution, scale)
+        expected = z * np.float32(scale)
+        expected += w0
+        np.testing.assert_array_equal(ws.wp.view(np.uint32), expected.view(np.uint32))
+    task = _task(round_seed=77, device_index=3, distribution=distribution)
+    result = DeviceResult(round_id=3, model_version=2, indices=(1, 4, 9), derivatives=(0.5, -2.25, 1e-3),
+                          num_samples=1, loss_mean=0.0, loss_std=0.0)  # fmt: skip
+    got = w0.copy()
+    accumulate_update(result, task, n, scale=-0.1, out=got, buffer=np.empty(chunk, np.float32))
+    want = w0.copy()
+    for k, d in zip(result.indices, result.derivatives, strict=True):  # the whole-vector formula
+        zk = perturbation(77, 3, k, n, distribution)
+        zk *= np.float32(-0.1 * d)
+        want += zk
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+def test_workspace_reads_a_flat_vector_in_place_and_copies_anything_else(softmax) -> None:
+    bundle, session, trainables, batch = softmax
+    specs = session.trainable_specs
+    w = flatten(trainables, specs)
+    ws = EstimatorWorkspace(specs)
+    ws.load(split(w, specs))
+    assert not ws.copies_trainables and np.shares_memory(ws.w0, w)
+    ws.load(trainables)  # separate arrays: copied once
+    assert ws.copies_trainables and not np.shares_memory(ws.w0, w)
+    np.testing.assert_array_equal(ws.w0, w)
+    assert flat_view(split(w, specs[::-1]), specs) is None  # views out of canonical order
+    np.testing.assert_array_equal(load_flat_trainables(bundle, specs), flatten(bundle.load_trainables(), specs))
+    # same estimate whether w is read in place or copied
+    task = _task(num_perturbations=3)
+    a = estimate(session, split(w, specs), batch, task, workspace=ws)
+    b = estimate(session, trainables, batch, task, workspace=ws)
+    assert a.derivatives == b.derivatives

@@ -10,7 +10,7 @@ import pytest
 from _tiny_bundles import make_classifier_bundle
 
 from device_runtime.bench import benchmark, format_table
-from device_runtime.memory import measure_memory, peak_rss_kb
+from device_runtime.memory import RuntimeOptions, measure_memory, peak_rss_kb
 from fwdfleet.cli.main import main
 from fwdfleet.errors import ConfigError
 
@@ -34,6 +34,20 @@ def test_memory_figures_come_from_fresh_processes(bundle) -> None:
     assert train.note == "8 forwards + update"
     assert report.train_over_inference is not None and report.train_over_inference <= 1.1
     assert json.loads(json.dumps(report.to_json()))["train_over_inference"] == report.train_over_inference
+    stages = list(train.stages)
+    assert stages == ["interpreter", "numpy", "onnxruntime", "runtime modules", "session created", "peak"]
+    values = list(train.stages.values())
+    assert values == sorted(values) and train.stages["peak"] == train.peak_mb  # a high-water mark only grows
+    assert train.baseline_mb == train.stages["runtime modules"]
+
+
+def test_memory_options_reach_the_worker(bundle) -> None:
+    opts = RuntimeOptions(enable_cpu_mem_arena=False, enable_mem_pattern=True, disable_prepacking=True,
+                          graph_optimization="basic", allow_spinning=True, chunk=7, threads=1)  # fmt: skip
+    report = measure_memory(bundle.path, batch_size=4, modes=("train",), options=opts)
+    assert report.figure("train").peak_mb and report.to_json()["options"]["chunk"] == 7
+    with pytest.raises(ValueError, match=r"RuntimeOptions\.chunk"):
+        RuntimeOptions(chunk=0)
 
 
 def test_memory_worker_errors_become_notes(tmp_path: Path) -> None:
@@ -77,6 +91,11 @@ def test_cli_device_commands(bundle, tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main(["device", "memory", str(bundle.path), "--modes", "inference,train", "--json"]) == 0
     mem = json.loads(capsys.readouterr().out)
     assert [f["mode"] for f in mem["figures"]] == ["inference", "train"]
+    assert mem["options"]["enable_mem_pattern"] is False
+
+    assert main(["device", "memory", str(bundle.path), "--modes", "train", "--no-arena", "--mem-pattern"]) == 0
+    out = capsys.readouterr().out
+    assert "arena off, memory pattern on" in out and "stages (peak MB): interpreter" in out
 
     assert main(["device", "bench", str(bundle.path), "--count", "3", "--train-count", "1", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["provider"] == "CPUExecutionProvider"
@@ -93,6 +112,7 @@ def test_cli_bad_input_exits_nonzero_with_one_line(bundle, tmp_path: Path, capsy
     )
     assert "not available" in _one_line_error(capsys, ["device", "bench", b, "--providers", "cuda"])
     assert "--modes" in _one_line_error(capsys, ["device", "memory", b, "--modes", "gpu"])
+    assert "RuntimeOptions.chunk" in _one_line_error(capsys, ["device", "memory", b, "--chunk", "0"])
     assert "bundle not found" in _one_line_error(capsys, ["device", "memory", str(tmp_path / "nothing")])
     corrupt = tmp_path / "corrupt"
     make_classifier_bundle(corrupt, in_dim=4, num_classes=2)

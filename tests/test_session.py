@@ -93,6 +93,11 @@ def test_session_options_validate_fields() -> None:
     so = SessionOptions(enable_cpu_mem_arena=False, disable_prepacking=True, intra_op_threads=1).to_ort()
     assert so.enable_cpu_mem_arena is False
     assert so.get_session_config_entry("session.disable_prepacking") == "1"
+    default = SessionOptions().to_ort()
+    assert default.enable_mem_pattern is False and default.enable_cpu_mem_arena is True  # memory-friendly defaults
+    assert (
+        SessionOptions(allow_spinning=False).to_ort().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    )
 
 
 def test_corrupt_bundle_is_a_bundle_error(tmp_path: Path) -> None:
@@ -120,3 +125,11 @@ def test_device_runtime_imports_without_torch() -> None:
         "assert sys.modules['torch'] is None\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_freed_memory_is_released_after_loading() -> None:
+    import sys
+
+    from device_runtime.session import release_freed_memory
+
+    assert release_freed_memory() is sys.platform.startswith("linux")

@@ -14,6 +14,8 @@ from fwdfleet.errors import ConfigError
 
 
 def register(sub: Any) -> None:
+    from device_runtime.memory import add_runtime_args  # standard library only: cheap at start-up
+
     p = sub.add_parser("device", help="train, measure and benchmark on this device", description=__doc__)
     dsub = p.add_subparsers(dest="device_command", metavar="ACTION", required=True)
 
@@ -51,13 +53,14 @@ def register(sub: Any) -> None:
         help="peak RSS of inference, a training step and torch backprop, each in a fresh process",
         description="Measure peak resident memory (VmHWM) of an inference, of a perturbed-inference "
         "training step and, where torch and the export extra are installed, of a torch backprop step, "
-        "each in a fresh process, on a synthetic batch of the bundle's inputs.",
+        "each in a fresh process, on a synthetic batch of the bundle's inputs. The defaults are the "
+        "memory-friendly session options (memory pattern off); the flags change them.",
     )
     m.add_argument("bundle")
     m.add_argument("--batch-size", type=int, default=16)
     m.add_argument("--sequence-length", type=int, default=128)
     m.add_argument("--k", type=int, default=4, help="perturbations in the training step (default 4)")
-    m.add_argument("--threads", type=int, default=0, help="intra-op threads (0: automatic)")
+    add_runtime_args(m)
     m.add_argument("--modes", default="inference,train,torch", help="comma-separated subset of the modes")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=_memory)
@@ -78,7 +81,7 @@ def register(sub: Any) -> None:
     b.add_argument("--k", type=int, default=4)
     b.add_argument("--batch-size", type=int, default=16)
     b.add_argument("--sequence-length", type=int, default=128)
-    b.add_argument("--threads", type=int, default=0)
+    add_runtime_args(b)
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=_bench)
 
@@ -153,6 +156,15 @@ def _train(args: argparse.Namespace) -> int:
     return 130 if report.interrupted else 0
 
 
+def _runtime_options(args: argparse.Namespace) -> Any:
+    from device_runtime.memory import RuntimeOptions
+
+    try:
+        return RuntimeOptions.from_args(args)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
 def _memory(args: argparse.Namespace) -> int:
     from device_runtime.memory import MODES, measure_memory
     from fwdfleet.bundle import load_bundle
@@ -162,18 +174,22 @@ def _memory(args: argparse.Namespace) -> int:
     unknown = sorted(set(modes) - set(MODES))
     if unknown or not modes:
         raise ConfigError(f"--modes {args.modes!r}: choose a comma-separated subset of {', '.join(MODES)}")
+    options = _runtime_options(args)
     bundle = load_bundle(args.bundle)  # fail fast, in this process, on a corrupt bundle
     report = measure_memory(
         bundle.path, batch_size=args.batch_size, sequence_length=args.sequence_length,
-        num_perturbations=args.k, threads=args.threads, modes=modes,
+        num_perturbations=args.k, options=options, modes=modes,
     )  # fmt: skip
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
         return 0
     m = bundle.manifest
+    o = options
     print(
         f"bundle {bundle.path} ({m.kind}, {m.quantization or 'fp32'}), batch {args.batch_size}, sequence "
-        f"{args.sequence_length}, K={args.k}; peak RSS (VmHWM), fresh process each"
+        f"{args.sequence_length}, K={args.k}; peak RSS (VmHWM), fresh process each; arena "
+        f"{'on' if o.enable_cpu_mem_arena else 'off'}, memory pattern {'on' if o.enable_mem_pattern else 'off'}, "
+        f"prepacking {'off' if o.disable_prepacking else 'on'}, optimization {o.graph_optimization}"
     )
     print(f"{'mode':<10} {'peak MB':>9} {'after imports':>14} {'seconds':>9}  note")
     for f in report.figures:
@@ -181,13 +197,13 @@ def _memory(args: argparse.Namespace) -> int:
         base = f"{f.baseline_mb:14.1f}" if f.baseline_mb is not None else f"{'':>14}"
         secs = f"{f.seconds:9.3f}" if f.seconds is not None else f"{'':>9}"
         print(f"{f.mode:<10} {peak} {base} {secs}  {f.note}")
+        if f.stages:
+            print(f"{'':<10} stages (peak MB): " + ", ".join(f"{k} {v:.1f}" for k, v in f.stages.items()))
     ratio = report.train_over_inference
     if ratio is not None:
         print(f"training step / inference peak: {ratio:.3f}x")
-    torch_fig = next((f for f in report.figures if f.mode == "torch"), None)
-    train_fig = next((f for f in report.figures if f.mode == "train"), None)
-    if torch_fig and train_fig and torch_fig.peak_mb and train_fig.peak_mb:
-        print(f"torch backprop / training step peak: {torch_fig.peak_mb / train_fig.peak_mb:.2f}x")
+    if report.torch_over_train is not None:
+        print(f"torch backprop / training step peak: {report.torch_over_train:.2f}x")
     return 0
 
 
@@ -208,7 +224,7 @@ def _bench(args: argparse.Namespace) -> int:
     results = benchmark(
         bundles, providers, warmup=args.warmup, count=args.count, train_count=args.train_count,
         duration=args.duration, num_perturbations=args.k, batch_size=args.batch_size,
-        sequence_length=args.sequence_length, threads=args.threads,
+        sequence_length=args.sequence_length, options=_runtime_options(args),
     )  # fmt: skip
     print(json.dumps(to_json(results), indent=2) if args.json else format_table(results))
     return 1 if any(r.error for r in results) else 0
