@@ -36,9 +36,9 @@ import numpy.typing as npt
 from device_runtime.perturbation_fast import (
     bit_lanes,
     from_lane_order,
-    rademacher_words,
     sign_table,
     tail_positions,
+    words_for_coords,
 )
 
 CHUNK_DEVICES = 16  # devices per partial sum: part of the summation order, never tuned per run
@@ -146,7 +146,7 @@ class _ChunkSummer:
             coords.extend((d.device_index, k) for k in d.indices)
             rows.extend(range(row, row + len(d.indices)))
             row += groups * width
-        gen = rademacher_words(self.round_seed, coords, seg.words, seg.start // 32)
+        gen = words_for_coords(self.round_seed, coords, seg.words, seg.start // 32)
         if len(rows) == row:
             words = np.ascontiguousarray(gen)  # whole blocks from a block boundary: no copy
         else:  # pad rows of partial groups: zero bits (their coefficients are zero too)

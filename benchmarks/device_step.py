@@ -39,8 +39,7 @@ import numpy as np
 
 from device_runtime.estimator import EstimatorWorkspace, accumulate_update, estimate, load_flat_trainables, uplink_bytes
 from device_runtime.memory import RuntimeOptions, add_runtime_args, measure_memory, worker_batch
-from device_runtime.perturbation import perturbation, split
-from device_runtime.sampling import perturbation_chunks
+from device_runtime.perturbation import perturbation, perturbation_chunks, split
 from device_runtime.session import BundleSession
 from device_runtime.task import DeviceResult, RoundTask
 from fwdfleet.bundle import Bundle, load_bundle, write_bundle

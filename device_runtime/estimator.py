@@ -11,7 +11,7 @@ Memory: one inference of the graph plus **one** trainable-sized float32 buffer, 
 point ``w'`` the session reads through an IOBinding, one chunk of ``z`` (64 K values) and, for
 Rademacher, the signs of one ``z`` (``n / 8`` bytes).
 ``z_k`` never exists as a whole vector: ``w' = w + eps z_k`` is formed chunk by chunk from
-:func:`device_runtime.sampling.perturbation_slice` (bit-identical to the whole-vector
+:func:`device_runtime.perturbation.perturbation_slice` (bit-identical to the whole-vector
 generator), and so is the update ``w += scale sum_k d_k z_k``. The current point ``w`` is read
 in place, without a copy, when the trainables are views of one flat float32 vector (as
 ``perturbation.split`` makes them and :func:`load_flat_trainables` loads them); otherwise it is
@@ -38,16 +38,18 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from device_runtime.perturbation import Distribution, F32Array, split
-from device_runtime.sampling import (
+from device_runtime.perturbation import (
     CHUNK_ELEMENTS,
+    Distribution,
+    F32Array,
     U32Array,
     chunk_ranges,
     expand_rademacher,
     perturbation_chunks,
     rademacher_words,
-    select_indices,
+    split,
 )
+from device_runtime.sampling import select_indices
 from device_runtime.session import BundleSession
 from device_runtime.task import DeviceResult, RoundTask
 from fwdfleet.bundle import Bundle, TensorSpec

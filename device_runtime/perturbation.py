@@ -48,6 +48,8 @@ _W0 = 0x9E3779B9
 _W1 = 0xBB67AE85
 _MASK32 = np.uint64(0xFFFFFFFF)
 _U32 = 1 << 32
+CHUNK_ELEMENTS = 1 << 16  # z values expanded at a time (256 KB of float32)
+WORD_BLOCKS = 1 << 14  # Philox blocks generated at a time: bounds the uint64 temporaries to ~1.5 MB
 
 U32Array = npt.NDArray[np.uint32]
 F32Array = npt.NDArray[np.float32]
@@ -108,24 +110,124 @@ def perturbation(
     *,
     out: F32Array | None = None,
 ) -> F32Array:
-    """The flat perturbation ``z`` of length ``n`` (float32) for ``(round_seed, device, k)``."""
+    """The flat perturbation ``z`` of length ``n`` (float32) for ``(round_seed, device, k)``.
+
+    Generated :data:`CHUNK_ELEMENTS` at a time (:func:`perturbation_slice`), so the generator's
+    temporaries stay chunk-sized whatever ``n`` is."""
+    if not 0 <= round_seed < 1 << 64:
+        raise ValueError(f"round_seed must be an unsigned 64-bit integer, got {round_seed}")
+    _check_u32("device", device)
+    _check_u32("k", k)
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"unknown distribution {distribution!r}; choose one of {DISTRIBUTIONS}")
     if out is None:
         out = np.empty(n, dtype=np.float32)
     elif out.shape != (n,) or out.dtype != np.float32:
         raise ValueError(f"out must be a float32 array of shape ({n},)")
-    if distribution == "rademacher":
-        words = random_words(round_seed, device, k, (n + 31) // 32)
-        bits = np.unpackbits(words.astype("<u4").view(np.uint8), bitorder="little")[:n]
-        np.multiply(bits, np.float32(-2.0), out=out, casting="unsafe")  # no n-sized temporary
-        out += np.float32(1.0)
-    elif distribution == "gaussian":
-        words = random_words(round_seed, device, k, 2 * n).astype(np.float64)
-        u1 = (words[0::2] + 1.0) / float(_U32)
-        u2 = words[1::2] / float(_U32)
-        out[:] = np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
-    else:
-        raise ValueError(f"unknown distribution {distribution!r}; choose one of {DISTRIBUTIONS}")
+    for start, stop in chunk_ranges(n, CHUNK_ELEMENTS):
+        perturbation_slice(round_seed, device, k, start, stop, distribution, out[start:stop])
     return out
+
+
+# ------------------------------------------------------------------- chunked regeneration
+# Elements start .. stop - 1 of a perturbation, bit for bit the same as the whole vector's (the
+# spec is per element): the estimator forms perturbed points and updates chunk by chunk, so z
+# never has to exist as a whole vector and the generator's temporaries stay chunk-sized.
+
+
+
+def rademacher_words(round_seed: int, device: int, k: int, n: int, out: U32Array | None = None) -> U32Array:
+    """The ``ceil(n / 32)`` stream words holding a Rademacher ``z``'s signs (``n / 8`` bytes),
+    generated :data:`WORD_BLOCKS` Philox blocks at a time."""
+    n_words = (n + 31) // 32
+    words = np.empty(n_words, dtype=np.uint32) if out is None else out
+    if words.shape != (n_words,) or words.dtype != np.uint32:
+        raise ValueError(f"out must be a uint32 array of shape ({n_words},)")
+    step = 4 * WORD_BLOCKS
+    for start in range(0, n_words, step):
+        stop = min(n_words, start + step)
+        words[start:stop] = random_words(round_seed, device, k, stop - start, start_word=start)
+    return words
+
+
+def sign_bits(words: U32Array, start: int, stop: int) -> npt.NDArray[np.bool_]:
+    """For elements ``start .. stop - 1`` of a Rademacher ``z``: True where ``z`` is -1."""
+    if stop <= start:
+        return np.zeros(0, dtype=np.bool_)
+    first, last = start // 32, (stop - 1) // 32
+    bits = np.unpackbits(words[first : last + 1].astype("<u4", copy=False).view(np.uint8), bitorder="little")
+    return bits[start - 32 * first : stop - 32 * first].view(np.bool_)
+
+
+def expand_rademacher(words: U32Array, start: int, stop: int, out: F32Array, scale: float = 1.0) -> F32Array:
+    """``scale * z`` for elements ``start .. stop - 1`` of the Rademacher ``z`` whose stream words are
+    ``words`` (as from :func:`rademacher_words`), written into ``out[: stop - start]`` (returned).
+
+    Computed as ``scale - 2 scale * bit``: exactly ``+scale`` or ``-scale`` in float32, the same as
+    ``scale * z``, in two passes over the chunk."""
+    z = out[: max(0, stop - start)]
+    s = np.float32(scale)
+    np.multiply(sign_bits(words, start, stop), np.float32(-2.0) * s, out=z, casting="unsafe")
+    z += s
+    return z
+
+
+def perturbation_slice(
+    round_seed: int, device: int, k: int, start: int, stop: int, distribution: Distribution, out: F32Array
+) -> F32Array:
+    """Elements ``start .. stop - 1`` of the perturbation ``(round_seed, device, k)``, written into
+    ``out[: stop - start]`` (returned); bit-identical to the same slice of the whole vector."""
+    m = stop - start
+    if start < 0 or m < 0 or out.size < m or out.dtype != np.float32:
+        raise ValueError(f"perturbation_slice needs 0 <= start <= stop and a float32 out of >= {m} values")
+    z = out[:m]
+    if m == 0:
+        return z
+    if distribution == "rademacher":
+        first, last = start // 32, (stop - 1) // 32
+        words = random_words(round_seed, device, k, last - first + 1, start_word=first)
+        return expand_rademacher(words, start - 32 * first, stop - 32 * first, z)
+    if distribution == "gaussian":
+        w = random_words(round_seed, device, k, 2 * m, start_word=2 * start).astype(np.float64)
+        u1 = (w[0::2] + 1.0) / float(_U32)
+        u2 = w[1::2] / float(_U32)
+        z[:] = np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
+        return z
+    raise ValueError(f"unknown distribution {distribution!r}; choose one of {DISTRIBUTIONS}")
+
+
+def chunk_ranges(n: int, chunk: int) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` covering ``0 .. n - 1`` in steps of ``chunk``."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    for start in range(0, n, chunk):
+        yield start, min(n, start + chunk)
+
+
+def perturbation_chunks(
+    round_seed: int,
+    device: int,
+    k: int,
+    n: int,
+    distribution: Distribution,
+    buffer: F32Array,
+    *,
+    words: U32Array | None = None,
+) -> Iterator[tuple[int, F32Array]]:
+    """Yield ``(start, z[start : start + len])`` over the whole perturbation, one ``buffer``-sized
+    chunk at a time (the yielded array is ``buffer``'s memory: use it before the next chunk).
+
+    Rademacher signs are generated once for the whole vector (``n / 8`` bytes; into ``words`` when
+    given, e.g. to reuse them for the other sign of a central difference), then expanded per chunk.
+    """
+    if distribution == "rademacher":
+        signs = rademacher_words(round_seed, device, k, n, out=words)
+        for start, stop in chunk_ranges(n, buffer.size):
+            yield start, expand_rademacher(signs, start, stop, buffer)
+        return
+    for start, stop in chunk_ranges(n, buffer.size):
+        yield start, perturbation_slice(round_seed, device, k, start, stop, distribution, buffer)
+
 
 
 def split(flat: F32Array, specs: Sequence[TensorSpec]) -> dict[str, F32Array]:

@@ -43,7 +43,7 @@ LaneArray = npt.NDArray[np.unsignedinteger]
 FloatArray = npt.NDArray[np.floating]
 
 
-def rademacher_words(round_seed: int, coords: Sequence[tuple[int, int]], n_words: int,
+def words_for_coords(round_seed: int, coords: Sequence[tuple[int, int]], n_words: int,
                      start_word: int = 0) -> U32Array:
     """Stream words ``start_word ..`` of every ``(device, k)`` in ``coords``: ``(len(coords), n_words)``.
 

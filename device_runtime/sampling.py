@@ -22,124 +22,22 @@ size. It improves the estimate only when the guide is well aligned with the curr
 The device can compute the guide itself as ``w_t - w_{t-1}`` from the two trainable sets it
 downloaded (:func:`guide_from_versions`); nothing extra travels on the wire.
 
-Chunked regeneration: :func:`perturbation_slice` writes elements ``start .. stop - 1`` of the
-perturbation :func:`device_runtime.perturbation.perturbation` would produce, bit for bit (the
-generator's spec is per element), so ``z`` never has to exist as a whole vector: the estimator
-forms the perturbed point and the update chunk by chunk, and the generator's temporaries
-(uint64 Philox lanes, unpacked bits) stay chunk-sized. (Candidate for
-``device_runtime.perturbation``; it lives here because both this module and the estimator use it.)
+Candidates are regenerated chunk by chunk (:func:`device_runtime.perturbation.perturbation_chunks`),
+so no candidate ever exists as a whole vector.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from device_runtime.perturbation import DISTRIBUTIONS, Distribution, F32Array, flatten, random_words
+from device_runtime.perturbation import CHUNK_ELEMENTS, F32Array, flatten, perturbation_chunks
 from device_runtime.task import RoundTask
 from fwdfleet.bundle import TensorSpec
 from fwdfleet.errors import ConfigError
-
-CHUNK_ELEMENTS = 1 << 16  # z values expanded at a time (256 KB of float32)
-WORD_BLOCKS = 1 << 14  # Philox blocks generated at a time: bounds the uint64 temporaries to ~1.5 MB
-_U32 = float(1 << 32)
-U32Array = npt.NDArray[np.uint32]
-
-
-def rademacher_words(round_seed: int, device: int, k: int, n: int, out: U32Array | None = None) -> U32Array:
-    """The ``ceil(n / 32)`` stream words holding a Rademacher ``z``'s signs (``n / 8`` bytes),
-    generated :data:`WORD_BLOCKS` Philox blocks at a time."""
-    n_words = (n + 31) // 32
-    words = np.empty(n_words, dtype=np.uint32) if out is None else out
-    if words.shape != (n_words,) or words.dtype != np.uint32:
-        raise ValueError(f"out must be a uint32 array of shape ({n_words},)")
-    step = 4 * WORD_BLOCKS
-    for start in range(0, n_words, step):
-        stop = min(n_words, start + step)
-        words[start:stop] = random_words(round_seed, device, k, stop - start, start_word=start)
-    return words
-
-
-def sign_bits(words: U32Array, start: int, stop: int) -> npt.NDArray[np.bool_]:
-    """For elements ``start .. stop - 1`` of a Rademacher ``z``: True where ``z`` is -1."""
-    if stop <= start:
-        return np.zeros(0, dtype=np.bool_)
-    first, last = start // 32, (stop - 1) // 32
-    bits = np.unpackbits(words[first : last + 1].astype("<u4", copy=False).view(np.uint8), bitorder="little")
-    return bits[start - 32 * first : stop - 32 * first].view(np.bool_)
-
-
-def expand_rademacher(words: U32Array, start: int, stop: int, out: F32Array, scale: float = 1.0) -> F32Array:
-    """``scale * z`` for elements ``start .. stop - 1`` of the Rademacher ``z`` whose stream words are
-    ``words`` (as from :func:`rademacher_words`), written into ``out[: stop - start]`` (returned).
-
-    Computed as ``scale - 2 scale * bit``: exactly ``+scale`` or ``-scale`` in float32, the same as
-    ``scale * z``, in two passes over the chunk."""
-    z = out[: max(0, stop - start)]
-    s = np.float32(scale)
-    np.multiply(sign_bits(words, start, stop), np.float32(-2.0) * s, out=z, casting="unsafe")
-    z += s
-    return z
-
-
-def perturbation_slice(
-    round_seed: int, device: int, k: int, start: int, stop: int, distribution: Distribution, out: F32Array
-) -> F32Array:
-    """Elements ``start .. stop - 1`` of the perturbation ``(round_seed, device, k)``, written into
-    ``out[: stop - start]`` (returned); bit-identical to the same slice of the whole vector."""
-    m = stop - start
-    if start < 0 or m < 0 or out.size < m or out.dtype != np.float32:
-        raise ValueError(f"perturbation_slice needs 0 <= start <= stop and a float32 out of >= {m} values")
-    z = out[:m]
-    if m == 0:
-        return z
-    if distribution == "rademacher":
-        first, last = start // 32, (stop - 1) // 32
-        words = random_words(round_seed, device, k, last - first + 1, start_word=first)
-        return expand_rademacher(words, start - 32 * first, stop - 32 * first, z)
-    if distribution == "gaussian":
-        w = random_words(round_seed, device, k, 2 * m, start_word=2 * start).astype(np.float64)
-        u1 = (w[0::2] + 1.0) / _U32
-        u2 = w[1::2] / _U32
-        z[:] = np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
-        return z
-    raise ValueError(f"unknown distribution {distribution!r}; choose one of {DISTRIBUTIONS}")
-
-
-def chunk_ranges(n: int, chunk: int) -> Iterator[tuple[int, int]]:
-    """``(start, stop)`` covering ``0 .. n - 1`` in steps of ``chunk``."""
-    if chunk < 1:
-        raise ValueError(f"chunk must be >= 1, got {chunk}")
-    for start in range(0, n, chunk):
-        yield start, min(n, start + chunk)
-
-
-def perturbation_chunks(
-    round_seed: int,
-    device: int,
-    k: int,
-    n: int,
-    distribution: Distribution,
-    buffer: F32Array,
-    *,
-    words: U32Array | None = None,
-) -> Iterator[tuple[int, F32Array]]:
-    """Yield ``(start, z[start : start + len])`` over the whole perturbation, one ``buffer``-sized
-    chunk at a time (the yielded array is ``buffer``'s memory: use it before the next chunk).
-
-    Rademacher signs are generated once for the whole vector (``n / 8`` bytes; into ``words`` when
-    given, e.g. to reuse them for the other sign of a central difference), then expanded per chunk.
-    """
-    if distribution == "rademacher":
-        signs = rademacher_words(round_seed, device, k, n, out=words)
-        for start, stop in chunk_ranges(n, buffer.size):
-            yield start, expand_rademacher(signs, start, stop, buffer)
-        return
-    for start, stop in chunk_ranges(n, buffer.size):
-        yield start, perturbation_slice(round_seed, device, k, start, stop, distribution, buffer)
 
 
 def guide_from_versions(

@@ -9,9 +9,9 @@ from device_runtime.perturbation import perturbation, random_words
 from device_runtime.perturbation_fast import (
     bit_lanes,
     from_lane_order,
-    rademacher_words,
     sign_table,
     tail_positions,
+    words_for_coords,
 )
 
 
@@ -19,7 +19,7 @@ from device_runtime.perturbation_fast import (
 def test_batched_words_equal_random_words(n_words: int, start: int) -> None:
     coords = [(0, 0), (2**32 - 1, 7), (5, 63), (5, 64), (123456, 2**32 - 1)]
     for seed in (0, 2**64 - 1, 20261123):
-        rows = rademacher_words(seed, coords, n_words, start)
+        rows = words_for_coords(seed, coords, n_words, start)
         assert rows.shape == (len(coords), n_words) and rows.dtype == np.uint32
         for row, (device, k) in zip(rows, coords, strict=True):
             assert np.array_equal(row, random_words(seed, device, k, n_words, start_word=start))
@@ -27,17 +27,17 @@ def test_batched_words_equal_random_words(n_words: int, start: int) -> None:
 
 def test_batched_words_reject_out_of_range_coordinates() -> None:
     with pytest.raises(ValueError, match="32-bit"):
-        rademacher_words(1, [(2**32, 0)], 4)
+        words_for_coords(1, [(2**32, 0)], 4)
     with pytest.raises(ValueError, match="round_seed"):
-        rademacher_words(-1, [(0, 0)], 4)
-    assert rademacher_words(1, [], 4).shape == (0, 4)
+        words_for_coords(-1, [(0, 0)], 4)
+    assert words_for_coords(1, [], 4).shape == (0, 4)
 
 
 @pytest.mark.parametrize("width", [8, 16])
 def test_bit_lanes_gather_each_elements_bits(width: int) -> None:
     n, n_words = 250, 8  # 256 elements: the last 6 are tail
     coords = [(3, k) for k in range(width)]
-    words = np.ascontiguousarray(rademacher_words(77, coords, n_words))
+    words = np.ascontiguousarray(words_for_coords(77, coords, n_words))
     lanes = bit_lanes(words, width).astype(np.int64)  # in place: words is now transposed
     assert lanes.shape == (width, 32 * n_words // width)
     signs = np.stack([perturbation(77, d, k, 32 * n_words) for d, k in coords])  # (width, elements)

@@ -5,14 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from device_runtime.perturbation import perturbation, random_words
-from device_runtime.sampling import (
-    cosine_scores,
-    guide_from_versions,
-    perturbation_chunks,
-    perturbation_slice,
-    select_indices,
-)
+from device_runtime.perturbation import perturbation, perturbation_chunks, perturbation_slice, random_words
+from device_runtime.sampling import cosine_scores, guide_from_versions, select_indices
 from device_runtime.task import RoundTask
 from fwdfleet.bundle import TensorSpec
 from fwdfleet.errors import ConfigError
@@ -85,7 +79,7 @@ def test_chunks_are_bit_identical_to_the_whole_vector(distribution, chunk) -> No
 
 
 def test_rademacher_words_in_block_chunks_and_scaled_signs(monkeypatch) -> None:
-    import device_runtime.sampling as sampling
+    import device_runtime.perturbation as sampling
 
     monkeypatch.setattr(sampling, "WORD_BLOCKS", 3)  # 12 words per Philox call: many calls
     n = 1_000
