@@ -25,12 +25,10 @@ shared cores; ``--full`` runs longer (see ``--help``).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import sys
 import time
-from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,16 +38,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import fleet.emulate as emulate_mod  # noqa: E402
 from aggregator.config import AggregatorConfig, OptimizerConfig, PacingConfig, PerturbationConfig, RoundsConfig  # noqa: E402
 from benchmarks.baselines import fedavg_backprop, linear_probe  # noqa: E402
 from device_runtime.data import RawData, dataset_for_bundle  # noqa: E402
-from device_runtime.estimator import estimate  # noqa: E402
-from device_runtime.sampling import guide_from_versions  # noqa: E402
 from device_runtime.session import BundleSession, SessionOptions  # noqa: E402
-from device_runtime.task import DeviceResult, RoundTask  # noqa: E402
 from fleet.datasets import DatasetConfig, load_split, subset  # noqa: E402
-from fleet.emulate import ComputePool, DeviceCompute, EmulationSettings, emulate  # noqa: E402
+from fleet.emulate import EmulationSettings, emulate  # noqa: E402
 from fleet.partition import PartitionConfig, label_histogram, partition  # noqa: E402
 from fleet.probe_init import ProbeInit, extract_features, probe_init  # noqa: E402
 from fleet.profiles import EmulatedProfile, assign_profiles  # noqa: E402
@@ -62,55 +56,6 @@ CONFIGS = {  # name -> (pacing, discriminative sampling)
     "zo+sampling": (False, True),
     "zo+pacing+sampling": (True, True),
 }
-
-
-# ------------------------------------------------------------------ discriminative sampling hook
-
-
-class GuidedDeviceCompute(DeviceCompute):
-    """DeviceCompute that passes FwdLLM's guide (the last global update ``w_t - w_{t-1}``).
-
-    ``fleet.emulate.DeviceCompute.run`` calls the estimator without a guide, so sampling
-    (``candidate_ratio > 1``) would keep the first K candidates. A real device computes the guide
-    from the two model versions it downloaded (``device_runtime.client``); here the worker keeps the
-    previous version it saw.
-    """
-
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
-        self.guide: np.ndarray | None = None
-
-    def run(self, version: int, trainables: Mapping[str, np.ndarray] | None,
-            jobs: list[tuple[int, RoundTask]]) -> list[tuple[int, DeviceResult]]:
-        if trainables is not None and version != self.version:
-            old = self.trainables
-            self.version, self.trainables = version, dict(trainables)
-            specs = self.session.trainable_specs
-            self.guide = guide_from_versions(self.trainables, old, specs) if old else None
-        out = []
-        for device, task in jobs:
-            batch = self.shards[device].batch(task.data_seed, task.batch_size)
-            guide = self.guide if task.candidate_ratio > 1 else None
-            out.append((device, estimate(self.session, self.trainables, batch, task, guide)))
-        return out
-
-
-class GuidedPool(ComputePool):
-    def __init__(self, bundle: Bundle, train: RawData, shards: list[np.ndarray], settings: EmulationSettings) -> None:
-        self.workers = 1
-        self._pool = None
-        self._local = GuidedDeviceCompute(str(bundle.path), train, shards, settings.threads_per_worker)
-
-
-@contextlib.contextmanager
-def guided_pool() -> Iterator[None]:
-    """Make ``fleet.emulate.emulate`` build a :class:`GuidedPool` (one worker) for this block."""
-    original = emulate_mod.make_pool
-    emulate_mod.make_pool = lambda bundle, train, shards, settings: GuidedPool(bundle, train, shards, settings)
-    try:
-        yield
-    finally:
-        emulate_mod.make_pool = original
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -189,15 +134,14 @@ def run_zo(name: str, bundle: Bundle, args: argparse.Namespace, split_train: Raw
                                  eval_batch=64, threads_per_worker=args.threads)
     records = []
     t0 = time.perf_counter()
-    with guided_pool():
-        for rec in emulate(bundle, cfg, split_train, shards, profiles, settings, test=curve_test):
-            d = rec.to_json()
-            d["sim_time_s"] += init_time
-            records.append(d)
-            if rec.accuracy is not None:
-                print(f"  [{name}] round {rec.model_version:4d} acc {rec.accuracy:.4f} loss {rec.loss:.4f} "
-                      f"up/dev {rec.bytes_up_per_device:.0f} B k {rec.k} extra {rec.extra_requests} "
-                      f"wall {rec.wall_time_s:.0f}s", file=sys.stderr, flush=True)
+    for rec in emulate(bundle, cfg, split_train, shards, profiles, settings, test=curve_test):
+        d = rec.to_json()
+        d["sim_time_s"] += init_time
+        records.append(d)
+        if rec.accuracy is not None:
+            print(f"  [{name}] round {rec.model_version:4d} acc {rec.accuracy:.4f} loss {rec.loss:.4f} "
+                  f"up/dev {rec.bytes_up_per_device:.0f} B k {rec.k} extra {rec.extra_requests} "
+                  f"wall {rec.wall_time_s:.0f}s", file=sys.stderr, flush=True)
     return {"name": name, "pacing": pacing, "sampling": sampling, "records": records,
             "seconds": time.perf_counter() - t0, "config": cfg.to_dict()}
 

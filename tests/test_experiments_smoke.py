@@ -18,7 +18,6 @@ if str(ROOT) not in sys.path:
 
 from aggregator.config import AggregatorConfig, OptimizerConfig, PacingConfig, PerturbationConfig, RoundsConfig  # noqa: E402
 from benchmarks.baselines import fedavg_backprop, linear_probe  # noqa: E402
-from benchmarks.fwdllm_agnews import GuidedDeviceCompute, guided_pool  # noqa: E402
 from device_runtime.data import RawData, dataset_for_bundle  # noqa: E402
 from device_runtime.session import BundleSession, SessionOptions  # noqa: E402
 from fleet.datasets import DatasetConfig, load_split  # noqa: E402
@@ -132,9 +131,8 @@ def test_forward_only_head_init_then_scalar_rounds_learn(tiny_cls_bundle: Bundle
         optimizer=OptimizerConfig(name="sgd", lr=0.05),
         pacing=PacingConfig(enabled=True, threshold=0.5, max_extra_requests=1, k_max=8),
     )
-    with guided_pool():
-        records = list(emulate(init_bundle, cfg, train, shards, [PRESETS["desktop"]] * 8,
-                               EmulationSettings(rounds=5, eval_every=5, eval_batch=60), test=test))
+    records = list(emulate(init_bundle, cfg, train, shards, [PRESETS["desktop"]] * 8,
+                           EmulationSettings(rounds=5, eval_every=5, eval_batch=60), test=test))
     assert len(records) == 5
     assert all(0 < r.bytes_up_per_device < 1024 for r in records)
     final = records[-1]
@@ -144,26 +142,6 @@ def test_forward_only_head_init_then_scalar_rounds_learn(tiny_cls_bundle: Bundle
     # the causal-LM test below, where scalar rounds do lower the held-out loss.
     assert final.loss < loss0 + 0.02, (loss0, final.loss)
     assert final.accuracy > 0.6
-
-
-def test_guided_compute_passes_the_last_update_as_guide(tiny_cls_bundle: Bundle) -> None:
-    split = load_split(DatasetConfig(name="ag-news", path=str(DATA), max_train=40, max_test=8))
-    shards = [np.arange(20), np.arange(20, 40)]
-    comp = GuidedDeviceCompute(str(tiny_cls_bundle.path), split.train, shards, 1)
-    w0 = tiny_cls_bundle.load_trainables()
-    w1 = {k: v + np.float32(0.01) for k, v in w0.items()}
-    from device_runtime.task import RoundTask
-
-    task = RoundTask(round_id=1, model_version=1, round_seed=5, device_index=1, num_perturbations=2,
-                     candidate_ratio=4, batch_size=4)
-    comp.run(0, w0, [])
-    assert comp.guide is None
-    [(_, res)] = comp.run(1, w1, [(0, task)])
-    assert comp.guide is not None and np.allclose(comp.guide, 0.01, atol=1e-6)
-    # with a guide, the kept indices are the best-aligned of the pool of 8 (not simply 0 and 1)
-    from device_runtime.sampling import select_indices
-
-    assert res.indices == select_indices(task, comp.guide.size, comp.guide)
 
 
 def test_fedavg_backprop_learns_digits(tmp_path: Path) -> None:
