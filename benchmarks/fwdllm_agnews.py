@@ -148,7 +148,7 @@ def run_zo(name: str, bundle: Bundle, args: argparse.Namespace, split_train: Raw
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="/work/shared/data/ag_news_test.csv")
+    p.add_argument("--data", default="../shared/data/ag_news_test.csv", help="AG News CSV (label,title,description)")
     p.add_argument("--bundle", default="runs/fwdllm/minilm64", help="bundle folder (exported there if missing)")
     p.add_argument("--work", default="runs/fwdllm", help="cache and intermediate bundles")
     p.add_argument("--full", action="store_true",
