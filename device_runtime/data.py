@@ -54,8 +54,35 @@ def _sample(n: int, seed: int, size: int) -> npt.NDArray[np.int64]:
     return np.sort(rng.choice(n, size=size, replace=size > n)).astype(np.int64)
 
 
+class _Examples:
+    """What both datasets share, in terms of their ``__len__`` and ``take``."""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def take(self, indices: npt.NDArray[np.int64]) -> Batch:
+        raise NotImplementedError
+
+    def batch(self, seed: int, size: int) -> Batch:
+        return self.take(_sample(len(self), seed, size))
+
+    def batches(self, size: int, limit: int | None = None) -> Iterator[Batch]:
+        """Consecutive batches in order (for evaluation), at most ``limit`` examples."""
+        n = len(self) if limit is None else min(limit, len(self))
+        for i in range(0, n, size):
+            yield self.take(np.arange(i, min(i + size, n), dtype=np.int64))
+
+    def _split_order(self, eval_fraction: float, seed: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """Shuffle with ``seed``; (kept indices, held-out ``eval_fraction`` of the indices)."""
+        if not 0.0 < eval_fraction < 1.0:
+            raise DataError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
+        order = np.random.default_rng(seed).permutation(len(self)).astype(np.int64)
+        cut = len(self) - max(1, round(eval_fraction * len(self)))
+        return order[:cut], order[cut:]
+
+
 @dataclass(frozen=True)
-class ArrayDataset:
+class ArrayDataset(_Examples):
     """Examples held as arrays keyed by graph input name (first axis = example)."""
 
     arrays: dict[str, npt.NDArray[Any]]
@@ -73,22 +100,10 @@ class ArrayDataset:
     def take(self, indices: npt.NDArray[np.int64]) -> Batch:
         return {k: np.ascontiguousarray(v[indices]) for k, v in self.arrays.items()}
 
-    def batch(self, seed: int, size: int) -> Batch:
-        return self.take(_sample(len(self), seed, size))
-
-    def batches(self, size: int, limit: int | None = None) -> Iterator[Batch]:
-        """Consecutive batches in order (for evaluation), at most ``limit`` examples."""
-        n = len(self) if limit is None else min(limit, len(self))
-        for i in range(0, n, size):
-            yield self.take(np.arange(i, min(i + size, n), dtype=np.int64))
-
     def split(self, eval_fraction: float, seed: int = 0) -> tuple[ArrayDataset, ArrayDataset]:
         """Shuffle with ``seed`` and split off ``eval_fraction`` of the examples for evaluation."""
-        if not 0.0 < eval_fraction < 1.0:
-            raise DataError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
-        order = np.random.default_rng(seed).permutation(len(self))
-        cut = len(self) - max(1, round(eval_fraction * len(self)))
-        return (ArrayDataset(self.take(order[:cut])), ArrayDataset(self.take(order[cut:])))
+        keep, held = self._split_order(eval_fraction, seed)
+        return ArrayDataset(self.take(keep)), ArrayDataset(self.take(held))
 
 
 # --------------------------------------------------------------------------------------- readers
@@ -262,7 +277,7 @@ def _load_tokenizer(bundle: Bundle) -> Any:
     return Tokenizer.from_file(str(bundle.path / files[0]))
 
 
-class TextDataset:
+class TextDataset(_Examples):
     """Texts tokenized per batch with the bundle's tokenizer (padding to the longest in the batch)."""
 
     def __init__(
@@ -300,19 +315,8 @@ class TextDataset:
             out["labels"] = np.ascontiguousarray(self.labels[indices])
         return out
 
-    def batch(self, seed: int, size: int) -> Batch:
-        return self.take(_sample(len(self), seed, size))
-
-    def batches(self, size: int, limit: int | None = None) -> Iterator[Batch]:
-        n = len(self) if limit is None else min(limit, len(self))
-        for i in range(0, n, size):
-            yield self.take(np.arange(i, min(i + size, n), dtype=np.int64))
-
     def split(self, eval_fraction: float, seed: int = 0) -> tuple[TextDataset, TextDataset]:
-        if not 0.0 < eval_fraction < 1.0:
-            raise DataError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
-        order = np.random.default_rng(seed).permutation(len(self))
-        cut = len(self) - max(1, round(eval_fraction * len(self)))
+        keep, held = self._split_order(eval_fraction, seed)
 
         def part(idx: npt.NDArray[np.int64]) -> TextDataset:
             new = object.__new__(TextDataset)
@@ -321,7 +325,7 @@ class TextDataset:
             new.max_length, new._tok = self.max_length, self._tok
             return new
 
-        return part(order[:cut]), part(order[cut:])
+        return part(keep), part(held)
 
 
 def _check_labels(labels: npt.NDArray[np.int64] | None, classes: int | None, source: str) -> None:
