@@ -26,11 +26,12 @@ from export.hf import (
     CAUSAL_LM_FAMILIES,
     PEFT_METHODS,
     LoraSettings,
-    apply_peft,
+    apply_peft_record,
     check_family,
     check_model_folder,
     load_fast_tokenizer,
     load_pretrained,
+    peft_record,
 )
 from export.onnx_graph import ExportResult, GraphOptions, TrainablesAsInputs, write_kind_bundle
 from fwdfleet.errors import ExportError
@@ -82,12 +83,7 @@ def build_model(settings: Mapping[str, Any]) -> tuple[CausalLanguageModel, tuple
     """Rebuild the torch model recorded in ``manifest.settings`` (used by export and the twin)."""
     lm = load_pretrained(Path(settings["source"]), causal=True, random_init=bool(settings["random_init"]),
                          seed=int(settings["seed"]))
-    peft = settings["peft"]
-    lora = peft.get("lora") or {}
-    apply_peft(lm, peft["method"],
-               LoraSettings(rank=int(lora.get("rank", 8)), alpha=int(lora.get("alpha", 16)),
-                            target_modules=tuple(lora["target_modules"]) if lora else None),
-               CAUSAL_LM_FAMILIES[settings["model_type"]], int(settings["seed"]))
+    apply_peft_record(lm, settings["peft"], CAUSAL_LM_FAMILIES[settings["model_type"]], int(settings["seed"]))
     model = CausalLanguageModel(lm)
     model.eval()
     return model, tuple(n for n, p in model.named_parameters() if p.requires_grad)
@@ -118,10 +114,7 @@ def export_causal_lm(cfg: CausalLmExport, out: Path, *, overwrite: bool = False)
     max_pos = hf_config.get("max_position_embeddings", hf_config.get("n_positions"))
     if isinstance(max_pos, int) and cfg.max_length > max_pos:
         raise ExportError(f"--max-length {cfg.max_length} exceeds the model's {max_pos} positions")
-    peft: dict[str, Any] = {"method": cfg.method}
-    if "lora" in cfg.method:
-        targets = cfg.lora.target_modules or CAUSAL_LM_FAMILIES[model_type]
-        peft["lora"] = {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "target_modules": list(targets)}
+    peft = peft_record(cfg.method, cfg.lora, CAUSAL_LM_FAMILIES[model_type])
     settings: dict[str, Any] = {
         "source": str(folder), "model_type": model_type, "random_init": cfg.random_init, "seed": cfg.seed,
         "peft": peft, "max_length": cfg.max_length,

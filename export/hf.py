@@ -245,3 +245,21 @@ def apply_peft(model: Any, method: str, lora: LoraSettings, default_targets: tup
                 p.requires_grad_(True)
     model.eval()
     return record
+
+
+def peft_record(method: str, lora: LoraSettings, default_targets: tuple[str, ...]) -> dict[str, Any]:
+    """The ``manifest.settings["peft"]`` entry for ``method``: what :func:`apply_peft_record` reads back."""
+    record: dict[str, Any] = {"method": method}
+    if "lora" in method:
+        targets = lora.target_modules or default_targets
+        record["lora"] = {"rank": lora.rank, "alpha": lora.alpha, "target_modules": list(targets)}
+    return record
+
+
+def apply_peft_record(model: Any, record: Mapping[str, Any], default_targets: tuple[str, ...], seed: int) -> None:
+    """:func:`apply_peft` as recorded in a manifest (export and the torch twin rebuild the same way)."""
+    lora = record.get("lora") or {}
+    apply_peft(model, record["method"],
+               LoraSettings(rank=int(lora.get("rank", 8)), alpha=int(lora.get("alpha", 16)),
+                            target_modules=tuple(lora["target_modules"]) if lora else None),
+               default_targets, seed)

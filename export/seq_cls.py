@@ -27,11 +27,12 @@ from export.hf import (
     ENCODER_FAMILIES,
     PEFT_METHODS,
     LoraSettings,
-    apply_peft,
+    apply_peft_record,
     check_family,
     check_model_folder,
     load_fast_tokenizer,
     load_pretrained,
+    peft_record,
 )
 from export.onnx_graph import ExportResult, GraphOptions, TrainablesAsInputs, write_kind_bundle
 from fwdfleet.errors import ExportError
@@ -101,12 +102,7 @@ def build_model(settings: Mapping[str, Any]) -> tuple[SequenceClassifier, tuple[
                                seed=int(settings["seed"]))
     if getattr(backbone, "pooler", None) is not None:
         backbone.pooler = None  # unused by mean/CLS pooling; BitFit must not train its bias
-    peft = settings["peft"]
-    lora = peft.get("lora") or {}
-    apply_peft(backbone, peft["method"],
-               LoraSettings(rank=int(lora.get("rank", 8)), alpha=int(lora.get("alpha", 16)),
-                            target_modules=tuple(lora["target_modules"]) if lora else None),
-               ENCODER_FAMILIES[settings["model_type"]], int(settings["seed"]))
+    apply_peft_record(backbone, settings["peft"], ENCODER_FAMILIES[settings["model_type"]], int(settings["seed"]))
     torch.manual_seed(int(settings["seed"]) + 1)
     head = settings["head"]
     model = SequenceClassifier(backbone, int(head["in_features"]), int(head["out_features"]),
@@ -123,10 +119,7 @@ def _settings(cfg: SeqClsExport, folder: Path, hf_config: Mapping[str, Any]) -> 
     max_pos = hf_config.get("max_position_embeddings")
     if isinstance(max_pos, int) and cfg.max_length > max_pos:
         raise ExportError(f"--max-length {cfg.max_length} exceeds the model's max_position_embeddings {max_pos}")
-    peft: dict[str, Any] = {"method": cfg.method}
-    if "lora" in cfg.method:
-        targets = cfg.lora.target_modules or ENCODER_FAMILIES[hf_config["model_type"]]
-        peft["lora"] = {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "target_modules": list(targets)}
+    peft = peft_record(cfg.method, cfg.lora, ENCODER_FAMILIES[hf_config["model_type"]])
     return {
         "source": str(folder), "model_type": hf_config["model_type"], "random_init": cfg.random_init,
         "seed": cfg.seed, "peft": peft, "pooling": cfg.pooling, "num_labels": len(cfg.labels),
