@@ -288,7 +288,7 @@ class DeviceClient:
     ) -> tuple[DeviceResult, F32Array]:
         """FedAvg: train from the current trainables on local data, return the new ones flattened."""
         start = time.perf_counter()
-        if bundle.manifest.kind == "ff_mlp" and "layers" in bundle.manifest.settings:  # an FF MLP's layer widths
+        if bundle.manifest.kind == "ff_mlp":
             data = dataset.batch(task.data_seed, len(dataset))  # every local example, in order
             if "x" not in data or "labels" not in data:
                 raise ClientError(f"an ff_mlp bundle trains on inputs 'x' and 'labels'; the dataset has {sorted(data)}")

@@ -1,8 +1,8 @@
 """Tiny real bundles built with ``onnx.helper`` (no torch), shared by the device-runtime tests.
 
 ``make_classifier_bundle`` writes a softmax-regression (``hidden=None``) or a two-layer tanh MLP
-classifier whose trainable tensors are graph inputs, with the ``ff_mlp`` kind's ``model`` graph
-interface: data inputs ``x`` float32 (batch, in_dim) and ``labels`` int64 (batch,), outputs
+classifier whose trainable tensors are graph inputs, of the ``mlp`` kind (a plain classifier):
+data inputs ``x`` float32 (batch, in_dim) and ``labels`` int64 (batch,), outputs
 ``logits`` (batch, num_classes) and the per-sample cross-entropy ``loss`` (batch,).
 ``numpy_loss`` computes the same loss in numpy, for checking derivatives analytically.
 """
@@ -94,7 +94,7 @@ def make_classifier_bundle(
         trainables=tuple(shapes),
     )
     manifest = BundleManifest(
-        kind="ff_mlp",
+        kind="mlp",
         trainables=trainables,
         graphs=(graph,),
         labels=tuple(str(i) for i in range(num_classes)),
