@@ -18,7 +18,7 @@ import numpy as np
 from device_runtime.memory import measure_memory
 from fleet.config import FleetConfig
 from fleet.datasets import load_split
-from fleet.emulate import EmulationSettings, RoundRecord, emulate
+from fleet.emulate import EmulationSettings, Evaluator, RoundRecord, emulate
 from fleet.partition import label_histogram, partition, plot_label_distribution
 from fleet.profiles import assign_profiles
 from fleet.report import write_report
@@ -142,12 +142,7 @@ def run_fleet(cfg: FleetConfig, *, progress: bool = True, log: Callable[[str], N
 
 
 def _initial_accuracy(bundle: Bundle, test: Any) -> float | None:
-    from device_runtime.data import dataset_for_bundle
-    from device_runtime.session import BundleSession
-    from device_runtime.train import evaluate
-
-    ev = evaluate(BundleSession(bundle), bundle.load_trainables(), dataset_for_bundle(test, bundle).batches(256))
-    return ev.accuracy
+    return Evaluator(bundle, test, 256)(bundle.load_trainables())[1]
 
 
 def _bar(total: int, enabled: bool) -> Any:
