@@ -24,6 +24,7 @@ from export.rebuild import torch_twin_from_bundle
 from export.seq_cls import SeqClsExport, export_seq_cls
 from fwdfleet.bundle import Bundle, load_bundle, write_bundle
 from fwdfleet.cli.main import main
+from fwdfleet.errors import BundleError
 
 # fp32 parity tolerance between onnxruntime and torch (observed differences are ~1e-6)
 ATOL, RTOL = 1e-4, 1e-4
@@ -187,3 +188,22 @@ def test_real_minilm_export_via_cli(tmp_path: Path, capsys: pytest.CaptureFixtur
     bundle = load_bundle(out)
     assert bundle.manifest.num_trainable == 6 * 2 * 2 * 8 * 384 + 4 * 384 + 4
     assert_parity(bundle, tmp_path, vocab=30522)
+
+
+def test_graph_over_the_protobuf_limit_is_written_with_one_external_data_file(
+    bert_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The >2 GB path on a tiny model: lower the limit so that its weights must go to external data.
+    import export.onnx_graph as onnx_graph
+
+    monkeypatch.setattr(onnx_graph, "TWO_GB", 1)
+    monkeypatch.setattr(onnx_graph, "EXTERNAL_DATA_MARGIN", 0)
+    graph = GraphOptions(exporter="legacy", batch_size=4, sequence_length=19)
+    cfg = SeqClsExport(source=bert_folder, labels=LABELS, max_length=32, graph=graph)
+    bundle = export_seq_cls(cfg, tmp_path / "big").bundle
+    assert sorted(p.name for p in bundle.path.glob("model.onnx*")) == ["model.onnx", "model.onnx.data"]
+    assert "model.onnx.data" in bundle.manifest.files  # checksummed like every other file
+    assert_parity(bundle, tmp_path, vocab=30522)  # onnxruntime finds the weights beside the graph
+    (bundle.path / "model.onnx.data").write_bytes(b"corrupt")
+    with pytest.raises(BundleError, match=r"checksum mismatch for model\.onnx\.data"):
+        load_bundle(bundle.path)
