@@ -7,8 +7,10 @@ Layout of a checkpoint folder::
                         pacing state, seed/generator state and the config it was written with
     devices.jsonl       append-only registry journal: one line per joined device
     round.jsonl         journal of the round in progress: its opening (selection), deadline
-                        decisions and every accepted scalar upload, fsynced before the upload
-                        is acknowledged; emptied after each checkpoint
+                        decisions and every accepted upload, fsynced before the upload is
+                        acknowledged; emptied after each checkpoint
+    uploads/            the accepted dense-gradient / FedAvg vectors of the round in progress
+                        (one atomic .npy each, named in round.jsonl); removed after each checkpoint
 
 A checkpoint is written to a temporary file, fsynced, and moved into place with
 ``os.replace``; ``latest.json`` is replaced last, so a crash at any moment leaves either the
@@ -38,6 +40,7 @@ FORMAT_VERSION = 1
 LATEST = "latest.json"
 DEVICES = "devices.jsonl"
 ROUND_JOURNAL = "round.jsonl"
+UPLOADS = "uploads"
 
 
 class CheckpointError(FwdfleetError):
@@ -159,6 +162,31 @@ class Journal:
                 if not line.endswith("\n"):
                     break  # torn write from a crash: the record was never acknowledged
                 yield json.loads(line)
+
+
+def save_upload(directory: str | Path, round_id: int, tag: str, vector: np.ndarray) -> str:
+    """Write an accepted vector upload of the round in progress atomically; returns its file name."""
+    folder = Path(directory) / UPLOADS
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"r{round_id:08d}-{tag}.npy"
+    flat = np.ascontiguousarray(vector, dtype=np.float32)
+    _atomic_write(folder / name, lambda f: np.save(f, flat, allow_pickle=False))
+    return name
+
+
+def load_upload(directory: str | Path, name: str) -> np.ndarray:
+    path = Path(directory) / UPLOADS / name
+    try:
+        vector: np.ndarray = np.load(path, allow_pickle=False)
+        return vector
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"journaled upload {path} cannot be read ({e}); the checkpoint folder is damaged") from e
+
+
+def drop_uploads(directory: str | Path) -> None:
+    """Remove the journaled vector uploads (after a checkpoint made them part of the trainables)."""
+    for path in (Path(directory) / UPLOADS).glob("r*.npy"):
+        path.unlink(missing_ok=True)
 
 
 def config_digest(config: Mapping[str, Any]) -> str:

@@ -45,8 +45,11 @@ from aggregator.checkpoint import (
     CheckpointError,
     CheckpointState,
     Journal,
+    drop_uploads,
     load_checkpoint,
+    load_upload,
     save_checkpoint,
+    save_upload,
 )
 from aggregator.config import AggregatorConfig
 from aggregator.errors import RejectCode, RejectedError
@@ -302,8 +305,11 @@ class Coordinator:
             check_result(result, iss, self.config.validation, scalar=mode == "scalar")
             if vector is not None:
                 check_vector(vector, self._n, self.config.validation, "gradient" if mode == "dense" else "weights")
-            if vector is None:  # scalars are journaled: a restarted server keeps what it accepted
-                self._log({"e": "submit", "device_id": device_id, "now": now, "result": asdict(result)})
+            # journaled before it is acknowledged: a restarted server keeps what it accepted
+            record: dict[str, Any] = {"e": "submit", "device_id": device_id, "now": now, "result": asdict(result)}
+            if vector is not None and self._round_log is not None and not self._replaying:
+                record["vector_file"] = save_upload(self._round_log.path.parent, rnd.round_id, fp[:16], vector)
+            self._log(record)
             self._record(rnd, device_id, result, vector, fp, now)
             return SubmitReceipt(accepted=True, duplicate=False, round_id=rnd.round_id)
 
@@ -349,6 +355,7 @@ class Coordinator:
             self._save()
             if self._round_log is not None and not self._replaying:
                 self._round_log.reset()
+                drop_uploads(self._round_log.path.parent)
         samples = sum(s for s, _ in rnd.contributors.values())
         loss = sum(s * lo for s, lo in rnd.contributors.values()) / samples if samples else math.nan
         metrics: dict[str, Any] = {
@@ -433,6 +440,9 @@ class Coordinator:
                     r = dict(rec["result"])
                     result = DeviceResult(**{**r, "indices": tuple(r["indices"]),
                                              "derivatives": tuple(r["derivatives"]), "skipped": tuple(r["skipped"])})
-                    self._record(self._round, str(rec["device_id"]), result, None, fingerprint(result), now)
+                    name = rec.get("vector_file")
+                    vector = None if name is None else load_upload(self._round_log.path.parent, str(name))
+                    fp = fingerprint(result, b"" if vector is None else vector.tobytes())
+                    self._record(self._round, str(rec["device_id"]), result, vector, fp, now)
         finally:
             self._replaying = False

@@ -20,6 +20,7 @@ from aggregator.checkpoint import (
 )
 from aggregator.config import AggregatorConfig, OptimizerConfig, PacingConfig, PerturbationConfig, RoundsConfig
 from aggregator.coordinator import Coordinator
+from device_runtime.task import DeviceResult
 
 
 def _state(version: int) -> CheckpointState:
@@ -165,3 +166,38 @@ def test_resuming_with_another_master_seed_is_refused(tmp_path: Path) -> None:
     other = AggregatorConfig(rounds=_config().rounds, optimizer=_config().optimizer, master_seed=1)
     with pytest.raises(CheckpointError, match="master_seed"):
         Coordinator(other, bundle, checkpoint_dir=tmp_path / "ck", clock=ManualClock())
+
+
+def test_crash_mid_round_keeps_accepted_dense_uploads(tmp_path: Path) -> None:
+    """Dense gradients (and FedAvg weights) are journaled like scalars: accepted means kept."""
+    bundle = tiny_bundle(tmp_path)
+    devices, _ = make_devices(bundle.manifest.num_trainable, 3)
+    cfg = AggregatorConfig(mode="dense", rounds=RoundsConfig(min_devices=3, deadline_s=30),
+                           optimizer=OptimizerConfig(lr=0.1))
+
+    def upload(coord: Coordinator, d) -> tuple[DeviceResult, np.ndarray]:
+        task = coord.task_for(d.device_id)
+        w = flat_params(coord)
+        return DeviceResult(task.round_id, task.model_version, (), (), 40, d.loss(w)), d.grad(w).astype(np.float32)
+
+    ref = Coordinator(cfg, bundle, checkpoint_dir=tmp_path / "ref", clock=ManualClock())
+    join_all(ref, devices)
+    for d in devices:
+        ref.submit_dense(d.device_id, *upload(ref, d))
+    assert ref.status().model_version == 1
+
+    ckdir = tmp_path / "crash"
+    first = Coordinator(cfg, bundle, checkpoint_dir=ckdir, clock=ManualClock())
+    join_all(first, devices)
+    kept = [upload(first, d) for d in devices[:2]]
+    for d, (meta, g) in zip(devices[:2], kept):
+        first.submit_dense(d.device_id, meta, g)
+    del first  # the crash, with two of three uploads accepted
+
+    second = Coordinator(cfg, bundle, checkpoint_dir=ckdir, clock=ManualClock())
+    assert second.status().results == 2 and second.task_for(devices[0].device_id) is None
+    assert second.submit_dense(devices[0].device_id, *kept[0]).duplicate  # an identical retry
+    second.submit_dense(devices[2].device_id, *upload(second, devices[2]))
+    assert second.status().model_version == 1
+    assert flat_params(second).tobytes() == flat_params(ref).tobytes()
+    assert not list((ckdir / "uploads").glob("*.npy"))  # dropped once the checkpoint holds them
