@@ -167,6 +167,23 @@ def _check_tensor(spec: TensorSpec, value: Any, what: str, error: type[Exception
             )
 
 
+def _stack_size(graph: str, specs: Sequence[TensorSpec], inputs: Sequence[TensorSpec]) -> int:
+    """1 for a graph taking the trainables as the manifest shapes them, P for one taking (P, *shape)."""
+    sizes = set()
+    for spec, given in zip(specs, inputs, strict=True):
+        if tuple(given.shape) == tuple(spec.shape):
+            sizes.add(1)
+        elif len(given.shape) == len(spec.shape) + 1 and tuple(given.shape[1:]) == tuple(spec.shape) \
+                and isinstance(given.shape[0], int) and given.shape[0] >= 1:
+            sizes.add(given.shape[0])
+        else:
+            raise BundleError(f"graph {graph!r} takes trainable {spec.name!r} as {list(given.shape)}, which is "
+                              f"neither its manifest shape {list(spec.shape)} nor a stack of it; re-export the bundle")
+    if len(sizes) > 1:
+        raise BundleError(f"graph {graph!r} stacks its trainables unevenly ({sorted(sizes)}); re-export the bundle")
+    return sizes.pop() if sizes else 1
+
+
 class BundleSession:
     """One graph of a verified bundle on onnxruntime; trainables are passed on every call."""
 
@@ -196,6 +213,11 @@ class BundleSession:
         self.trainable_specs: tuple[TensorSpec, ...] = tuple(
             t for t in bundle.manifest.trainables if t.name in self.graph.trainables
         )
+        graph_inputs = {t.name: t for t in self.graph.inputs}
+        # What the graph itself takes for each trainable: the manifest's shape, or (P, *shape) when
+        # the graph evaluates P points at once (a stacked graph, see export/stack.py).
+        self.trainable_inputs: tuple[TensorSpec, ...] = tuple(graph_inputs[t.name] for t in self.trainable_specs)
+        self.stack: int = _stack_size(self.graph.name, self.trainable_specs, self.trainable_inputs)
         self.data_specs: tuple[TensorSpec, ...] = self.graph.data_inputs
         self.output_names: tuple[str, ...] = tuple(o.name for o in self._session.get_outputs())
 
@@ -221,13 +243,14 @@ class BundleSession:
         if len(sizes) > 1:
             raise DataError(f"data inputs disagree on the batch size: {sorted(sizes)}")
 
-    def check_trainables(self, trainables: Mapping[str, Any]) -> None:
-        """Raise :class:`BundleError` unless ``trainables`` match the bundle's trainable specs."""
+    def check_trainables(self, trainables: Mapping[str, Any], *, stacked: bool = False) -> None:
+        """Raise :class:`BundleError` unless ``trainables`` match the bundle's trainable specs
+        (``stacked``: the graph's own inputs, ``(P, *shape)`` for a stacked graph)."""
         names = {t.name for t in self.trainable_specs}
         missing = sorted(names - set(trainables))
         if missing:
             raise BundleError(f"trainable values are missing {missing} for graph {self.graph.name!r}")
-        for spec in self.trainable_specs:
+        for spec in self.trainable_inputs if stacked else self.trainable_specs:
             _check_tensor(spec, trainables[spec.name], "trainable", BundleError)
 
     def run(
@@ -241,7 +264,7 @@ class BundleSession:
         """Run the graph; ``check=False`` skips validation (hot loops that validated once)."""
         if check:
             self.check_batch(batch)
-            self.check_trainables(trainables)
+            self.check_trainables(trainables, stacked=True)
             unknown = sorted(set(outputs) - set(self.output_names))
             if unknown:
                 raise BundleError(f"graph {self.graph.name!r} has no output(s) {unknown}; it has {self.output_names}")
@@ -264,7 +287,7 @@ class BundleSession:
         This is how the estimator runs its perturbed forwards (one binding, buffers updated in place).
         """
         self.check_batch(batch)
-        self.check_trainables(trainables)
+        self.check_trainables(trainables, stacked=True)
         arrays = dict(batch)
         for spec in self.trainable_specs:
             arrays[spec.name] = trainables[spec.name]
