@@ -172,8 +172,10 @@ def _main(argv: Sequence[str] | None = None) -> int:
 
         opts = RuntimeOptions.from_args(a)
         bundle = load_bundle(a.bundle)
-        session = BundleSession(bundle, replace(opts.session_options(), providers=(a.provider,)))
+        session_options = replace(opts.session_options(), providers=(a.provider,))
+        session = BundleSession(bundle, session_options)
         batch = worker_batch(bundle, a.batch_size, a.sequence_length)
+        trainer = session if opts.train_graph == "model" else BundleSession(bundle, session_options, opts.train_graph)
         ws = EstimatorWorkspace(session.trainable_specs, chunk=opts.chunk)
         w = load_flat_trainables(bundle, session.trainable_specs)
         current = split(w, session.trainable_specs)
@@ -185,7 +187,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
             task = RoundTask(round_id=step_no[0], model_version=0, round_seed=99, device_index=0,
                              num_perturbations=a.k, k_start=a.k * step_no[0])  # fmt: skip
             step_no[0] += 1
-            result = estimate(session, current, batch, task, workspace=ws)
+            result = estimate(trainer, current, batch, task, workspace=ws)
             accumulate_update(result, task, ws.n, scale=-1e-6, out=w, buffer=ws.z)
 
         train = _timed(step, min(a.warmup, 1), a.train_count, a.duration)

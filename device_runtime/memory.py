@@ -66,6 +66,7 @@ class RuntimeOptions:
     graph_optimization: str = "all"
     allow_spinning: bool = False
     chunk: int = 1 << 16  # z values generated at a time by the estimator
+    train_graph: str = "model"  # the graph of training steps ("model_stack": several points per call)
 
     def __post_init__(self) -> None:
         if self.threads < 0:
@@ -77,7 +78,7 @@ class RuntimeOptions:
 
     def to_args(self) -> list[str]:
         args = ["--threads", str(self.threads), "--graph-optimization", self.graph_optimization]
-        args += ["--chunk", str(self.chunk)]
+        args += ["--chunk", str(self.chunk), "--train-graph", self.train_graph]
         args += [] if self.enable_cpu_mem_arena else ["--no-arena"]
         args += ["--mem-pattern"] if self.enable_mem_pattern else []
         args += ["--no-prepacking"] if self.disable_prepacking else []
@@ -102,6 +103,7 @@ class RuntimeOptions:
             graph_optimization=a.graph_optimization,
             allow_spinning=a.spinning,
             chunk=a.chunk,
+            train_graph=a.train_graph,
         )
 
 
@@ -115,6 +117,8 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spinning", action="store_true", help="let onnxruntime's intra-op threads spin between runs "
                    "(its default; off here: it slows the perturbation arithmetic on few cores)")  # fmt: skip
     p.add_argument("--chunk", type=int, default=1 << 16, help="perturbation values generated at a time")
+    p.add_argument("--train-graph", default="model", help="graph of the training steps: 'model_stack' evaluates "
+                   "several perturbed points per call (add it with `fwdfleet export stack`)")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -227,13 +231,13 @@ def _vocab_size(bundle: Any) -> int | None:
     return None
 
 
-def worker_batch(bundle: Any, batch_size: int, seq: int) -> dict[str, Any]:
-    """A synthetic batch whose token ids span the whole vocabulary (see the module doc)."""
+def worker_batch(bundle: Any, batch_size: int, seq: int, graph: str = "model") -> dict[str, Any]:
+    """A synthetic batch for ``graph`` whose token ids span the whole vocabulary (see the module doc)."""
     import numpy as np
 
     from device_runtime.data import synthetic_batch
 
-    batch = synthetic_batch(bundle, batch_size, sequence_length=seq)
+    batch = synthetic_batch(bundle, batch_size, graph=graph, sequence_length=seq)
     vocab = _vocab_size(bundle)
     if vocab and vocab > 1000 and "input_ids" in batch:
         ids = batch["input_ids"]
@@ -252,9 +256,9 @@ def _ort_work(
 
     stages["runtime modules"] = peak_rss_kb()
     bundle = load_bundle(bundle_path)
-    session = BundleSession(bundle, opts.session_options())
+    session = BundleSession(bundle, opts.session_options(), graph="model" if mode == "inference" else opts.train_graph)
     stages["session created"] = peak_rss_kb()
-    batch = worker_batch(bundle, batch_size, seq)
+    batch = worker_batch(bundle, batch_size, seq, graph=session.graph.name)
     start = time.perf_counter()
     if mode == "inference":
         trainables = bundle.load_trainables()

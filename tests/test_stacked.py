@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -9,18 +10,19 @@ import pytest
 
 pytest.importorskip("torch")
 
-from _export_fixtures import tiny_bert_folder  # noqa: E402
+from _export_fixtures import tiny_bert_folder
 
-from device_runtime.data import synthetic_batch  # noqa: E402
-from device_runtime.estimator import estimate  # noqa: E402
-from device_runtime.session import BundleSession, SessionOptions  # noqa: E402
-from device_runtime.task import RoundTask  # noqa: E402
-from export.hf import LoraSettings  # noqa: E402
-from export.mlp import MLPConfig, export_mlp  # noqa: E402
-from export.seq_cls import SeqClsExport, export_seq_cls  # noqa: E402
-from export.stack import STACKED_GRAPH, StackSettings, add_stacked_graph  # noqa: E402
-from fwdfleet.bundle import load_bundle  # noqa: E402
-from fwdfleet.errors import DataError, ExportError  # noqa: E402
+from device_runtime.data import synthetic_batch
+from device_runtime.estimator import estimate
+from device_runtime.session import BundleSession, SessionOptions
+from device_runtime.task import RoundTask
+from export.hf import LoraSettings
+from export.mlp import MLPConfig, export_mlp
+from export.seq_cls import SeqClsExport, export_seq_cls
+from export.stack import STACKED_GRAPH, StackSettings, add_stacked_graph
+from fwdfleet.bundle import load_bundle
+from fwdfleet.cli.main import main
+from fwdfleet.errors import DataError, ExportError
 
 
 def _task(**kw: object) -> RoundTask:
@@ -40,7 +42,7 @@ def _same_results(plain: BundleSession, stacked: BundleSession, batch: dict, tas
     assert b.extras["session_calls"] == calls < a.extras["session_calls"]
 
 
-def test_mlp_stacked_graph_gives_the_plain_estimates(tmp_path: Path) -> None:
+def test_mlp_stacked_graph_gives_the_plain_estimates(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = export_mlp(MLPConfig(layer_sizes=(12, 16, 4), seed=1), tmp_path / "mlp")
     spec = add_stacked_graph(path, StackSettings(points=3, batch_size=8))
     bundle = load_bundle(path)  # checksums of the new graph verified
@@ -54,6 +56,12 @@ def test_mlp_stacked_graph_gives_the_plain_estimates(tmp_path: Path) -> None:
     _same_results(plain, stacked, batch, _task(difference="forward", num_perturbations=5), calls=2)  # 6 points
     with pytest.raises(DataError, match="axis 0 must be 8"):
         estimate(stacked, bundle.load_trainables(), synthetic_batch(bundle, 5), _task())
+
+    # the NPU benchmark and the memory probe time/measure training steps on the stacked graph
+    code = main(["device", "bench", str(path), "--train-graph", STACKED_GRAPH, "--batch-size", "8", "--count", "2",
+                 "--train-count", "1", "--warmup", "1", "--json"])  # fmt: skip
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report[0]["train_step"]["p50_ms"] > 0, report
 
 
 def test_lora_classifier_stacked_graph_gives_the_plain_estimates(tmp_path: Path) -> None:
