@@ -18,9 +18,12 @@ import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fwdfleet.errors import ExportError
+
+if TYPE_CHECKING:
+    from export.adapters import AdapterSettings
 
 INSTALL_HINT = "pip install torch==2.13.0 && pip install 'fwdfleet[export]'"
 EXPORT_MODULES = ("torch", "transformers", "peft", "onnx", "onnxscript")
@@ -33,6 +36,16 @@ ENCODER_FAMILIES: Mapping[str, tuple[str, ...]] = {
     "xlm-roberta": ("query", "value"),
     "electra": ("query", "value"),
     "distilbert": ("q_lin", "v_lin"),
+}
+# model_type -> (IA3 target modules, the feed-forward ones among them), as full-match regexes:
+# keys, values and the feed-forward output projection (whose input is rescaled), as in the paper.
+_BERT_IA3 = (r".*\.(key|value|layer\.\d+\.output\.dense)$", r".*\.layer\.\d+\.output\.dense$")
+IA3_FAMILIES: Mapping[str, tuple[str, str]] = {
+    "bert": _BERT_IA3,
+    "roberta": _BERT_IA3,
+    "xlm-roberta": _BERT_IA3,
+    "electra": _BERT_IA3,
+    "distilbert": (r".*\.(k_lin|v_lin|ffn\.lin2)$", r".*\.ffn\.lin2$"),
 }
 CAUSAL_LM_FAMILIES: Mapping[str, tuple[str, ...]] = {
     "llama": ("q_proj", "v_proj"),
@@ -170,7 +183,9 @@ def save_tokenizer(tokenizer: Any, bundle_dir: Path) -> tuple[str, ...]:
     return files
 
 
-PEFT_METHODS = ("lora", "bitfit", "lora+bitfit")
+PEFT_METHODS = ("lora", "bitfit", "lora+bitfit")  # every family (encoders and causal LMs)
+ADAPTER_METHODS = ("adapter", "adapter+bitfit")  # BERT-family encoders only (export/adapters.py)
+ENCODER_METHODS = (*PEFT_METHODS, *ADAPTER_METHODS, "ia3")  # ia3: peft's (IA)^3, see IA3_FAMILIES
 
 
 @dataclass(frozen=True)
@@ -206,20 +221,26 @@ def _matches(module_name: str, target: str) -> bool:
 
 
 def apply_peft(model: Any, method: str, lora: LoraSettings, default_targets: tuple[str, ...],
-               seed: int) -> dict[str, Any]:
-    """Inject LoRA (seeded) and/or mark biases trainable; freeze everything else.
+               seed: int, *, adapter: AdapterSettings | None = None,
+               ia3: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Inject LoRA (seeded), bottleneck adapters or IA3 and/or mark biases trainable; freeze the rest.
+
+    ``ia3`` holds the ``target_modules`` and ``feedforward_modules`` regexes (default: the
+    model's family in :data:`IA3_FAMILIES`).
 
     Returns the JSON-able record of what was done (saved in ``manifest.settings``). Target
-    modules that match nothing raise ExportError listing the names that would match.
+    modules that match nothing raise ExportError listing the names that would match; adapters
+    on a model without BERT-style output modules raise ExportError naming the supported ones.
     """
     import torch
 
-    if method not in PEFT_METHODS:
-        raise ExportError(f"method {method!r} is not one of {PEFT_METHODS}")
+    if method not in ENCODER_METHODS:
+        raise ExportError(f"method {method!r} is not one of {ENCODER_METHODS}")
+    parts = method.split("+")
     for p in model.parameters():
         p.requires_grad_(False)
     record: dict[str, Any] = {"method": method}
-    if "lora" in method.split("+"):
+    if "lora" in parts:
         from peft import LoraConfig, inject_adapter_in_model
 
         targets = tuple(lora.target_modules or default_targets)
@@ -239,7 +260,17 @@ def apply_peft(model: Any, method: str, lora: LoraSettings, default_targets: tup
             p.requires_grad_("lora_" in n)
         record["lora"] = {"rank": lora.rank, "alpha": lora.alpha, "target_modules": list(targets),
                           "fan_in_fan_out": fan_in_fan_out}
-    if "bitfit" in method.split("+"):
+    if "ia3" in parts:
+        record["ia3"] = _inject_ia3(model, ia3)
+    if "adapter" in parts:
+        from export.adapters import AdapterSettings, inject_adapters
+
+        settings = adapter or AdapterSettings()
+        names = set(inject_adapters(model, settings, seed))
+        for n, p in model.named_parameters():
+            p.requires_grad_(n in names)
+        record["adapter"] = settings.record()
+    if "bitfit" in parts:
         for n, p in model.named_parameters():
             if n.endswith(".bias") and not n.startswith("pooler."):
                 p.requires_grad_(True)
@@ -247,19 +278,58 @@ def apply_peft(model: Any, method: str, lora: LoraSettings, default_targets: tup
     return record
 
 
-def peft_record(method: str, lora: LoraSettings, default_targets: tuple[str, ...]) -> dict[str, Any]:
+def ia3_record(model_type: str) -> dict[str, str]:
+    """The IA3 target regexes of ``model_type``; ExportError naming the supported families otherwise."""
+    if model_type not in IA3_FAMILIES:
+        raise ExportError(f"IA3 is not supported for {model_type!r}; it supports "
+                          f"{', '.join(sorted(IA3_FAMILIES))}: use --method lora or bitfit")
+    targets, feedforward = IA3_FAMILIES[model_type]
+    return {"target_modules": targets, "feedforward_modules": feedforward}
+
+
+def _inject_ia3(model: Any, ia3: Mapping[str, str] | None) -> dict[str, str]:
+    from peft import IA3Config, inject_adapter_in_model
+
+    record = dict(ia3) if ia3 else ia3_record(str(getattr(getattr(model, "config", None), "model_type", "")))
+    config = IA3Config(target_modules=record["target_modules"], feedforward_modules=record["feedforward_modules"])
+    try:
+        inject_adapter_in_model(config, model)  # the scaling vectors start at one: the frozen model
+    except ValueError as e:
+        raise ExportError(f"IA3 targets {record['target_modules']!r} match no layer of the model "
+                          f"({str(e).splitlines()[0][:120]})") from e
+    for n, p in model.named_parameters():
+        p.requires_grad_(".ia3_l." in n)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ExportError(f"IA3 targets {record['target_modules']!r} match no layer of the model")
+    return record
+
+
+def peft_record(method: str, lora: LoraSettings, default_targets: tuple[str, ...], *,
+                adapter: AdapterSettings | None = None, model_type: str | None = None) -> dict[str, Any]:
     """The ``manifest.settings["peft"]`` entry for ``method``: what :func:`apply_peft_record` reads back."""
     record: dict[str, Any] = {"method": method}
-    if "lora" in method:
+    parts = method.split("+")
+    if "lora" in parts:
         targets = lora.target_modules or default_targets
         record["lora"] = {"rank": lora.rank, "alpha": lora.alpha, "target_modules": list(targets)}
+    if "adapter" in parts:
+        from export.adapters import AdapterSettings
+
+        record["adapter"] = (adapter or AdapterSettings()).record()
+    if "ia3" in parts:
+        record["ia3"] = ia3_record(model_type or "")
     return record
 
 
 def apply_peft_record(model: Any, record: Mapping[str, Any], default_targets: tuple[str, ...], seed: int) -> None:
     """:func:`apply_peft` as recorded in a manifest (export and the torch twin rebuild the same way)."""
     lora = record.get("lora") or {}
+    adapter = None
+    if record.get("adapter") is not None:
+        from export.adapters import AdapterSettings
+
+        adapter = AdapterSettings.from_record(record["adapter"])
     apply_peft(model, record["method"],
                LoraSettings(rank=int(lora.get("rank", 8)), alpha=int(lora.get("alpha", 16)),
                             target_modules=tuple(lora["target_modules"]) if lora else None),
-               default_targets, seed)
+               default_targets, seed, adapter=adapter, ia3=record.get("ia3"))

@@ -1,9 +1,13 @@
-"""Kind ``seq_cls_lora``: a LoRA (or BitFit) sequence classifier from a local encoder folder.
+"""Kind ``seq_cls_lora``: a LoRA, adapter, IA3 or BitFit sequence classifier from a local encoder folder.
 
-The model is a BERT-family encoder with LoRA on some Linear layers (``peft``), masked mean (or
-CLS) pooling and a linear head. Trainable: the LoRA A/B matrices (and/or the biases, BitFit)
-and the head, named as in ``SequenceClassifier.named_parameters()``
-(``backbone.encoder.layer.0.attention.self.query.lora_A.default.weight``, ``head.weight``).
+The model is a BERT-family encoder with LoRA on some Linear layers (``peft``), bottleneck
+adapters after each layer's feed-forward output (:mod:`export.adapters`) or IA3 scaling vectors
+(``peft``), masked mean (or CLS) pooling and a linear head. Trainable: the LoRA A/B matrices,
+the adapters' down/up weights and biases or the IA3 vectors (and/or the biases, BitFit) and
+the head, named as in
+``SequenceClassifier.named_parameters()``
+(``backbone.encoder.layer.0.attention.self.query.lora_A.default.weight``,
+``backbone.encoder.layer.0.output.dense.adapter_up.weight``, ``head.weight``).
 
 Graph ``model``: inputs ``input_ids``, ``attention_mask`` (batch, sequence) int64, ``labels``
 (batch,) int64 and every trainable; outputs ``logits`` (batch, num_labels), ``loss`` (batch,)
@@ -23,9 +27,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from export.adapters import ADAPTER_FAMILIES, AdapterSettings
 from export.hf import (
     ENCODER_FAMILIES,
-    PEFT_METHODS,
+    ENCODER_METHODS,
     LoraSettings,
     apply_peft_record,
     check_family,
@@ -50,6 +55,7 @@ class SeqClsExport:
     labels: tuple[str, ...]
     method: str = "lora"
     lora: LoraSettings = field(default_factory=LoraSettings)
+    adapter: AdapterSettings = field(default_factory=AdapterSettings)
     pooling: str = "mean"
     max_length: int = 128
     quantize: str | None = None
@@ -63,8 +69,8 @@ class SeqClsExport:
             raise ExportError(f"SeqClsExport.labels needs at least 2 class names, got {list(self.labels)}")
         if len(set(self.labels)) != len(self.labels):
             raise ExportError(f"SeqClsExport.labels has duplicates: {list(self.labels)}")
-        if self.method not in PEFT_METHODS:
-            raise ExportError(f"SeqClsExport.method must be one of {PEFT_METHODS}, got {self.method!r}")
+        if self.method not in ENCODER_METHODS:
+            raise ExportError(f"SeqClsExport.method must be one of {ENCODER_METHODS}, got {self.method!r}")
         if self.pooling not in POOLINGS:
             raise ExportError(f"SeqClsExport.pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if self.max_length < 2:
@@ -119,7 +125,14 @@ def _settings(cfg: SeqClsExport, folder: Path, hf_config: Mapping[str, Any]) -> 
     max_pos = hf_config.get("max_position_embeddings")
     if isinstance(max_pos, int) and cfg.max_length > max_pos:
         raise ExportError(f"--max-length {cfg.max_length} exceeds the model's max_position_embeddings {max_pos}")
-    peft = peft_record(cfg.method, cfg.lora, ENCODER_FAMILIES[hf_config["model_type"]])
+    model_type = str(hf_config["model_type"])
+    if "adapter" in cfg.method.split("+") and model_type not in ADAPTER_FAMILIES:
+        raise ExportError(
+            f"--method {cfg.method} is not supported for {model_type!r}: bottleneck adapters need "
+            f"BERT-style output modules ({', '.join(sorted(ADAPTER_FAMILIES))}); use --method lora or bitfit"
+        )
+    peft = peft_record(cfg.method, cfg.lora, ENCODER_FAMILIES[model_type], adapter=cfg.adapter,
+                       model_type=model_type)
     return {
         "source": str(folder), "model_type": hf_config["model_type"], "random_init": cfg.random_init,
         "seed": cfg.seed, "peft": peft, "pooling": cfg.pooling, "num_labels": len(cfg.labels),

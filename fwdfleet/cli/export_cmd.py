@@ -15,6 +15,10 @@ from typing import Any
 from fwdfleet.errors import ExportError
 
 QUANTIZE_CHOICES = ("none", "int8", "int8-weight", "int4-weight")
+# kept in step with export.hf.PEFT_METHODS / ENCODER_METHODS (not imported: torch-free --help)
+LM_METHODS = ("lora", "bitfit", "lora+bitfit")
+ENCODER_METHODS = (*LM_METHODS, "adapter", "adapter+bitfit", "ia3")
+ADAPTER_ACTIVATIONS = ("relu", "gelu", "tanh")
 
 
 def register(sub: Any) -> None:
@@ -28,9 +32,11 @@ def register(sub: Any) -> None:
     esub = p.add_subparsers(dest="export_kind", metavar="KIND", required=True)
 
     sc = esub.add_parser(
-        "seq-cls", help="LoRA/BitFit sequence classifier from a local BERT-family folder",
-        description="LoRA (peft) or BitFit sequence classifier: encoder + mean pooling + linear head. "
-                    "Outputs logits, per-sample loss and pooled features.",
+        "seq-cls", help="LoRA/adapter/IA3/BitFit sequence classifier from a local BERT-family folder",
+        description="LoRA (peft), bottleneck-adapter, IA3 (peft) or BitFit sequence classifier: encoder + "
+                    "mean pooling + linear head. Outputs logits, per-sample loss and pooled features. --method adapter "
+                    "inserts h + up(act(down(h))) after each layer's feed-forward output dense (BERT, "
+                    "RoBERTa, XLM-R, ELECTRA), up starting at zero so the initial model is the frozen one.",
     )
     sc.add_argument("model", help="local Hugging Face encoder folder (config.json, weights, tokenizer)")
     lab = sc.add_mutually_exclusive_group(required=True)
@@ -38,6 +44,13 @@ def register(sub: Any) -> None:
     lab.add_argument("--num-labels", type=int, help="number of classes (named 0..N-1)")
     sc.add_argument("--pooling", choices=("mean", "cls"), default="mean", help="feature pooling (default mean)")
     sc.add_argument("--max-length", type=int, default=128, help="tokenizer max length (default 128)")
+    _method(sc, ENCODER_METHODS, head=True)
+    sc.add_argument("--adapter-size", type=int,
+                    help="bottleneck width r of --method adapter: down hidden->r, up r->hidden (default 16)")
+    sc.add_argument("--adapter-layers",
+                    help="comma-separated encoder layer indices that get an adapter (default: every layer)")
+    sc.add_argument("--adapter-activation", choices=ADAPTER_ACTIVATIONS,
+                    help="activation between down and up of --method adapter (default relu)")
     _common(sc)
     sc.set_defaults(func=_run_seq_cls)
 
@@ -48,6 +61,7 @@ def register(sub: Any) -> None:
     )
     lm.add_argument("model", help="local Hugging Face Llama or GPT-2 folder")
     lm.add_argument("--max-length", type=int, default=256, help="tokenizer max length (default 256)")
+    _method(lm, LM_METHODS, head=False)
     _common(lm)
     lm.set_defaults(func=_run_causal_lm)
 
@@ -72,11 +86,18 @@ def register(sub: Any) -> None:
         register_ff(esub)
 
 
+def _method(p: argparse.ArgumentParser, choices: tuple[str, ...], *, head: bool) -> None:
+    adapter = (", adapter: bottleneck adapters (see --adapter-size), ia3: (IA)^3 scaling vectors of keys, "
+               "values and the feed-forward output" if "adapter" in choices else "")
+    besides = " besides the head" if head else ""
+    p.add_argument("--method", choices=choices, default="lora",
+                   help=f"what is trained{besides}: lora: LoRA matrices (see --rank), bitfit: "
+                        f"the biases{adapter}; <method>+bitfit also trains the biases (default lora)")
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", "-o", required=True, help="bundle folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle in --out")
-    p.add_argument("--method", choices=("lora", "bitfit", "lora+bitfit"), default="lora",
-                   help="what is trainable besides the head (default lora)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
     p.add_argument("--alpha", type=int, default=16, help="LoRA alpha (default 16)")
     p.add_argument("--target-modules", help="comma-separated LoRA target modules (default: the family's q/v)")
@@ -89,7 +110,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exporter", choices=("dynamo", "legacy"), default="dynamo",
                    help="torch exporter (default dynamo; legacy is faster but specialises shapes)")
     p.add_argument("--random-init", action="store_true", help="random (seeded) weights instead of the folder's")
-    p.add_argument("--seed", type=int, default=0, help="seed of LoRA/head init and random weights")
+    p.add_argument("--seed", type=int, default=0, help="seed of LoRA/adapter/head init and random weights")
     p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime-vs-torch parity check")
     p.add_argument("--json", action="store_true", help="print the export summary as JSON")
 
@@ -137,8 +158,29 @@ def _run_seq_cls(args: argparse.Namespace) -> int:
         if args.num_labels < 2:
             raise ExportError(f"--num-labels must be >= 2, got {args.num_labels}")
         labels = tuple(str(i) for i in range(args.num_labels))
-    cfg = SeqClsExport(source=Path(args.model), labels=labels, pooling=args.pooling, **opts)
+    cfg = SeqClsExport(source=Path(args.model), labels=labels, pooling=args.pooling,
+                       adapter=_adapter_settings(args), **opts)
     return _report(args, export_seq_cls(cfg, Path(args.out), overwrite=args.overwrite).summary())
+
+
+def _adapter_settings(args: argparse.Namespace) -> Any:
+    from export.adapters import AdapterSettings
+
+    given = [f"--adapter-{n}" for n in ("size", "layers", "activation")
+             if getattr(args, f"adapter_{n}") is not None]
+    if given and "adapter" not in args.method.split("+"):
+        raise ExportError(f"{', '.join(given)} only apply to --method adapter or adapter+bitfit, "
+                          f"not {args.method}")
+    try:
+        layers = (tuple(int(i) for i in args.adapter_layers.split(",") if i.strip())
+                  if args.adapter_layers is not None else None)
+    except ValueError as e:
+        raise ExportError(f"--adapter-layers must be comma-separated integers, got {args.adapter_layers!r}") from e
+    defaults = AdapterSettings()
+    return AdapterSettings(
+        size=defaults.size if args.adapter_size is None else args.adapter_size, layers=layers,
+        activation=args.adapter_activation or defaults.activation,
+    )
 
 
 def _run_causal_lm(args: argparse.Namespace) -> int:
