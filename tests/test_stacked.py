@@ -70,7 +70,8 @@ def test_lora_classifier_stacked_graph_gives_the_plain_estimates(tmp_path: Path)
     bundle = export_seq_cls(cfg, tmp_path / "lora").bundle
     with pytest.raises(ExportError, match="sequence-length"):
         add_stacked_graph(bundle.path, StackSettings(points=4, batch_size=2))
-    add_stacked_graph(bundle.path, StackSettings(points=4, batch_size=2, sequence_length=16))
+    code = main(["export", "stack", str(bundle.path), "-p", "4", "--batch-size", "2", "--sequence-length", "16"])
+    assert code == 0
     bundle = load_bundle(bundle.path)
     opts = SessionOptions(intra_op_threads=1)
     plain, stacked = BundleSession(bundle, opts), BundleSession(bundle, opts, graph=STACKED_GRAPH)

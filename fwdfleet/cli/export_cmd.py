@@ -78,6 +78,22 @@ def register(sub: Any) -> None:
     mlp.add_argument("--json", action="store_true")
     mlp.set_defaults(func=_run_mlp)
 
+    st = esub.add_parser(
+        "stack", help="add a stacked graph: several perturbed points per onnxruntime call",
+        description="Add graph 'model_stack' to an existing bundle: its trainable inputs carry a leading "
+                    "axis of P points and its loss is (P, batch), so the device's estimator evaluates P "
+                    "perturbed points per call (`fwdfleet device bench/memory --train-graph model_stack`). "
+                    "Fixed shapes; costs P times the activations. Built from the bundle's torch twin with "
+                    "torch.vmap and checked against the bundle's own graph.",
+    )
+    st.add_argument("bundle", help="bundle folder to add the graph to (its manifest is rewritten)")
+    st.add_argument("--points", "-p", type=int, required=True, help="points per call, P >= 2")
+    st.add_argument("--batch-size", type=int, required=True, help="the graph's fixed batch size")
+    st.add_argument("--sequence-length", type=int, help="fixed sequence length (token inputs)")
+    st.add_argument("--opset", type=int, default=18)
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=_run_stack)
+
     try:
         from fwdfleet.cli.export_ff_cmd import register_ff
     except ImportError:
@@ -205,4 +221,21 @@ def _run_mlp(args: argparse.Namespace) -> int:
                "trainable_values": sum(t.size for t in cfg.trainables)}
     print(json.dumps(summary, indent=2) if args.json else
           f"wrote mlp bundle {out} ({summary['trainable_values']:,} trainable values)")
+    return 0
+
+
+def _run_stack(args: argparse.Namespace) -> int:
+    from export.hf import require_export_extra
+
+    require_export_extra()
+    from export.stack import StackSettings, add_stacked_graph
+
+    settings = StackSettings(points=args.points, batch_size=args.batch_size,
+                             sequence_length=args.sequence_length, opset=args.opset)  # fmt: skip
+    spec = add_stacked_graph(args.bundle, settings)
+    summary = {"bundle": args.bundle, "graph": spec.name, "file": spec.file, "points": args.points,
+               "inputs": {t.name: list(t.shape) for t in spec.inputs}}  # fmt: skip
+    print(json.dumps(summary, indent=2) if args.json else
+          f"added graph {spec.name!r} ({spec.file}) to {args.bundle}: {args.points} points per call, "
+          f"batch {args.batch_size}; train with --train-graph {spec.name}")
     return 0
