@@ -39,7 +39,7 @@ from aggregator.auth import BearerAuthInterceptor, TokenAllowList
 from aggregator.servicer import BundleArchive, FleetServicer, ServicerSettings
 from fwdfleet.bundle import Bundle
 from fwdfleet.errors import ConfigError
-from fwdfleet.protocol import serde
+from fwdfleet.protocol import rpc, serde
 
 log = logging.getLogger("fwdfleet.aggregator")
 
@@ -210,7 +210,7 @@ def serve(config: ServerConfig, coordinator: Any, bundle: Bundle) -> RunningServ
         servicer = FleetServicer(coordinator, archive, allow_list=allow_list, settings=settings, trainable_specs=specs)
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="fwdfleet-rpc"),
-            handlers=[serde.generic_handler(servicer)],
+            handlers=[rpc.generic_handler(servicer)],
             interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", max(config.max_receive_bytes, vector_limit)),

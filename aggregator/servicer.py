@@ -41,7 +41,7 @@ from device_runtime.perturbation import split
 from fwdfleet import __version__
 from fwdfleet.bundle import Bundle, TensorSpec, sha256_file, zip_bundle
 from fwdfleet.errors import FwdfleetError
-from fwdfleet.protocol import PROTOCOL_VERSION, serde
+from fwdfleet.protocol import PROTOCOL_VERSION, serde, server_codec
 
 log = logging.getLogger("fwdfleet.aggregator")
 T = TypeVar("T")
@@ -110,7 +110,7 @@ def _status_for(error: Exception) -> tuple[grpc.StatusCode, str]:
 
 
 class FleetServicer:
-    """Implements ``fwdfleet.v1.Fleet`` on top of a coordinator (register with :func:`serde.generic_handler`)."""
+    """Implements ``fwdfleet.v1.Fleet`` on top of a coordinator (register with ``rpc.generic_handler``)."""
 
     def __init__(
         self,
@@ -190,12 +190,12 @@ class FleetServicer:
     def Join(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         def run() -> bytes:
             self._small(request, "Join")
-            call = serde.parse_join(request)
+            call = server_codec.parse_join(request)
             self._authorize(context, call.device_id)
             info = self.coordinator.join(call.device_id, call.profile)
             self.notify()
             log.info("device %s joined as index %d (%s)", call.device_id, info.device_index, call.client_version)
-            return serde.joined_to_bytes(
+            return server_codec.joined_to_bytes(
                 serde.Joined(
                     device_index=info.device_index,
                     model_version=info.model_version,
@@ -212,7 +212,7 @@ class FleetServicer:
 
     def GetTask(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         self._guard(context, lambda: self._small(request, "GetTask"))
-        device_id, wait = self._guard(context, lambda: serde.parse_get_task(request))
+        device_id, wait = self._guard(context, lambda: server_codec.parse_get_task(request))
         self._guard(context, lambda: self._authorize(context, device_id))
         deadline = time.monotonic() + min(wait, self.settings.long_poll_max_s)
         waiting = wait > 0 and self._slots.acquire(blocking=False)
@@ -224,11 +224,12 @@ class FleetServicer:
 
                 task, version = self._guard(context, poll)
                 if task is not None:
-                    return serde.task_poll_to_bytes(serde.TaskPoll(task=task, model_version=version, mode=self.mode))
+                    ready = serde.TaskPoll(task=task, model_version=version, mode=self.mode)
+                    return server_codec.task_poll_to_bytes(ready)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or not context.is_active() or (wait > 0 and not waiting):
                     busy = wait > 0 and not waiting
-                    return serde.task_poll_to_bytes(
+                    return server_codec.task_poll_to_bytes(
                         serde.TaskPoll(
                             task=None,
                             model_version=version,
@@ -246,7 +247,7 @@ class FleetServicer:
     def Submit(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         def run() -> bytes:
             self._small(request, "Submit")
-            device_id, result = serde.parse_submit(request)
+            device_id, result = server_codec.parse_submit(request)
             self._authorize(context, device_id)
             return self._ack(self.coordinator.submit(device_id, result))
 
@@ -258,7 +259,7 @@ class FleetServicer:
             if len(request) > limit:
                 raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"SubmitVector request of {len(request)} bytes "
                              f"exceeds the {limit}-byte limit for this model ({self.num_values} trainable values)")
-            call = serde.parse_submit_vector(request, self.num_values)
+            call = server_codec.parse_submit_vector(request, self.num_values)
             self._authorize(context, call.device_id)
             if call.mode == "dense":
                 receipt = self.coordinator.submit_dense(call.device_id, call.result, call.values)
@@ -271,24 +272,24 @@ class FleetServicer:
 
     def _ack(self, receipt: Any) -> bytes:
         self.notify()
-        return serde.submit_ack_to_bytes(
+        return server_codec.submit_ack_to_bytes(
             serde.SubmitAck(accepted=receipt.accepted, duplicate=receipt.duplicate, round_id=receipt.round_id)
         )
 
     def Heartbeat(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         def run() -> bytes:
             self._small(request, "Heartbeat")
-            device_id = serde.parse_heartbeat(request)
+            device_id = server_codec.parse_heartbeat(request)
             self._authorize(context, device_id)
             self.coordinator.heartbeat(device_id)
             version, round_id = self._versions()
-            return serde.heartbeat_ack_to_bytes(serde.HeartbeatAck(model_version=version, round_id=round_id))
+            return server_codec.heartbeat_ack_to_bytes(serde.HeartbeatAck(model_version=version, round_id=round_id))
 
         return self._guard(context, run)
 
     def DownloadBundle(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
         self._guard(context, lambda: self._small(request, "DownloadBundle"))
-        call = self._guard(context, lambda: serde.parse_download(request))
+        call = self._guard(context, lambda: server_codec.parse_download(request))
         if call.offset > self.archive.size:
             self._guard(context, lambda: _raise_offset(call.offset, self.archive.size))
         with open(self.archive.path, "rb") as f:
@@ -297,7 +298,7 @@ class FleetServicer:
 
     def DownloadTrainables(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
         self._guard(context, lambda: self._small(request, "DownloadTrainables"))
-        call = self._guard(context, lambda: serde.parse_download(request))
+        call = self._guard(context, lambda: server_codec.parse_download(request))
         version, data, digest = self._guard(context, self._trainables_npz)
         if call.offset and call.model_version != version:
             context.abort(
@@ -312,10 +313,10 @@ class FleetServicer:
     def Status(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         def run() -> bytes:
             self._small(request, "Status")
-            serde.parse_status(request)
+            server_codec.parse_status(request)
             status = self.coordinator.status()
             body = asdict(status) if is_dataclass(status) and not isinstance(status, type) else dict(status)
-            return serde.status_to_bytes(
+            return server_codec.status_to_bytes(
                 serde.ServerStatus(
                     protocol_version=PROTOCOL_VERSION,
                     server_version=__version__,
@@ -335,7 +336,7 @@ class FleetServicer:
             data = f.read(self.settings.chunk_bytes)
             if not data:
                 return
-            yield serde.chunk_to_bytes(
+            yield server_codec.chunk_to_bytes(
                 serde.DownloadChunk(offset=offset, data=data, total_size=total, sha256=digest, model_version=version)
             )
             offset += len(data)

@@ -61,7 +61,7 @@ from device_runtime.train import LocalTrainConfig, train_local
 from fwdfleet import __version__
 from fwdfleet.bundle import Bundle, load_bundle, sha256_file
 from fwdfleet.errors import FwdfleetError
-from fwdfleet.protocol import bearer_metadata, serde
+from fwdfleet.protocol import bearer_metadata, rpc, serde
 
 log = logging.getLogger("fwdfleet.device")
 T = TypeVar("T")
@@ -406,12 +406,12 @@ class DeviceClient:
         return self._channel
 
     def _unary(self, method: str, request: bytes, timeout: float | None = None) -> bytes:
-        call = serde.unary_call(self._connection(), method)
+        call = rpc.unary_call(self._connection(), method)
         reply: bytes = call(request, timeout=timeout or self.config.rpc_timeout_s, metadata=self._metadata)
         return reply
 
     def _stream(self, method: str, request: bytes) -> Iterator[serde.DownloadChunk]:
-        call = serde.stream_call(self._connection(), method)
+        call = rpc.stream_call(self._connection(), method)
         for data in call(request, timeout=max(self.config.rpc_timeout_s, 600.0), metadata=self._metadata):
             yield serde.chunk_from_bytes(data)
 

@@ -18,7 +18,7 @@ from aggregator.server import RunningServer, ServerConfig, serve
 from device_runtime.data import ArrayDataset
 from fwdfleet.bundle import Bundle
 from fwdfleet.cli.aggregator_cmd import write_dev_certificates
-from fwdfleet.protocol import bearer_metadata, serde
+from fwdfleet.protocol import bearer_metadata, rpc
 
 FLEET_TOKEN = "fleet-token-for-tests"
 DEVICE_TOKEN = "token-of-phone-a"  # bound to device "phone-a"
@@ -62,7 +62,7 @@ def channel(env: Env, port: int) -> grpc.Channel:
 
 def call(ch: grpc.Channel, method: str, request: bytes, token: str | None = FLEET_TOKEN, timeout: float = 10) -> bytes:
     metadata = bearer_metadata(token) if token else ()
-    return serde.unary_call(ch, method)(request, timeout=timeout, metadata=metadata)
+    return rpc.unary_call(ch, method)(request, timeout=timeout, metadata=metadata)
 
 
 def dataset(seed: int = 0, n: int = 64) -> ArrayDataset:

@@ -223,7 +223,7 @@ _DEVICE_SCRIPT = """
     from device_runtime.data import ArrayDataset
     from device_runtime.estimator import estimate as real_estimate
     from device_runtime.perturbation import flatten, perturbation
-    from fwdfleet.protocol import bearer_metadata, serde
+    from fwdfleet.protocol import bearer_metadata, rpc, serde
 
     seen = []
 
@@ -244,7 +244,7 @@ _DEVICE_SCRIPT = """
 
     # The aggregator's update, fetched through the protocol once it has been applied.
     channel = grpc.secure_channel(config.address, grpc.ssl_channel_credentials(open({ca!r}, "rb").read()))
-    download = serde.stream_call(channel, "DownloadTrainables")
+    download = rpc.stream_call(channel, "DownloadTrainables")
     deadline = time.monotonic() + 60
     while True:
         chunks = [serde.chunk_from_bytes(c) for c in download(serde.download_request("phone-a"), timeout=60,

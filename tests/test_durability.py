@@ -19,7 +19,7 @@ from _grpc_fixtures import FLEET_TOKEN, call, channel, dataset, make_env
 
 from device_runtime.estimator import estimate
 from device_runtime.session import BundleSession
-from fwdfleet.protocol import bearer_metadata, serde
+from fwdfleet.protocol import bearer_metadata, rpc, serde
 
 ROOT = Path(__file__).resolve().parent.parent
 ROUNDS = 4
@@ -68,7 +68,7 @@ class Aggregator:
 
 
 def trainables(ch: grpc.Channel) -> tuple[int, dict[str, np.ndarray]]:
-    stream = serde.stream_call(ch, "DownloadTrainables")(serde.download_request("a"), timeout=10,
+    stream = rpc.stream_call(ch, "DownloadTrainables")(serde.download_request("a"), timeout=10,
                                                           metadata=bearer_metadata(FLEET_TOKEN))
     chunks = [serde.chunk_from_bytes(b) for b in stream]
     with np.load(io.BytesIO(b"".join(c.data for c in chunks)), allow_pickle=False) as z:

@@ -31,7 +31,7 @@ from device_runtime.perturbation import flatten, split
 from device_runtime.session import BundleSession
 from device_runtime.task import DeviceProfile, DeviceResult, RoundTask
 from fwdfleet.bundle import load_bundle
-from fwdfleet.protocol import serde
+from fwdfleet.protocol import rpc, serde
 from fwdfleet.protocol.v1 import fleet_pb2 as pb  # raw messages: what a broken client sends
 
 PROFILE = serde.DeviceProfile(platform="test", ram_mb=512)
@@ -70,7 +70,7 @@ def wait_for(predicate, timeout: float = 15.0) -> None:
 
 
 def server_trainables(ch: grpc.Channel) -> tuple[int, dict[str, np.ndarray]]:
-    stream = serde.stream_call(ch, "DownloadTrainables")(serde.download_request("a"), timeout=10,
+    stream = rpc.stream_call(ch, "DownloadTrainables")(serde.download_request("a"), timeout=10,
                                                         metadata=(("authorization", f"Bearer {FLEET_TOKEN}"),))
     chunks = [serde.chunk_from_bytes(b) for b in stream]
     with np.load(io.BytesIO(b"".join(c.data for c in chunks)), allow_pickle=False) as z:

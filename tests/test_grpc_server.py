@@ -17,7 +17,7 @@ from _grpc_fixtures import DEVICE_TOKEN, FLEET_TOKEN, aggregator_config, call, c
 from device_runtime.estimator import estimate
 from device_runtime.session import BundleSession
 from device_runtime.task import DeviceResult, RoundTask
-from fwdfleet.protocol import serde
+from fwdfleet.protocol import rpc, serde, server_codec
 from fwdfleet.protocol.v1 import fleet_pb2 as pb  # raw messages: what a broken or hostile client sends
 
 PROFILE = serde.DeviceProfile(platform="test", ram_mb=512)
@@ -44,7 +44,7 @@ def train(session: BundleSession, trainables: dict, task: RoundTask, seed: int) 
 
 
 def download(ch: grpc.Channel, method: str) -> tuple[bytes, serde.DownloadChunk]:
-    stream = serde.stream_call(ch, method)(serde.download_request("a"), timeout=10,
+    stream = rpc.stream_call(ch, method)(serde.download_request("a"), timeout=10,
                                           metadata=(("authorization", f"Bearer {FLEET_TOKEN}"),))
     chunks = [serde.chunk_from_bytes(b) for b in stream]
     return b"".join(c.data for c in chunks), chunks[-1]
@@ -209,7 +209,7 @@ def test_uplink_per_round_is_under_1kb_at_k64() -> None:
                               num_samples=16, loss_mean=1.234, loss_std=0.1, compute_seconds=2.5)
         request = serde.submit_request("device-" + "x" * 32, result)
         assert len(request) < 1024, len(request)
-        decoded = serde.parse_submit(request)[1]
+        decoded = server_codec.parse_submit(request)[1]
         assert decoded.indices == result.indices and decoded.derivatives == result.derivatives
     print(f"SubmitRequest at K=64: {len(request)} bytes (worst-case indices), "
           f"{len(serde.result_to_proto(result).SerializeToString())} bytes for the result")

@@ -50,9 +50,9 @@ def test_drift_is_detected(tmp_path: Path) -> None:
 
 
 def test_service_table_matches_generated_descriptor() -> None:
-    from fwdfleet.protocol import serde
+    from fwdfleet.protocol import rpc
 
-    serde.check_service_matches_stubs()
+    rpc.check_service_matches_stubs()
 
 
 def test_generated_code_declares_its_protobuf_floor() -> None:

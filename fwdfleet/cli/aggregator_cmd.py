@@ -157,7 +157,7 @@ def fetch_status(address: str, *, token: str | None, ca: str | None, insecure: b
     """Call Status on a running aggregator and return a :class:`fwdfleet.protocol.serde.ServerStatus`."""
     import grpc
 
-    from fwdfleet.protocol import bearer_metadata, serde
+    from fwdfleet.protocol import bearer_metadata, rpc, serde
 
     options: list[tuple[str, Any]] = []
     if insecure:
@@ -168,7 +168,7 @@ def fetch_status(address: str, *, token: str | None, ca: str | None, insecure: b
             options.append(("grpc.ssl_target_name_override", server_name))
         channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=root), options=options)
     try:
-        reply = serde.unary_call(channel, "Status")(
+        reply = rpc.unary_call(channel, "Status")(
             serde.status_request(), timeout=timeout, metadata=bearer_metadata(token) if token else ()
         )
     except grpc.RpcError as e:

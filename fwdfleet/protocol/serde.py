@@ -1,4 +1,4 @@
-"""Wire messages <-> domain dataclasses: the only module that touches the generated classes.
+"""Wire messages <-> domain dataclasses: with ``server_codec`` and ``rpc``, the only code touching the stubs.
 
 Encoding functions are named ``<thing>_to_proto`` / ``<thing>_from_proto`` (Flower's
 ``fit_ins_to_proto`` style). Decoding checks everything a peer could get wrong and raises
@@ -6,12 +6,13 @@ Encoding functions are named ``<thing>_to_proto`` / ``<thing>_from_proto`` (Flow
 can answer ``INVALID_ARGUMENT`` with it and the client can refuse a bad task.
 
 Requests arrive at the server as raw bytes (the servicer registers identity deserializers) so
-that a malformed protobuf is reported as ``INVALID_ARGUMENT`` by :func:`parse_request` instead of
-a generic ``INTERNAL`` from grpc's own deserializer.
+that a malformed protobuf is reported as ``INVALID_ARGUMENT`` (:mod:`fwdfleet.protocol.server_codec`)
+instead of a generic ``INTERNAL`` from grpc's own deserializer; :mod:`fwdfleet.protocol.rpc` routes
+the Fleet methods as bytes.
 
 Derivatives travel as float32: 4 bytes each, packed, next to packed varint indices, so a
 result with K = 64 pairs is well under 1 KB. In ``dense`` and ``fedavg`` mode a device uploads one
-flat vector instead (:func:`submit_vector_request` / :func:`parse_submit_vector`): little-endian
+flat vector instead (:func:`submit_vector_request` / ``server_codec.parse_submit_vector``): little-endian
 float32 bytes in the manifest's canonical trainable order, with their count and sha256 checked
 before anything is decoded.
 """
@@ -24,16 +25,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
-import grpc
 import numpy as np
 from google.protobuf.message import DecodeError as _PbDecodeError
 from google.protobuf.message import Message
 
 from device_runtime.task import DeviceProfile, DeviceResult, RoundTask
 from fwdfleet.errors import FwdfleetError
-from fwdfleet.protocol import PROTOCOL_VERSION, SERVICE_NAME
+from fwdfleet.protocol import PROTOCOL_VERSION
 from fwdfleet.protocol.v1 import fleet_pb2 as pb
-from fwdfleet.protocol.v1 import fleet_pb2_grpc as pb_grpc
 
 __all__ = [
     "DecodeError",
@@ -45,7 +44,6 @@ __all__ = [
     "SubmitAck",
     "TaskPoll",
     "UploadMode",
-    "VectorCall",
 ]
 
 UploadMode = Literal["scalar", "dense", "fedavg"]
@@ -54,9 +52,9 @@ VECTOR_MODES: tuple[UploadMode, ...] = ("dense", "fedavg")
 
 _DISTRIBUTIONS = {"rademacher": pb.DISTRIBUTION_RADEMACHER, "gaussian": pb.DISTRIBUTION_GAUSSIAN}
 _DIFFERENCES = {"central": pb.DIFFERENCE_CENTRAL, "forward": pb.DIFFERENCE_FORWARD}
-_UPLOAD_MODES = {"scalar": pb.UPLOAD_MODE_SCALAR, "dense": pb.UPLOAD_MODE_DENSE, "fedavg": pb.UPLOAD_MODE_FEDAVG}
+UPLOAD_MODE_CODES = {"scalar": pb.UPLOAD_MODE_SCALAR, "dense": pb.UPLOAD_MODE_DENSE, "fedavg": pb.UPLOAD_MODE_FEDAVG}
 _F32_MAX = float(np.finfo(np.float32).max)
-_LE_F32 = np.dtype("<f4")
+LE_F32 = np.dtype("<f4")
 
 
 class DecodeError(ValueError):
@@ -290,11 +288,11 @@ def submit_vector_request(device_id: str, result: DeviceResult, mode: UploadMode
     flat = np.asarray(values).reshape(-1)
     if flat.size and np.isfinite(flat).all() and float(np.abs(flat).max()) > _F32_MAX:
         raise ValueError("the uploaded vector holds a value too large for float32")
-    data = flat.astype(_LE_F32).tobytes()
+    data = flat.astype(LE_F32).tobytes()
     return pb.SubmitVectorRequest(
         device_id=device_id,
         result=result_to_proto(result),
-        mode=_UPLOAD_MODES[mode],
+        mode=UPLOAD_MODE_CODES[mode],
         values=data,
         num_values=flat.size,
         sha256=hashlib.sha256(data).hexdigest(),
@@ -317,7 +315,7 @@ def status_request() -> bytes:
 
 
 def joined_from_bytes(data: bytes) -> Joined:
-    m = _parse(pb.JoinReply, data)
+    m = parse_message(pb.JoinReply, data)
     return Joined(
         device_index=m.device_index,
         model_version=m.model_version,
@@ -326,13 +324,13 @@ def joined_from_bytes(data: bytes) -> Joined:
         bundle_size=m.bundle_size,
         protocol_version=m.protocol_version,
         heartbeat_interval_seconds=m.heartbeat_interval_seconds,
-        mode=_upload_mode(m.mode, "JoinReply.mode"),
+        mode=upload_mode_from_proto(m.mode, "JoinReply.mode"),
     )
 
 
 def task_poll_from_bytes(data: bytes) -> TaskPoll:
-    m = _parse(pb.GetTaskReply, data)
-    mode = _upload_mode(m.mode, "GetTaskReply.mode")
+    m = parse_message(pb.GetTaskReply, data)
+    mode = upload_mode_from_proto(m.mode, "GetTaskReply.mode")
     if m.WhichOneof("outcome") == "task":
         return TaskPoll(task=task_from_proto(m.task), model_version=m.model_version, mode=mode)
     return TaskPoll(
@@ -345,24 +343,24 @@ def task_poll_from_bytes(data: bytes) -> TaskPoll:
 
 
 def submit_ack_from_bytes(data: bytes) -> SubmitAck:
-    m = _parse(pb.SubmitReply, data)
+    m = parse_message(pb.SubmitReply, data)
     return SubmitAck(accepted=m.accepted, duplicate=m.duplicate, round_id=m.round_id)
 
 
 def heartbeat_ack_from_bytes(data: bytes) -> HeartbeatAck:
-    m = _parse(pb.HeartbeatReply, data)
+    m = parse_message(pb.HeartbeatReply, data)
     return HeartbeatAck(model_version=m.model_version, round_id=m.round_id)
 
 
 def chunk_from_bytes(data: bytes) -> DownloadChunk:
-    m = _parse(pb.Chunk, data)
+    m = parse_message(pb.Chunk, data)
     return DownloadChunk(
         offset=m.offset, data=m.data, total_size=m.total_size, sha256=m.sha256, model_version=m.model_version
     )
 
 
 def status_from_bytes(data: bytes) -> ServerStatus:
-    m = _parse(pb.StatusReply, data)
+    m = parse_message(pb.StatusReply, data)
     return ServerStatus(
         protocol_version=m.protocol_version,
         server_version=m.server_version,
@@ -373,217 +371,12 @@ def status_from_bytes(data: bytes) -> ServerStatus:
     )
 
 
-# --------------------------------------------------------------------------- server side
-
-
-@dataclass(frozen=True)
-class JoinCall:
-    device_id: str
-    profile: DeviceProfile
-    protocol_version: int
-    client_version: str
-
-
-@dataclass(frozen=True)
-class DownloadCall:
-    device_id: str
-    offset: int
-    model_version: int
-
-
-def parse_join(data: bytes) -> JoinCall:
-    m = _parse(pb.JoinRequest, data)
-    _need_device_id(m.device_id)
-    if m.protocol_version != PROTOCOL_VERSION:
-        raise DecodeError(
-            "VERSION",
-            f"device speaks protocol version {m.protocol_version} but this aggregator speaks "
-            f"{PROTOCOL_VERSION}; install a matching fwdfleet on the device",
-        )
-    return JoinCall(m.device_id, profile_from_proto(m.profile), m.protocol_version, m.client_version)
-
-
-def parse_get_task(data: bytes) -> tuple[str, float]:
-    m = _parse(pb.GetTaskRequest, data)
-    _need_device_id(m.device_id)
-    if not math.isfinite(m.wait_seconds) or m.wait_seconds < 0:
-        raise DecodeError("MALFORMED", f"wait_seconds must be a non-negative number, got {m.wait_seconds}")
-    return m.device_id, m.wait_seconds
-
-
-def parse_submit(data: bytes) -> tuple[str, DeviceResult]:
-    m = _parse(pb.SubmitRequest, data)
-    _need_device_id(m.device_id)
-    if not m.HasField("result"):
-        raise DecodeError("MALFORMED", "submit request carries no result")
-    return m.device_id, result_from_proto(m.result)
-
-
-@dataclass(frozen=True)
-class VectorCall:
-    device_id: str
-    result: DeviceResult
-    mode: UploadMode  # "dense" or "fedavg"
-    values: np.ndarray  # float32, shape (num_values,)
-
-
-def parse_submit_vector(data: bytes, num_values: int) -> VectorCall:
-    """Decode a vector upload for a model of ``num_values`` trainable values.
-
-    The count, the byte length and the sha256 are checked before the values are decoded; a
-    mismatch is ``MALFORMED`` with the numbers that disagree. Finiteness and magnitude are the
-    coordinator's checks (they hold for in-process uploads too).
-    """
-    m = _parse(pb.SubmitVectorRequest, data)
-    _need_device_id(m.device_id)
-    if not m.HasField("result"):
-        raise DecodeError("MALFORMED", "vector upload carries no result")
-    mode = _upload_mode(m.mode, "SubmitVectorRequest.mode")
-    if mode not in VECTOR_MODES:
-        raise DecodeError("MALFORMED", f"SubmitVectorRequest.mode must be one of {VECTOR_MODES}, got {mode!r}; "
-                          "scalar results go through Submit")
-    if m.num_values != num_values or len(m.values) != 4 * num_values:
-        raise DecodeError(
-            "MALFORMED",
-            f"vector upload declares {m.num_values} values in {len(m.values)} bytes but this model has "
-            f"{num_values} trainable values ({4 * num_values} bytes of float32); the device runs another bundle",
-        )
-    digest = hashlib.sha256(m.values).hexdigest()
-    if digest != m.sha256.lower():
-        raise DecodeError("MALFORMED", f"vector upload has sha256 {digest[:12]}... but declares "
-                          f"{m.sha256[:12]!r}...; the upload was corrupted, send it again")
-    if len(m.result.indices) or len(m.result.derivatives):
-        raise DecodeError("MALFORMED", "a vector upload's result must carry no (index, derivative) pairs")
-    values = np.frombuffer(m.values, dtype=_LE_F32).astype(np.float32)
-    return VectorCall(m.device_id, result_from_proto(m.result), mode, values)
-
-
-def parse_heartbeat(data: bytes) -> str:
-    m = _parse(pb.HeartbeatRequest, data)
-    _need_device_id(m.device_id)
-    return m.device_id
-
-
-def parse_download(data: bytes) -> DownloadCall:
-    m = _parse(pb.DownloadRequest, data)
-    return DownloadCall(m.device_id, m.offset, m.model_version)
-
-
-def parse_status(data: bytes) -> None:
-    _parse(pb.StatusRequest, data)
-
-
-def joined_to_bytes(j: Joined) -> bytes:
-    return pb.JoinReply(
-        device_index=j.device_index,
-        model_version=j.model_version,
-        round_id=j.round_id,
-        bundle_sha256=j.bundle_sha256,
-        bundle_size=j.bundle_size,
-        protocol_version=j.protocol_version,
-        heartbeat_interval_seconds=j.heartbeat_interval_seconds,
-        mode=_UPLOAD_MODES[j.mode],
-    ).SerializeToString()
-
-
-def task_poll_to_bytes(poll: TaskPoll) -> bytes:
-    mode = _UPLOAD_MODES[poll.mode]
-    if poll.task is not None:
-        return pb.GetTaskReply(
-            task=task_to_proto(poll.task), model_version=poll.model_version, mode=mode
-        ).SerializeToString()
-    no_task = pb.NoTask(retry_after_seconds=poll.retry_after_seconds, reason=poll.reason)
-    return pb.GetTaskReply(no_task=no_task, model_version=poll.model_version, mode=mode).SerializeToString()
-
-
-def submit_ack_to_bytes(ack: SubmitAck) -> bytes:
-    return pb.SubmitReply(accepted=ack.accepted, duplicate=ack.duplicate, round_id=ack.round_id).SerializeToString()
-
-
-def heartbeat_ack_to_bytes(ack: HeartbeatAck) -> bytes:
-    return pb.HeartbeatReply(model_version=ack.model_version, round_id=ack.round_id).SerializeToString()
-
-
-def chunk_to_bytes(c: DownloadChunk) -> bytes:
-    return pb.Chunk(
-        offset=c.offset, data=c.data, total_size=c.total_size, sha256=c.sha256, model_version=c.model_version
-    ).SerializeToString()
-
-
-def status_to_bytes(s: ServerStatus) -> bytes:
-    return pb.StatusReply(
-        protocol_version=s.protocol_version,
-        server_version=s.server_version,
-        round_id=s.round_id,
-        model_version=s.model_version,
-        uptime_seconds=s.uptime_seconds,
-        status_json=s.status_json,
-    ).SerializeToString()
-
-
-# Method name -> (request streaming?, response streaming?). Mirrors `service Fleet` in the proto.
-METHODS: dict[str, tuple[bool, bool]] = {
-    "Join": (False, False),
-    "GetTask": (False, False),
-    "Submit": (False, False),
-    "Heartbeat": (False, False),
-    "DownloadBundle": (False, True),
-    "DownloadTrainables": (False, True),
-    "Status": (False, False),
-    "SubmitVector": (False, False),
-}
-
-
-def method_path(name: str) -> str:
-    """The full gRPC method path, e.g. ``/fwdfleet.v1.Fleet/Submit``."""
-    if name not in METHODS:
-        raise KeyError(f"unknown Fleet method {name!r}")
-    return f"/{SERVICE_NAME}/{name}"
-
-
-def generic_handler(servicer: Any) -> grpc.GenericRpcHandler:
-    """A handler routing every Fleet method to ``servicer.<Method>(request_bytes, context)``.
-
-    Requests are passed as bytes (no grpc-side deserialization) and replies are bytes too,
-    so every encode/decode step goes through this module.
-    """
-    handlers: dict[str, grpc.RpcMethodHandler] = {}
-    for name, (_, streaming) in METHODS.items():
-        fn = getattr(servicer, name)
-        make = grpc.unary_stream_rpc_method_handler if streaming else grpc.unary_unary_rpc_method_handler
-        handlers[name] = make(fn)
-    return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
-
-
-def _identity(x: bytes) -> bytes:
-    return x
-
-
-def unary_call(channel: grpc.Channel, name: str) -> grpc.UnaryUnaryMultiCallable:
-    """A bytes-in/bytes-out callable for a unary Fleet method on ``channel``."""
-    return channel.unary_unary(method_path(name), request_serializer=_identity, response_deserializer=_identity)
-
-
-def stream_call(channel: grpc.Channel, name: str) -> grpc.UnaryStreamMultiCallable:
-    return channel.unary_stream(method_path(name), request_serializer=_identity, response_deserializer=_identity)
-
-
-def check_service_matches_stubs() -> None:
-    """Fail loudly if ``METHODS`` and the generated service descriptor disagree (tested)."""
-    service = pb.DESCRIPTOR.services_by_name["Fleet"]
-    generated = {m.name: (m.client_streaming, m.server_streaming) for m in service.methods}
-    if generated != METHODS:
-        raise RuntimeError(f"serde.METHODS {METHODS} does not match the generated service {generated}")
-    if not hasattr(pb_grpc, "FleetServicer"):
-        raise RuntimeError("generated fleet_pb2_grpc has no FleetServicer; regenerate the stubs")
-
-
 # --------------------------------------------------------------------------- helpers
 
 _M = TypeVar("_M", bound=Message)
 
 
-def _parse(cls: Callable[[], _M], data: bytes) -> _M:
+def parse_message(cls: Callable[[], _M], data: bytes) -> _M:
     msg = cls()
     try:
         msg.ParseFromString(data)
@@ -600,13 +393,13 @@ def _enum_name(table: Mapping[str, int], value: int, field_name: str) -> str:
     raise DecodeError("MALFORMED", f"{field_name} has unknown value {value}; expected one of {sorted(table)}")
 
 
-def _upload_mode(value: int, field_name: str) -> UploadMode:
+def upload_mode_from_proto(value: int, field_name: str) -> UploadMode:
     if value == pb.UPLOAD_MODE_UNSPECIFIED:
         return "scalar"  # an aggregator from before vector uploads
-    return _enum_name(_UPLOAD_MODES, value, field_name)  # type: ignore[return-value]
+    return _enum_name(UPLOAD_MODE_CODES, value, field_name)  # type: ignore[return-value]
 
 
-def _need_device_id(device_id: str) -> None:
+def need_device_id(device_id: str) -> None:
     if not device_id:
         raise DecodeError("MALFORMED", "device_id must not be empty")
     if len(device_id) > 256:
