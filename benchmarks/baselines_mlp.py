@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from fleet.fedfwd import LR_SCHEDULES, LrSchedule, round_lr
+
 
 @dataclass(frozen=True)
 class BackpropSettings:
@@ -41,6 +43,8 @@ class BackpropSettings:
     eval_every: int = 1
     seed: int = 0
     threads: int = 1  # torch intra-op threads (0: leave torch's setting alone)
+    lr_schedule: LrSchedule = "constant"  # per-round local lr, as FedFwd's (fleet.fedfwd.round_lr)
+    final_lr_ratio: float = 0.0
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -55,6 +59,10 @@ class BackpropSettings:
             raise ValueError(f"BackpropSettings.lr must be > 0, got {self.lr}")
         if self.eval_every < 0:
             raise ValueError("BackpropSettings.eval_every must be >= 0 (0: only the last round)")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"BackpropSettings.lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if not 0.0 <= self.final_lr_ratio <= 1.0:
+            raise ValueError(f"BackpropSettings.final_lr_ratio must be in [0, 1], got {self.final_lr_ratio!r}")
 
 
 class MLP(nn.Module):
@@ -112,12 +120,12 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 20
 
 
 def _local_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: BackpropSettings,
-                 gen: torch.Generator) -> None:
+                 gen: torch.Generator, lr: float) -> None:
     opt: torch.optim.Optimizer
     if settings.optimizer == "adam":
-        opt = torch.optim.Adam(model.parameters(), lr=settings.lr)
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
     else:
-        opt = torch.optim.SGD(model.parameters(), lr=settings.lr)
+        opt = torch.optim.SGD(model.parameters(), lr=lr)
     n = x.shape[0]
     per_epoch = max(1, -(-n // settings.batch_size))
     total = settings.local_steps or per_epoch * settings.local_epochs
@@ -172,12 +180,13 @@ def fedavg_backprop(
         global_w = _flat(model).clone()
         total = torch.zeros_like(global_w)
         weight = 0
+        lr = round_lr(settings.lr, r, settings.rounds, settings.lr_schedule, settings.final_lr_ratio)
         for shard in shards:
             if shard.size == 0:
                 continue
             _assign(model, global_w)
             idx = torch.from_numpy(np.asarray(shard, dtype=np.int64))
-            _local_train(model, xtr[idx], ytr[idx], settings, gen)
+            _local_train(model, xtr[idx], ytr[idx], settings, gen, lr)
             total += _flat(model) * int(shard.size)
             weight += int(shard.size)
         _assign(model, total / weight)

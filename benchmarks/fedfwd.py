@@ -5,8 +5,9 @@ every run. Backprop: a relu MLP ``784-H-H-10`` trained by FedAvg (torch, Adam, o
 per round; :mod:`benchmarks.baselines_mlp`). Forward-Forward: an FF-MLP bundle ``784-H-H``
 (``fwdfleet export ff-mlp``) trained through the real aggregator in ``fedavg`` mode
 (:func:`fleet.fedfwd.run_fedfwd`), each device training every layer on its own objective for
-one local epoch per round, predicting from all layers. Objectives (``--objectives`` on IID,
-``--noniid-objectives`` on Dirichlet): ``pon`` (softmax head per
+one local epoch per round, predicting from all layers. Both sides use Adam with the same
+learning rate and per-round schedule by default (``--ff-lr``/``--bp-lr``, ``--lr-schedule``).
+Objectives (``--objectives`` on IID, ``--noniid-objectives`` on Dirichlet): ``pon`` (softmax head per
 layer), ``sff`` (class-goodness heads, log-sum-exp), ``symmetric`` (goodness, hard negatives) and
 ``hinton`` (goodness with threshold, random negatives). Local training mode ``closed_form``
 (each layer's own gradient in numpy) for all; ``perturbed`` (perturbed inference of the layer
@@ -14,10 +15,12 @@ graphs, K central differences per step) for the objectives in ``--perturbed-obje
 a step budget per round because it costs 2K forwards per layer per step.
 
     OPENBLAS_NUM_THREADS=1 python benchmarks/fedfwd.py --out docs/results          # ~15 min here
+    OPENBLAS_NUM_THREADS=1 python benchmarks/fedfwd.py --train-limit 0 --objectives pon \
+        --noniid-objectives pon --perturbed-objectives --out docs/results --name fedfwd_full60k   # ~15 min
     python benchmarks/fedfwd.py --train-limit 0 --hidden 500,500 --rounds 50        # the full set, longer
     python benchmarks/fedfwd.py --dataset digits --rounds 10 --json                  # a minute
 
-Writes ``fedfwd.json`` and ``fedfwd.png`` into ``--out`` when given.
+Writes ``<name>.json`` and ``<name>.png`` (``--name``, default ``fedfwd``) into ``--out`` when given.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from device_runtime.ff_train import FFTrainConfig
 from export.ff_mlp import FFMLPConfig, export_ff_mlp
 from fleet.datasets import DatasetConfig, load_split
-from fleet.fedfwd import FedFwdSettings, run_fedfwd
+from fleet.fedfwd import LR_SCHEDULES, FedFwdSettings, LrSchedule, run_fedfwd
 from fleet.partition import PartitionConfig, Scheme, partition
 from fwdfleet.bundle import load_bundle
 
@@ -68,10 +71,12 @@ def backprop_curve(sizes: tuple[int, ...], x: np.ndarray, y: np.ndarray, xt: np.
     records = fedavg_backprop(MLP(sizes), x, y, xt, yt, shards,
                               BackpropSettings(rounds=args.rounds, local_epochs=args.local_epochs, lr=args.bp_lr,
                                                batch_size=args.batch_size, eval_every=args.eval_every,
-                                               seed=args.seed))
+                                               seed=args.seed, lr_schedule=args.lr_schedule,
+                                               final_lr_ratio=args.final_lr_ratio))
     return {"method": "backprop", "mode": "fedavg", "curve": [(r.round_id + 1, r.accuracy) for r in records
                                                               if r.accuracy is not None],
-            "bytes_up_per_device_round": records[-1].bytes_up_per_device, "seconds": time.perf_counter() - start}
+            "bytes_up_per_device_round": records[-1].bytes_up_per_device, "optimizer": "adam", "lr": args.bp_lr,
+            "lr_schedule": args.lr_schedule, "seconds": time.perf_counter() - start}
 
 
 def ff_curve(objective: str, mode: str, bundle_dir: Path, widths: tuple[int, ...], x: np.ndarray, y: np.ndarray,
@@ -90,16 +95,19 @@ def ff_curve(objective: str, mode: str, bundle_dir: Path, widths: tuple[int, ...
                            max_steps=args.perturbed_steps if perturbed else None,
                            num_perturbations=args.k)
     rounds = args.perturbed_rounds if perturbed else args.rounds
+    schedule: LrSchedule = "constant" if perturbed else args.lr_schedule
     start = time.perf_counter()
     run = run_fedfwd(bundle, config, x, y, shards,
-                     FedFwdSettings(rounds=rounds, eval_every=args.eval_every, keep_device_state=False),
+                     FedFwdSettings(rounds=rounds, eval_every=args.eval_every, keep_device_state=False,
+                                    lr_schedule=schedule, final_lr_ratio=args.final_lr_ratio),
                      test=(xt, yt))
     recs = run.records
     return {"method": objective, "mode": mode, "curve": [(r.model_version, r.accuracy) for r in recs
                                                          if r.accuracy is not None],
             "bytes_up_per_device_round": recs[-1].bytes_up_per_device,
             "local_steps_per_device_round": recs[-1].local_steps / max(1, recs[-1].participants),
-            "optimizer": config.optimizer, "lr": config.lr, "k": config.num_perturbations if perturbed else None,
+            "optimizer": config.optimizer, "lr": config.lr, "lr_schedule": schedule,
+            "k": config.num_perturbations if perturbed else None,
             "seconds": time.perf_counter() - start}
 
 
@@ -135,7 +143,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {
         "dataset": args.dataset, "train": int(x.shape[0]), "test": int(xt.shape[0]), "devices": args.devices,
         "layers": [int(x.shape[1]), *widths], "rounds": args.rounds, "local_epochs": args.local_epochs,
-        "batch_size": args.batch_size, "partitions": {},
+        "batch_size": args.batch_size, "lr_schedule": args.lr_schedule, "final_lr_ratio": args.final_lr_ratio,
+        "partitions": {},
     }
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -179,22 +188,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--noniid-objectives", nargs="*", choices=list(HEAD_OF), default=["pon", "sff"],
                    help="objectives run on the Dirichlet partition (default: pon sff; the goodness objectives "
                         "take ~5 min each here)")
-    p.add_argument("--ff-lr", type=float, default=3e-3, help="closed-form Adam lr (default: %(default)s)")
+    p.add_argument("--ff-lr", type=float, default=1e-3,
+                   help="closed-form Adam lr (default: %(default)s, the same as backprop's)")
     p.add_argument("--bp-lr", type=float, default=1e-3, help="backprop Adam lr (default: %(default)s)")
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
+                   help="per-round local lr schedule, the same for FF (closed form) and backprop "
+                        "(fleet.fedfwd.round_lr; default: %(default)s)")
+    p.add_argument("--final-lr-ratio", type=float, default=0.0,
+                   help="linear/cosine: the lr decays towards this fraction of the first round's "
+                        "(default: %(default)s)")
     p.add_argument("--perturbed-objectives", nargs="*", choices=list(HEAD_OF), default=["pon"],
                    help="objectives also trained in perturbed mode, IID only (default: pon)")
     p.add_argument("--perturbed-rounds", type=int, default=10)
     p.add_argument("--perturbed-steps", type=int, default=8, help="local steps per round in perturbed mode")
     p.add_argument("--k", type=int, default=8, help="perturbations per step in perturbed mode")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None, help="folder for fedfwd.json and fedfwd.png")
+    p.add_argument("--out", type=Path, default=None, help="folder for <name>.json and <name>.png")
+    p.add_argument("--name", default="fedfwd", help="file name stem of the results (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     args = p.parse_args(argv)
+    if not 0.0 <= args.final_lr_ratio <= 1.0:
+        p.error(f"--final-lr-ratio must be in [0, 1], got {args.final_lr_ratio}")
     result = run(args)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "fedfwd.json").write_text(json.dumps(result, indent=1) + "\n")
-        plot(result, args.out / "fedfwd.png")
+        (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
+        plot(result, args.out / f"{args.name}.png")
     if args.json:
         print(json.dumps(result, indent=1))
     else:

@@ -18,10 +18,11 @@ Bytes: a device uploads its float32 trainables (``4 * num_trainable``) plus the 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -35,20 +36,56 @@ from device_runtime.task import DeviceResult
 from fwdfleet.bundle import Bundle
 from fwdfleet.protocol import serde
 
+LrSchedule = Literal["constant", "linear", "cosine"]
+LR_SCHEDULES: tuple[LrSchedule, ...] = ("constant", "linear", "cosine")
+
+
+def round_lr(lr: float, round_index: int, rounds: int, schedule: LrSchedule = "constant",
+             final_lr_ratio: float = 0.0) -> float:
+    """The local learning rate of round ``round_index`` (0-based) of ``rounds``.
+
+    ``constant``: ``lr`` every round. ``linear`` and ``cosine`` start at ``lr`` in the first round
+    and decay towards ``final_lr_ratio * lr`` at the end of the last one (evaluated at the start
+    of each round, ``progress = round_index / rounds``, so every round's rate stays positive).
+    The same function schedules the backprop baseline (``benchmarks/baselines_mlp.py``).
+    """
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
+    if rounds < 1 or not 0.0 <= final_lr_ratio <= 1.0:
+        raise ValueError(f"round_lr needs rounds >= 1 and final_lr_ratio in [0, 1], got {rounds}, {final_lr_ratio}")
+    if schedule == "constant":
+        return lr
+    progress = min(max(round_index, 0), rounds - 1) / rounds
+    if schedule == "linear":
+        return lr * (1.0 - (1.0 - final_lr_ratio) * progress)
+    return lr * (final_lr_ratio + (1.0 - final_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
 
 @dataclass(frozen=True)
 class FedFwdSettings:
-    """How the federated run goes. ``keep_device_state`` keeps each device's Adam moments across rounds."""
+    """How the federated run goes. ``keep_device_state`` keeps each device's Adam moments across rounds.
+
+    ``lr_schedule`` / ``final_lr_ratio`` set each round's local learning rate from the training
+    config's ``lr`` (:func:`round_lr`, recorded in ``FedFwdRecord.extras["local_lr"]``). Here the
+    emulation hands it to each device's config; a deployment would send it with the round's task
+    (:class:`~device_runtime.task.RoundTask` has no field for it yet).
+    """
 
     rounds: int = 20
     eval_every: int = 1  # 0: evaluate only after the last round
     score_layers: ScoreLayers = "all"  # which layers' scores predict at evaluation
     keep_device_state: bool = False
     eval_batch: int = 512
+    lr_schedule: LrSchedule = "constant"
+    final_lr_ratio: float = 0.0
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
             raise ValueError(f"FedFwdSettings.rounds must be >= 1, got {self.rounds}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"FedFwdSettings.lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if not 0.0 <= self.final_lr_ratio <= 1.0:
+            raise ValueError(f"FedFwdSettings.final_lr_ratio must be in [0, 1], got {self.final_lr_ratio!r}")
         if self.eval_every < 0:
             raise ValueError(f"FedFwdSettings.eval_every must be >= 0, got {self.eval_every}")
         if self.score_layers not in ("all", "all_but_first"):
@@ -144,9 +181,10 @@ def run_fedfwd(
         rejected: list[str] = []
         up = steps = samples = 0
         compute = 0.0
+        lr = round_lr(train_config.lr, version, settings.rounds, settings.lr_schedule, settings.final_lr_ratio)
         for i, task in tasks:
             idx = np.asarray(shards[i])
-            local = replace(train_config, seed=task.data_seed)
+            local = replace(train_config, seed=task.data_seed, lr=lr)
             res = train_ff(bundle, x[idx], y[idx], local, trainables=weights,
                            state=states.get(i) if settings.keep_device_state else None, runner=runner)
             if settings.keep_device_state:
@@ -184,7 +222,8 @@ def run_fedfwd(
             round_id=new_version - 1, model_version=new_version, participants=len(tasks) - len(rejected), accuracy=acc,
             test_loss=loss, train_loss={k: v / samples for k, v in losses.items()}, local_steps=steps,
             bytes_up=up, bytes_up_per_device=up / max(1, len(tasks) - len(rejected)), device_seconds=compute,
-            wall_time_s=time.perf_counter() - start, extras={"rejected": rejected} if rejected else {},
+            wall_time_s=time.perf_counter() - start,
+            extras={"local_lr": lr, **({"rejected": rejected} if rejected else {})},
         )
         records.append(rec)
         if on_round is not None:

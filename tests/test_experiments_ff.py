@@ -5,6 +5,7 @@ and the FedAvg-backprop baseline. Real bundles, real onnxruntime sessions, the r
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ from aggregator.config import AggregatorConfig  # noqa: E402
 from device_runtime.ff_train import FFTrainConfig  # noqa: E402
 from export.ff_mlp import FFMLPConfig, export_ff_mlp  # noqa: E402
 from fleet.datasets import DatasetConfig, load_split  # noqa: E402
-from fleet.fedfwd import FedFwdSettings, fedavg_config, run_fedfwd  # noqa: E402
+from fleet.fedfwd import FedFwdSettings, fedavg_config, round_lr, run_fedfwd  # noqa: E402
 from fleet.partition import PartitionConfig, partition  # noqa: E402
 from fwdfleet.bundle import load_bundle  # noqa: E402
 
@@ -91,6 +92,39 @@ def test_fedfwd_rejects_wrong_mode_and_drops_diverged_devices(digits, pon_bundle
                    aggregator=strict)
 
 
+def test_round_lr_schedules_decay_from_lr_and_stay_positive():
+    assert [round_lr(0.1, r, 4) for r in range(4)] == [0.1] * 4
+    assert [round(round_lr(0.1, r, 4, "linear"), 6) for r in range(4)] == [0.1, 0.075, 0.05, 0.025]
+    cos = [round_lr(0.1, r, 20, "cosine", 0.1) for r in range(20)]
+    assert cos[0] == 0.1 and all(a > b for a, b in itertools.pairwise(cos))
+    assert 0.01 < cos[-1] < 0.0106  # approaches final_lr_ratio * lr at the end of the last round
+    assert round_lr(0.1, 0, 1, "cosine") == 0.1 and round_lr(0.1, 5, 20, "cosine", 1.0) == 0.1
+    with pytest.raises(ValueError, match="schedule"):
+        round_lr(0.1, 0, 2, "step")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="lr_schedule"):
+        FedFwdSettings(lr_schedule="exp")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="final_lr_ratio"):
+        FedFwdSettings(final_lr_ratio=1.5)
+
+
+def test_fedfwd_lr_schedule_reaches_the_devices(digits, pon_bundle):
+    x, y, _, _ = digits
+    shards = partition(y, PartitionConfig("iid", 3, seed=0))
+    config = FFTrainConfig(objective="pon", lr=3e-3, max_steps=4)
+    runs = {sched: run_fedfwd(pon_bundle, config, x, y, shards,
+                              FedFwdSettings(rounds=3, eval_every=0, lr_schedule=sched, final_lr_ratio=0.0))
+            for sched in ("constant", "cosine")}
+    assert [r.extras["local_lr"] for r in runs["constant"].records] == [3e-3] * 3
+    assert [r.extras["local_lr"] for r in runs["cosine"].records] == [round_lr(3e-3, i, 3, "cosine") for i in range(3)]
+    # same seeds and data: only the later rounds' learning rates differ, and so do the weights
+    w_const, w_cos = runs["constant"].trainables, runs["cosine"].trainables
+    assert not np.allclose(w_const["layers.0.weight"], w_cos["layers.0.weight"])
+    one = {sched: run_fedfwd(pon_bundle, config, x, y, shards,
+                             FedFwdSettings(rounds=1, eval_every=0, lr_schedule=sched)).trainables
+           for sched in ("constant", "cosine")}
+    np.testing.assert_array_equal(one["constant"]["layers.0.weight"], one["cosine"]["layers.0.weight"])
+
+
 def test_backprop_baseline_learns(digits):
     from benchmarks.baselines_mlp import MLP, BackpropSettings, fedavg_backprop
 
@@ -109,16 +143,19 @@ def test_fedfwd_benchmark_script_writes_results(tmp_path):
     from benchmarks.fedfwd import main
 
     assert main(["--dataset", "digits", "--hidden", "32,32", "--rounds", "3", "--local-epochs", "4",
-                 "--eval-every", "1", "--bp-lr", "1e-2",
+                 "--eval-every", "1", "--bp-lr", "1e-2", "--ff-lr", "1e-2",
                  "--objectives", "pon", "--perturbed-objectives", "pon", "--perturbed-rounds", "1",
-                 "--perturbed-steps", "2", "--partitions", "iid", "--out", str(tmp_path)]) == 0
-    result = json.loads((tmp_path / "fedfwd.json").read_text())
+                 "--perturbed-steps", "2", "--partitions", "iid", "--lr-schedule", "cosine",
+                 "--out", str(tmp_path), "--name", "ff_small"]) == 0
+    result = json.loads((tmp_path / "ff_small.json").read_text())
     runs = result["partitions"]["iid"]
     assert [(r["method"], r["mode"]) for r in runs] == [("backprop", "fedavg"), ("pon", "closed_form"),
                                                         ("pon", "perturbed")]
+    # the schedule is shared by both closed-form sides; perturbed mode keeps its constant SGD rate
+    assert [r["lr_schedule"] for r in runs] == ["cosine", "cosine", "constant"]
     assert [len(r["curve"]) for r in runs] == [3, 3, 1]
     assert runs[0]["curve"][-1][1] > 3 * CHANCE and runs[1]["curve"][-1][1] > 3 * CHANCE
-    assert (tmp_path / "fedfwd.png").stat().st_size > 10_000
+    assert (tmp_path / "ff_small.png").stat().st_size > 10_000
 
 
 def test_baffle_scalar_uplink_learns_digits(tmp_path):
