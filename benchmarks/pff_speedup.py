@@ -83,7 +83,8 @@ def project(seq: PFFResult, overhead: float, layers: int, epochs: int, splits: i
 
     A task of layer ``l`` costs its measured training time (per epoch, times the chapter's epochs), the
     forward passes that make its input (one layer when the node trained the layer below in the same
-    chapter, as in all-layers; every layer below in single-layer) and the per-task overhead.
+    chapter, as in all-layers; every layer below in single-layer) and the per-task overhead. A federated
+    task (one node's part of a chapter's ring) costs 1/N of its all-layers task plus the overhead.
     """
     rows = seq.timeline
     train_epoch = {la: statistics.median(r.train_seconds for r in rows if r.layer == la) * splits / epochs
@@ -102,6 +103,12 @@ def project(seq: PFFResult, overhead: float, layers: int, epochs: int, splits: i
             span = makespan(simulate(Schedule("all-layers", layers, n, s, s), all_layers))
             out.append({"mode": "all-layers", "nodes": n, "splits": s, "speedup": round(base / span, 3),
                         "bound": round(min(n, layers * s / (s + layers - 1)), 3)})
+            def federated(t: Task, s: int = s) -> float:
+                return (all_layers(t, s) - overhead) / t.parts + overhead
+
+            span = makespan(simulate(Schedule("federated", layers, n, s, s), federated))
+            out.append({"mode": "federated", "nodes": n, "splits": s, "speedup": round(base / span, 3),
+                        "bound": None})  # no simple closed form for the rings
             if n <= layers:
                 span = makespan(simulate(Schedule("single-layer", layers, n, s, s), single_layer))
                 out.append({"mode": "single-layer", "nodes": n, "splits": s, "speedup": round(base / span, 3),
@@ -141,18 +148,35 @@ def bench_dataset(dataset: str, args: argparse.Namespace) -> dict[str, Any]:
             "softmax_delta_points": round(100 * (r.accuracy["softmax"] - seq.accuracy["softmax"]), 2),
             "train_seconds": round(r.train_seconds, 3), "wall_seconds": round(r.wall_seconds, 2),
             "speedup": round(seq.train_seconds / r.train_seconds, 3) if r.train_seconds else None,
-            # federated: each chapter trains on one node's shard, 1/N of the data, so it does 1/N of the work
-            "work_fraction": round(1 / r.config.nodes, 3) if mode == "federated" else 1.0,
             "nodes_detail": [{"node": n.node, "busy": n.busy_seconds, "wait": n.wait_seconds, "idle": n.idle_seconds}
                              for n in r.nodes],
         })
+    seeds = paired_seeds(base, args) if args.seeds > 1 else None
     overhead = task_overhead(seq.timeline)
     classic = classic_ff(seq.config) if not args.skip_classic else None
     return {"dataset": dataset, "layers": list(layers), "epochs": epochs, "splits": splits,
             "train_examples": int(load_data(seq.config)[0].y.size), "prediction": key, "rows": rows,
             "classic_ff_accuracy": None if classic is None else round(classic, 4),
-            "task_overhead_seconds": round(overhead, 4),
+            "task_overhead_seconds": round(overhead, 4), "federated_seeds": seeds,
             "projection": project(seq, overhead, len(layers) - 1, epochs, splits, (2, 4, 8))}
+
+
+def paired_seeds(base: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """Federated minus sequential accuracy at the ``--seeds - 1`` seeds after ``--seed`` (paired: the same data
+    and initial network for both), to tell the ring's effect from seed-to-seed noise (the other modes
+    compute exactly what sequential computes, so only federated needs this)."""
+    key: str | None = None
+    deltas: list[dict[str, Any]] = []
+    for seed in range(args.seed + 1, args.seed + args.seeds):
+        acc = {}
+        for mode in ("sequential", "federated"):
+            cfg = PFFConfig(mode=mode, nodes=1 if mode == "sequential" else args.nodes,
+                            **{**base, "seed": seed})
+            acc[mode] = run_pff(cfg).accuracy
+        key = "goodness" if "goodness" in acc["sequential"] else "head"
+        deltas.append({"seed": seed, "sequential": acc["sequential"][key], "federated": acc["federated"][key],
+                       "delta_points": round(100 * (acc["federated"][key] - acc["sequential"][key]), 2)})
+    return {"prediction": key, "runs": deltas}
 
 
 def print_table(result: dict[str, Any]) -> None:
@@ -165,15 +189,18 @@ def print_table(result: dict[str, Any]) -> None:
             nodes = "  ".join(f"{n['busy']:.1f}/{n['wait']:.1f}/{n['idle']:.1f}" for n in r["nodes_detail"])
             print(f"{r['mode']:<13} {r['nodes']:>5} {r['accuracy']:>7.4f} {r['delta_points']:>+7.2f} "
                   f"{r['softmax_accuracy']:>8.4f} {r['softmax_delta_points']:>+7.2f} {r['train_seconds']:>8.2f} "
-                  f"{r['speedup']:>7.2f}x  {nodes}"
-                  + (f"  (1/{r['nodes']} of the data per chapter)" if r["work_fraction"] < 1 else ""))
+                  f"{r['speedup']:>7.2f}x  {nodes}")
+        if d.get("federated_seeds"):
+            fs = d["federated_seeds"]["runs"]
+            print("federated - sequential at other seeds (points): "
+                  + ", ".join(f"seed {x['seed']}: {x['delta_points']:+.2f}" for x in fs))
         if d["classic_ff_accuracy"] is not None:
             print(f"classic per-batch FF (train_ff), same epochs: accuracy {d['classic_ff_accuracy']:.4f}")
         ms = d["task_overhead_seconds"] * 1000
         print(f"projection from the sequential run's per-layer times (+{ms:.1f} ms/task):")
         for p in d["projection"]:
-            print(f"  {p['mode']:<13} {p['nodes']} nodes, {p['splits']:>3} chapters: {p['speedup']:.2f}x "
-                  f"(dependency bound {p['bound']:.2f}x)")
+            bound = "" if p["bound"] is None else f" (dependency bound {p['bound']:.2f}x)"
+            print(f"  {p['mode']:<13} {p['nodes']} nodes, {p['splits']:>3} chapters: {p['speedup']:.2f}x{bound}")
     print(f"\nload average before/after: {result['load_before']} / {result['load_after']}")
 
 
@@ -189,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--objective", default="symmetric", choices=("hinton", "symmetric", "pon", "sff"))
     p.add_argument("--negatives", default="random", choices=("adaptive", "random", "fixed"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, default=1,
+                   help="also run sequential and federated at K-1 more seeds (accuracy difference vs noise)")
     p.add_argument("--skip-classic", action="store_true", help="skip the per-batch train_ff reference")
     p.add_argument("--timelines", default=None, metavar="DIR", help="write each run's timeline plot here")
     p.add_argument("--json", action="store_true")

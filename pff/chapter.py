@@ -1,4 +1,5 @@
-"""One PFF task: train one layer for one chapter on the output of the (frozen) layers below.
+"""One PFF task: train one layer for one chapter (or, federated, one node's part of it) on the output
+of the (frozen) layers below.
 
 The layers below are at the version this chapter needs (see :mod:`pff.schedule`) and do not change
 during the chapter, so their output on the node's data is computed once per chapter (not per
@@ -49,8 +50,9 @@ class ChapterResult:
 class ActivationCache:
     """Outputs of layers ``0..j`` (all at one version) on this node's rows, keyed ``(rows, j, version)``.
 
-    ``rows`` names the input rows (``"pos"`` or a negative-label key). Only the newest version is kept (a
-    node's tasks come in chapter order, so older versions are never asked for again).
+    ``rows`` names the input rows (``"pos"`` or a negative-label key). Storing layer ``j``'s output drops
+    the shallower outputs of the same rows and version (the chain goes on from the deepest one), and
+    :meth:`retain` drops the versions the node's remaining tasks no longer need.
     """
 
     def __init__(self) -> None:
@@ -60,9 +62,14 @@ class ActivationCache:
         return self._data.get((rows, j, version))
 
     def put(self, rows: str, j: int, version: int, value: Array) -> None:
-        for key in [k for k in self._data if k[2] < version]:
+        for key in [k for k in self._data if k[0] == rows and k[2] == version and k[1] < j]:
             del self._data[key]
         self._data[(rows, j, version)] = value
+
+    def retain(self, versions: set[int]) -> None:
+        """Keep only outputs at ``versions``."""
+        for key in [k for k in self._data if k[2] not in versions]:
+            del self._data[key]
 
 
 def chain(layout: FFLayout, lower: Mapping[int, Params], x0: Array, upto: int, version: int,
@@ -92,7 +99,7 @@ def _adaptive_inputs(layout: FFLayout, task: Task, lower: Mapping[int, Params], 
     n, c, layer = data.y.size, layout.num_classes, task.layer
     pos = np.empty((n, layout.sizes[layer]), dtype=np.float32)
     neg = np.empty_like(pos)
-    rng = np.random.default_rng([config.seed, 0xADA, layer, task.chapter])
+    rng = np.random.default_rng([config.seed, 0xADA, layer, task.chapter] + ([task.part] if task.parts > 1 else []))
     levels = {**lower, layer: own}
     for s in range(0, n, _CHUNK):
         xb, yb = data.x[s : s + _CHUNK], data.y[s : s + _CHUNK]
@@ -116,7 +123,7 @@ def _adaptive_inputs(layout: FFLayout, task: Task, lower: Mapping[int, Params], 
 def layer_inputs(layout: FFLayout, task: Task, lower: Mapping[int, Params], own: Params, data: NodeData,
                  config: FFTrainConfig, cache: ActivationCache | None = None) -> tuple[Array, Array | None]:
     """Layer ``task.layer``'s (positive or neutral, negative or None) inputs for the whole chapter."""
-    version = task.version_out
+    version = task.lower_version
     if not uses_negatives(config.objective):
         return chain(layout, lower, layout.embed_neutral(data.x), task.layer, version, cache, "neutral"), None
     if config.negatives == "adaptive":
@@ -159,7 +166,8 @@ def train_chapter(
     losses = []
     labels: IntArray = data.y
     for epoch in range(chapter_epochs):
-        order = np.random.default_rng([config.seed, task.layer, task.chapter, epoch]).permutation(n)
+        key = [config.seed, task.layer, task.chapter, epoch] + ([task.part] if task.parts > 1 else [])
+        order = np.random.default_rng(key).permutation(n)
         for b in range(per_epoch):
             idx = order[b * config.batch_size : (b + 1) * config.batch_size]
             batch = LayerBatch(x_pos[idx], labels[idx], None if x_neg is None else x_neg[idx])

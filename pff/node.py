@@ -2,10 +2,13 @@
 
 For each of its tasks (in the order :meth:`pff.schedule.Schedule.node_tasks` gives) a node
 
-1. skips the task if its output is already published (the node is a restart of one that died);
+1. skips the task if its output is already published (the node is a restart of one that died; one
+   status call at start tells);
 2. fetches what the task needs (:func:`pff.schedule.dependencies`: its layer's previous version and
-   this chapter's versions of the layers below), long-polling the store; the time spent here is
-   the node's *wait*;
+   this chapter's versions of the layers below), long-polling the store; the fetches for the next
+   task start in a background thread as soon as the current one starts training, so a layer's
+   transfer and decoding only delay the node when it really has to wait; the time it is blocked
+   here is the node's *wait*;
 3. computes the layer's input from the layers below on its own data (numpy, one thread) and trains
    the layer for the chapter with the device runtime (:func:`pff.chapter.train_chapter`);
 4. publishes the layer's parameters (never activations) with a timeline record, from a background
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -108,42 +112,82 @@ def run_node(plan: RunPlan, node: int, client: StoreClient, *, attempt: int = 0)
     return trained
 
 
+class _Prefetch:
+    """Fetches the next task's missing inputs in a background thread while the current task trains, so the
+    transfer and decoding of a layer are off the compute path unless the node really has to wait for it."""
+
+    def __init__(self, client: StoreClient) -> None:
+        self.client = client
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pff-prefetch")
+        self._pending: dict[tuple[int, int], Future[Params]] = {}
+        self._closed = threading.Event()
+
+    def _get(self, key: tuple[int, int]) -> Params:
+        # short long-polls, so that close() ends the thread soon
+        return self.client.wait_for(*key, poll_seconds=2.0, stop=self._closed).params
+
+    def want(self, keys: list[tuple[int, int]]) -> None:
+        for key in keys:
+            if key not in self._pending:
+                self._pending[key] = self._pool.submit(self._get, key)
+
+    def take(self, key: tuple[int, int]) -> Params:
+        self.want([key])
+        return self._pending.pop(key).result()
+
+    def ready(self, key: tuple[int, int]) -> bool:
+        f = self._pending.get(key)
+        return f is not None and f.done()
+
+    def close(self) -> None:
+        self._closed.set()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
 def _run_tasks(layout: FFLayout, schedule: Schedule, tasks: tuple[Task, ...], data: NodeData,
                train_config: FFTrainConfig, client: StoreClient, outbox: _Outbox, node: int, attempt: int) -> int:
+    # what was published before this (re)start: one status call, not one fetch per task
+    published = {(layer, version) for layer, version, _ in client.status()[0]}
+    todo = [t for t in tasks if (t.layer, t.version_out) not in published]
+    outbox.done += len(tasks) - len(todo)
     known: dict[tuple[int, int], Params] = {}
     cache = ActivationCache()
-    trained = 0
-    for task in tasks:
-        done = client.fetch(task.layer, task.version_out)
-        if done is not None:  # published before this node restarted
-            known[(task.layer, task.version_out)] = done.params
+    prefetch = _Prefetch(client)
+    try:
+        for i, task in enumerate(todo):
+            rest = todo[i:]
+            needed = {key for t in rest for key in dependencies(t)}
+            for key in [k for k in known if k not in needed]:
+                del known[key]
+            cache.retain({t.lower_version for t in rest})
+            missing = [key for key in dependencies(task) if key not in known]
+            if any(not prefetch.ready(key) for key in missing):
+                outbox.report("waiting", task, force=True)
+            t_wait = time.time()
+            for key in missing:
+                known[key] = prefetch.take(key)
+            wait = time.time() - t_wait
+            if i + 1 < len(todo):  # the next task's inputs that this task does not produce
+                prefetch.want([key for key in dependencies(todo[i + 1])
+                               if key not in known and key != (task.layer, task.version_out)])
+            start = time.time()
+            outbox.report("training", task, 0, 1, force=True)
+
+            def on_step(step: int, steps: int, task: Task = task) -> None:
+                outbox.report("training", task, step, steps)
+
+            result = train_chapter(layout, task, {j: known[(j, task.lower_version)] for j in range(task.layer)},
+                                   known[(task.layer, task.version_in)], data, train_config,
+                                   schedule.chapter_epochs, cache=cache, on_step=on_step)
+            end = time.time()
+            record = TaskRecord(node_id(node), task.layer, task.chapter, start, end, wait, result.input_seconds,
+                                result.train_seconds, result.loss, attempt)
+            outbox.publish(task.layer, task.version_out, result.params, record)
+            known[(task.layer, task.version_out)] = result.params
             outbox.done += 1
-            continue
-        outbox.report("waiting", task, force=True)
-        t_wait = time.time()
-        for key in dependencies(task):
-            if key not in known:
-                known[key] = client.wait_for(*key).params
-        wait = time.time() - t_wait
-        start = time.time()
-        outbox.report("training", task, 0, 1, force=True)
-
-        def on_step(step: int, steps: int, task: Task = task) -> None:
-            outbox.report("training", task, step, steps)
-
-        result = train_chapter(layout, task, {j: known[(j, task.version_out)] for j in range(task.layer)},
-                               known[(task.layer, task.version_in)], data, train_config, schedule.chapter_epochs,
-                               cache=cache, on_step=on_step)
-        end = time.time()
-        record = TaskRecord(node_id(node), task.layer, task.chapter, start, end, wait, result.input_seconds,
-                            result.train_seconds, result.loss, attempt)
-        outbox.publish(task.layer, task.version_out, result.params, record)
-        known[(task.layer, task.version_out)] = result.params
-        for key in [k for k in known if k[1] < task.chapter]:
-            del known[key]
-        trained += 1
-        outbox.done += 1
-    return trained
+    finally:
+        prefetch.close()
+    return len(todo)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -238,7 +238,7 @@ class PFFRun:
         layout = FFLayout.from_manifest(load_bundle(RunPlan.read(self.plan_path).bundle).manifest)
         final: dict[str, Any] = {}
         for i in range(layout.num_layers):
-            lv = self.client.fetch(i, self.config.splits)
+            lv = self.client.fetch(i, self.config.schedule().final_version)
             assert lv is not None
             final.update(lv.params)
         train, test = self._data

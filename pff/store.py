@@ -9,7 +9,8 @@ carry layers would weaken exactly what makes it safe. Peer to peer would make ev
 server that must stay up for the others, so a dead node would take its published layers with
 it. A store in the middle keeps nodes stateless: a node needs one address, can die and be
 restarted (or its layer given to another node) and fetches what it needs again; the store
-writes every version to disk before acknowledging it, so a restarted store loses nothing. It
+writes every version to disk before acknowledging it, so a restarted store loses nothing
+(see :class:`ParameterStore` for when it flushes). It
 is ``service PffStore`` in ``proto/fwdfleet/v1/pff.proto``; the coordinator (:mod:`pff.run`)
 runs it in its own process, ``python -m pff.store DIR`` runs it alone.
 
@@ -36,17 +37,19 @@ import numpy as np
 from fwdfleet.protocol.v1 import pff_pb2 as pb
 from fwdfleet.protocol.v1 import pff_pb2_grpc as pb_grpc
 from pff.wire import (
+    EncodedTensor,
     Params,
     Progress,
     StoreError,
     TaskRecord,
     decode_tensor,
-    digest,
+    encode,
+    encoded_from_proto,
+    encoded_to_proto,
     progress_from_proto,
     progress_to_proto,
     record_from_proto,
     record_to_proto,
-    tensor_bytes,
     tensors_from_proto,
     tensors_to_proto,
 )
@@ -65,68 +68,106 @@ class LayerVersion:
     record: TaskRecord
 
 
+@dataclass(frozen=True)
+class _Stored:
+    layer: int
+    version: int
+    tensors: list[EncodedTensor]
+    record: TaskRecord
+
+    def view(self) -> LayerVersion:
+        return LayerVersion(self.layer, self.version, {t.name: t.array() for t in self.tensors}, self.record)
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``path`` whole or not at all (a temporary file renamed over it); no fsync (see :func:`_sync`)."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
+def _sync(paths: list[Path]) -> None:
+    """Flush ``paths`` and their folder to the disk (survives a machine crash, not only a store crash)."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    if paths:
+        fd = os.open(paths[0].parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 class ParameterStore:
-    """Thread-safe, persistent map (layer, version) -> parameters; a version once published never changes."""
+    """Thread-safe, persistent map (layer, version) -> parameters; a version once published never changes.
+
+    A publication is written (atomically: a temporary file renamed) and made visible to waiting fetches
+    at once; it is flushed to the disk (fsync) before :meth:`publish` returns, i.e. before the publisher
+    is acknowledged. So a store process that dies loses nothing written, and the fsync's latency is off
+    the path of the nodes waiting for the layer. (A machine crash between the two can lose a version a
+    node already used: training is deterministic, so the publisher retrains the same bytes.)
+    """
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self._cond = threading.Condition()
-        self._versions: dict[tuple[int, int], LayerVersion] = {}
+        self._versions: dict[tuple[int, int], _Stored] = {}
         self._progress: dict[str, Progress] = {}
         for meta in sorted(self.directory.glob("l*.v*.json")):
-            lv = self._load(meta)
-            self._versions[(lv.layer, lv.version)] = lv
+            stored = self._load(meta)
+            self._versions[(stored.layer, stored.version)] = stored
 
-    def _load(self, meta_path: Path) -> LayerVersion:
+    def _load(self, meta_path: Path) -> _Stored:
         try:
             meta = json.loads(meta_path.read_text())
             blob = meta_path.with_suffix(".f32").read_bytes()
-            params = {t["name"]: decode_tensor(t["name"], tuple(t["shape"]),
-                                               blob[t["offset"] : t["offset"] + t["nbytes"]], t["sha256"])
-                      for t in meta["tensors"]}
-            return LayerVersion(int(meta["layer"]), int(meta["version"]), params, TaskRecord.from_dict(meta["record"]))
+            tensors = []
+            for t in meta["tensors"]:
+                data, shape = blob[t["offset"] : t["offset"] + t["nbytes"]], tuple(int(d) for d in t["shape"])
+                decode_tensor(t["name"], shape, data, t["sha256"])  # size, digest, finite
+                tensors.append(EncodedTensor(t["name"], shape, data, t["sha256"]))
+            return _Stored(int(meta["layer"]), int(meta["version"]), tensors, TaskRecord.from_dict(meta["record"]))
         except (OSError, KeyError, TypeError, ValueError, StoreError) as e:
             raise StoreError(f"published layer file {meta_path} is unreadable ({e}); delete it and its .f32 "
                              "to have that layer version trained again") from e
 
     def publish(self, layer: int, version: int, params: Mapping[str, np.ndarray], record: TaskRecord) -> bool:
         """Persist and publish; returns True if this exact version was already published (a retry)."""
-        if not params:
+        return self.publish_encoded(layer, version, encode(params), record)
+
+    def publish_encoded(self, layer: int, version: int, tensors: list[EncodedTensor], record: TaskRecord) -> bool:
+        """:meth:`publish` for tensors already encoded and checked (as received over gRPC)."""
+        if not tensors:
             raise StoreError("a published layer needs at least one tensor")
-        blobs = {name: tensor_bytes(value) for name, value in params.items()}
         with self._cond:
             old = self._versions.get((layer, version))
             if old is not None:
-                if {n: digest(tensor_bytes(v)) for n, v in old.params.items()} == {n: digest(b)
-                                                                                     for n, b in blobs.items()}:
+                if {t.name: t.sha256 for t in old.tensors} == {t.name: t.sha256 for t in tensors}:
                     return True
                 raise StoreError(f"layer {layer} version {version} is already published with other values; "
                                  "published versions are immutable")
             stem = f"l{layer}.v{version}"
-            tensors, offset = [], 0
-            for name, data in blobs.items():
-                tensors.append({"name": name, "shape": list(np.shape(params[name])), "offset": offset,
-                                "nbytes": len(data), "sha256": digest(data)})
-                offset += len(data)
-            _write_atomic(self.directory / f"{stem}.f32", b"".join(blobs.values()))
-            meta = {"layer": layer, "version": version, "tensors": tensors, "record": record.to_dict()}
-            _write_atomic(self.directory / f"{stem}.json", json.dumps(meta, indent=1).encode())
-            self._versions[(layer, version)] = LayerVersion(
-                layer, version, {n: np.array(v, dtype=np.float32) for n, v in params.items()}, record)
+            entries, offset = [], 0
+            for t in tensors:
+                entries.append({"name": t.name, "shape": list(t.shape), "offset": offset, "nbytes": len(t.data),
+                                "sha256": t.sha256})
+                offset += len(t.data)
+            paths = [self.directory / f"{stem}.f32", self.directory / f"{stem}.json"]
+            _write_atomic(paths[0], b"".join(t.data for t in tensors))
+            meta = {"layer": layer, "version": version, "tensors": entries, "record": record.to_dict()}
+            _write_atomic(paths[1], json.dumps(meta, indent=1).encode())  # last: marks the version published
+            self._versions[(layer, version)] = _Stored(layer, version, list(tensors), record)
             self._cond.notify_all()
+        _sync(paths)
         return False
 
-    def fetch(self, layer: int, version: int, wait_seconds: float = 0.0) -> LayerVersion | None:
+    def fetch_encoded(self, layer: int, version: int, wait_seconds: float = 0.0) -> _Stored | None:
         deadline = time.monotonic() + max(0.0, min(wait_seconds, MAX_WAIT_SECONDS))
         with self._cond:
             while (layer, version) not in self._versions:
@@ -135,6 +176,10 @@ class ParameterStore:
                     return None
                 self._cond.wait(left)
             return self._versions[(layer, version)]
+
+    def fetch(self, layer: int, version: int, wait_seconds: float = 0.0) -> LayerVersion | None:
+        stored = self.fetch_encoded(layer, version, wait_seconds)
+        return None if stored is None else stored.view()
 
     def report(self, progress: Progress) -> None:
         with self._cond:
@@ -155,17 +200,18 @@ class _Servicer(pb_grpc.PffStoreServicer):
 
     def Publish(self, request: pb.PublishRequest, context: grpc.ServicerContext) -> pb.PublishReply:
         try:
-            dup = self.store.publish(request.layer, request.version, tensors_from_proto(request.tensors),
-                                     record_from_proto(request.record))
+            dup = self.store.publish_encoded(request.layer, request.version, encoded_from_proto(request.tensors),
+                                             record_from_proto(request.record))
         except StoreError as e:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         return pb.PublishReply(duplicate=dup)
 
     def Fetch(self, request: pb.FetchRequest, context: grpc.ServicerContext) -> pb.FetchReply:
-        lv = self.store.fetch(request.layer, request.version, request.wait_seconds)
-        if lv is None:
+        stored = self.store.fetch_encoded(request.layer, request.version, request.wait_seconds)
+        if stored is None:
             return pb.FetchReply(found=False)
-        return pb.FetchReply(found=True, tensors=tensors_to_proto(lv.params), record=record_to_proto(lv.record))
+        return pb.FetchReply(found=True, tensors=encoded_to_proto(stored.tensors),
+                             record=record_to_proto(stored.record))
 
     def Report(self, request: pb.ProgressReport, context: grpc.ServicerContext) -> pb.ReportReply:
         self.store.report(progress_from_proto(request))
@@ -236,12 +282,14 @@ class StoreClient:
             return None
         return LayerVersion(layer, version, tensors_from_proto(reply.tensors), record_from_proto(reply.record))
 
-    def wait_for(self, layer: int, version: int, poll_seconds: float = 10.0) -> LayerVersion:
-        """Block until (layer, version) is published."""
-        while True:
+    def wait_for(self, layer: int, version: int, poll_seconds: float = 10.0,
+                 stop: threading.Event | None = None) -> LayerVersion:
+        """Block until (layer, version) is published (or ``stop`` is set: StoreError)."""
+        while stop is None or not stop.is_set():
             lv = self.fetch(layer, version, poll_seconds)
             if lv is not None:
                 return lv
+        raise StoreError(f"stopped while waiting for layer {layer} version {version}")
 
     def report(self, progress: Progress) -> None:
         self._call("Report", progress_to_proto(progress), 10.0)

@@ -83,6 +83,48 @@ def decode_tensor(name: str, shape: tuple[int, ...], data: bytes, sha256: str) -
     return value
 
 
+@dataclass(frozen=True)
+class EncodedTensor:
+    """A tensor as it travels and is stored: raw little-endian float32 bytes, shape, sha256 of the bytes.
+
+    The store keeps layers in this form, so that the digest is computed once per publication (by the
+    sender, checked once on receipt), not again for the disk and for every fetch.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    data: bytes
+    sha256: str
+
+    def array(self) -> np.ndarray:
+        """A read-only float32 view of the bytes."""
+        return np.frombuffer(self.data, dtype=_LE_F32).reshape(self.shape)
+
+
+def encode(params: Mapping[str, np.ndarray]) -> list[EncodedTensor]:
+    out = []
+    for name, value in params.items():
+        data = tensor_bytes(value)
+        out.append(EncodedTensor(name, tuple(int(d) for d in np.shape(value)), data, digest(data)))
+    return out
+
+
+def encoded_from_proto(msgs: Any) -> list[EncodedTensor]:
+    """Received tensors, checked (unique names, size, sha256, finite values) but not copied into arrays."""
+    out: list[EncodedTensor] = []
+    for t in msgs:
+        if not t.name or any(e.name == t.name for e in out):
+            raise StoreError(f"tensor names must be unique and non-empty, got {t.name!r}")
+        shape = tuple(int(d) for d in t.shape)
+        decode_tensor(t.name, shape, t.data, t.sha256)
+        out.append(EncodedTensor(t.name, shape, t.data, t.sha256))
+    return out
+
+
+def encoded_to_proto(tensors: list[EncodedTensor]) -> list[pb.Tensor]:
+    return [pb.Tensor(name=t.name, shape=list(t.shape), data=t.data, sha256=t.sha256) for t in tensors]
+
+
 def tensors_to_proto(params: Mapping[str, np.ndarray]) -> list[pb.Tensor]:
     out = []
     for name in params:
