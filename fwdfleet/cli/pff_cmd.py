@@ -22,7 +22,8 @@ def register(sub: Any) -> None:
                         description="Train a Forward-Forward MLP with Pipeline Forward-Forward (Aktemur et al.).")
     r.add_argument("--mode", choices=("sequential", "single-layer", "all-layers", "federated"), default="all-layers",
                    help="single-layer: node i owns layer i; all-layers: round-robin chapters; federated: "
-                        "all-layers, each node on its own data shard (default: %(default)s)")
+                        "each node keeps its own data shard and every chapter of every layer is passed round "
+                        "the nodes, each training it on its shard (default: %(default)s)")
     r.add_argument("--nodes", type=int, default=2, help="node processes (sequential: 1) (default: %(default)s)")
     r.add_argument("--layers", default=None,
                    help="input width then layer widths, comma-separated (default: 784,500,500,500 for "
