@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -340,6 +340,41 @@ def estimate(
     )
 
 
+def accumulate_pairs(
+    pairs: Iterable[tuple[int, float]],
+    round_seed: int,
+    device: int,
+    distribution: Distribution,
+    n: int,
+    *,
+    scale: float = 1.0,
+    out: F32Array | None = None,
+    buffer: F32Array | None = None,
+) -> F32Array:
+    """``out += scale * sum_k d_k z_k`` over ``(k, d_k)`` pairs, regenerating each ``z_k`` from
+    ``(round_seed, device, k)`` chunk by chunk (``buffer.size`` values at a time, default one chunk).
+
+    With ``out=None`` a zero vector is started. Every element gets the same float32 operations in
+    the same order as with whole vectors."""
+    acc = np.zeros(n, dtype=np.float32) if out is None else out
+    if acc.shape != (n,) or acc.dtype != np.float32:
+        raise ValueError(f"out must be a float32 vector of shape ({n},), got {acc.dtype}{list(acc.shape)}")
+    z = buffer if buffer is not None else np.empty(max(1, min(n, CHUNK_ELEMENTS)), dtype=np.float32)
+    factors = [(k, np.float32(scale * d)) for k, d in pairs]
+    if distribution == "rademacher":
+        words = np.empty((n + 31) // 32, dtype=np.uint32)
+        for k, factor in factors:
+            rademacher_words(round_seed, device, k, n, out=words)
+            for start, stop in chunk_ranges(n, z.size):
+                acc[start:stop] += expand_rademacher(words, start, stop, z, float(factor))  # factor * z, exactly
+        return acc
+    for k, factor in factors:  # per element, the same additions in the same k order as whole vectors
+        for start, zc in perturbation_chunks(round_seed, device, k, n, distribution, z):
+            zc *= factor
+            acc[start : start + zc.size] += zc
+    return acc
+
+
 def accumulate_update(
     result: DeviceResult,
     task: RoundTask,
@@ -349,30 +384,13 @@ def accumulate_update(
     out: F32Array | None = None,
     buffer: F32Array | None = None,
 ) -> F32Array:
-    """``out += scale * sum_k d_k z_k`` over the result's kept indices, regenerating each ``z_k``.
+    """``out += scale * sum_k d_k z_k`` over the result's kept indices (:func:`accumulate_pairs`).
 
-    With ``out=None`` a zero vector is started. ``scale = 1 / len(result.indices)`` gives the
-    dense forward gradient (FwdLLM's upload); ``scale = -lr / K`` applied to ``w`` is an SGD step.
-    ``z_k`` is generated ``buffer.size`` values at a time (default one chunk); every element gets
-    the same float32 operations in the same order as with whole vectors.
-    """
-    acc = np.zeros(n, dtype=np.float32) if out is None else out
-    if acc.shape != (n,) or acc.dtype != np.float32:
-        raise ValueError(f"out must be a float32 vector of shape ({n},), got {acc.dtype}{list(acc.shape)}")
-    z = buffer if buffer is not None else np.empty(max(1, min(n, CHUNK_ELEMENTS)), dtype=np.float32)
-    pairs = [(k, np.float32(scale * d)) for k, d in zip(result.indices, result.derivatives, strict=True)]
-    if task.distribution == "rademacher":
-        words = np.empty((n + 31) // 32, dtype=np.uint32)
-        for k, factor in pairs:
-            rademacher_words(task.round_seed, task.device_index, k, n, out=words)
-            for start, stop in chunk_ranges(n, z.size):
-                acc[start:stop] += expand_rademacher(words, start, stop, z, float(factor))  # factor * z, exactly
-        return acc
-    for k, factor in pairs:  # per element, the same additions in the same k order as whole vectors
-        for start, zc in perturbation_chunks(task.round_seed, task.device_index, k, n, task.distribution, z):
-            zc *= factor
-            acc[start : start + zc.size] += zc
-    return acc
+    ``scale = 1 / len(result.indices)`` gives the dense forward gradient (FwdLLM's upload);
+    ``scale = -lr / K`` applied to ``w`` is an SGD step."""
+    pairs = zip(result.indices, result.derivatives, strict=True)
+    return accumulate_pairs(pairs, task.round_seed, task.device_index, task.distribution, n, scale=scale, out=out,
+                            buffer=buffer)  # fmt: skip
 
 
 def dense_gradient(result: DeviceResult, task: RoundTask, n: int) -> F32Array:

@@ -28,6 +28,7 @@ from typing import Literal
 
 import numpy as np
 
+from device_runtime.estimator import EstimatorWorkspace, accumulate_pairs
 from device_runtime.ff import (
     PREDICTS,
     SCORE_LAYERS,
@@ -55,7 +56,7 @@ from device_runtime.ff_objectives import (
     objective_value,
     uses_negatives,
 )
-from device_runtime.perturbation import DISTRIBUTIONS, Distribution, perturbation, split
+from device_runtime.perturbation import DISTRIBUTIONS, Distribution, split
 from fwdfleet.bundle import Bundle, TensorSpec
 from fwdfleet.errors import BundleError
 
@@ -185,19 +186,19 @@ def estimate_layer_derivatives(
     i: int, trainables: Mapping[str, Array], batch: LayerBatch, config: FFTrainConfig, *, layout: FFLayout,
     runner: LayerRunner, round_seed: int, device: int = 0, indices: Iterable[int] | None = None,
 ) -> tuple[list[tuple[int, float]], tuple[int, ...]]:
-    """Central differences of layer ``i``'s loss along ``z_k``; returns ``[(k, d_k)]`` and skipped (non-finite) k."""
-    specs = layer_specs(layout, i, trainables)
-    n = sum(t.size for t in specs)
-    w = np.concatenate([np.asarray(trainables[t.name], dtype=np.float32).reshape(-1) for t in specs])
-    z = np.empty(n, dtype=np.float32)
+    """Central differences of layer ``i``'s loss along ``z_k``; returns ``[(k, d_k)]`` and skipped (non-finite) k.
+
+    The perturbed points are formed in place by the estimator's workspace (one layer-sized buffer,
+    chunked regeneration, the Rademacher signs kept for the ``-eps`` pass)."""
+    ws = EstimatorWorkspace(layer_specs(layout, i, trainables))
+    ws.load(trainables)
+    moved = {**trainables, **ws.feed}  # the layer's trainables read from the perturbed buffer
     pairs: list[tuple[int, float]] = []
     skipped: list[int] = []
     for k in indices if indices is not None else range(config.num_perturbations):
-        perturbation(round_seed, device, k, n, config.distribution, out=z)
         losses = []
         for sign in (1.0, -1.0):
-            moved = dict(trainables)
-            moved.update(split(w + np.float32(sign * config.eps) * z, specs))
+            ws.perturb(round_seed, device, k, config.distribution, sign * config.eps)
             losses.append(_layer_loss(config, layout, runner, i, moved, batch)[0].mean)
         d = (losses[0] - losses[1]) / (2 * config.eps)
         if math.isfinite(d):
@@ -212,15 +213,9 @@ def reconstruct_layer_gradient(
     distribution: Distribution = "rademacher",
 ) -> dict[str, Array]:
     """``g = mean_k d_k z_k`` over the layer's trainables (what an aggregator would also compute)."""
+    pairs = list(pairs)
     n = sum(t.size for t in specs)
-    g = np.zeros(n, dtype=np.float32)
-    z = np.empty(n, dtype=np.float32)
-    count = 0
-    for k, d in pairs:
-        g += np.float32(d) * perturbation(round_seed, device, k, n, distribution, out=z)
-        count += 1
-    if count:
-        g /= np.float32(count)
+    g = accumulate_pairs(pairs, round_seed, device, distribution, n, scale=1.0 / max(1, len(pairs)))
     return {name: np.array(v) for name, v in split(g, specs).items()}
 
 
