@@ -32,6 +32,7 @@ from aggregator.errors import RejectedError
 from aggregator.records import DeviceProfile
 from device_runtime.ff import FFLayout, NumpyLayers, OnnxLayers, ScoreLayers
 from device_runtime.ff_train import AdamState, FFTrainConfig, evaluate_ff, train_ff
+from device_runtime.perturbation import flatten
 from device_runtime.task import DeviceResult
 from fwdfleet.bundle import Bundle
 from fwdfleet.protocol import serde
@@ -169,7 +170,6 @@ def run_fedfwd(
     states: dict[int, AdamState] = {}
     records: list[FedFwdRecord] = []
     start = time.perf_counter()
-    n_bytes = 4 * bundle.manifest.num_trainable
     while coordinator.status().rounds_completed < settings.rounds:
         now[0] += 1.0
         version, weights = coordinator.current_trainables()
@@ -204,7 +204,8 @@ def run_fedfwd(
             samples += int(idx.size)
             steps += int(res.metrics["steps"])
             compute += res.metrics["seconds"]
-            up += n_bytes + len(serde.submit_request(ids[i], result))
+            flat = flatten(res.trainables, bundle.manifest.trainables)
+            up += len(serde.submit_vector_request(ids[i], result, "fedavg", flat))  # the real wire size
         if rejected:  # the round waits for uploads that will not come: let its deadline close it
             now[0] = coordinator.status().deadline or now[0]
         coordinator.advance()
