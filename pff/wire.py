@@ -6,7 +6,6 @@ bytes; decoding checks the size against the shape, the digest, and that every va
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -14,10 +13,10 @@ from typing import Any
 import numpy as np
 
 from fwdfleet.errors import FwdfleetError
+from fwdfleet.protocol.f32 import f32_array, f32_bytes, f32_view, sha256_hex
 from fwdfleet.protocol.v1 import pff_pb2 as pb
 
 Params = dict[str, np.ndarray]
-_LE_F32 = np.dtype("<f4")
 
 
 class StoreError(FwdfleetError):
@@ -63,21 +62,13 @@ class Progress:
     time: float = 0.0
 
 
-def digest(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def tensor_bytes(value: np.ndarray) -> bytes:
-    return np.ascontiguousarray(value, dtype=_LE_F32).tobytes()
-
-
 def decode_tensor(name: str, shape: tuple[int, ...], data: bytes, sha256: str) -> np.ndarray:
     expected = int(np.prod(shape, dtype=np.int64)) * 4
     if len(data) != expected:
         raise StoreError(f"tensor {name}: {len(data)} bytes for shape {shape} (expected {expected})")
-    if digest(data) != sha256:
+    if sha256_hex(data) != sha256:
         raise StoreError(f"tensor {name}: sha256 mismatch (corrupted in transit or on disk)")
-    value = np.frombuffer(data, dtype=_LE_F32).astype(np.float32).reshape(shape)
+    value = f32_array(data, shape)
     if not np.all(np.isfinite(value)):
         raise StoreError(f"tensor {name} has non-finite values; the layer diverged: lower --lr")
     return value
@@ -98,14 +89,14 @@ class EncodedTensor:
 
     def array(self) -> np.ndarray:
         """A read-only float32 view of the bytes."""
-        return np.frombuffer(self.data, dtype=_LE_F32).reshape(self.shape)
+        return f32_view(self.data, self.shape)
 
 
 def encode(params: Mapping[str, np.ndarray]) -> list[EncodedTensor]:
     out = []
     for name, value in params.items():
-        data = tensor_bytes(value)
-        out.append(EncodedTensor(name, tuple(int(d) for d in np.shape(value)), data, digest(data)))
+        data = f32_bytes(value)
+        out.append(EncodedTensor(name, tuple(int(d) for d in np.shape(value)), data, sha256_hex(data)))
     return out
 
 
@@ -128,8 +119,8 @@ def encoded_to_proto(tensors: list[EncodedTensor]) -> list[pb.Tensor]:
 def tensors_to_proto(params: Mapping[str, np.ndarray]) -> list[pb.Tensor]:
     out = []
     for name in params:
-        data = tensor_bytes(params[name])
-        out.append(pb.Tensor(name=name, shape=list(np.shape(params[name])), data=data, sha256=digest(data)))
+        data = f32_bytes(params[name])
+        out.append(pb.Tensor(name=name, shape=list(np.shape(params[name])), data=data, sha256=sha256_hex(data)))
     return out
 
 

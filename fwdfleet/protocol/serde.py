@@ -19,7 +19,6 @@ before anything is decoded.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from google.protobuf.message import Message
 from device_runtime.task import DeviceProfile, DeviceResult, RoundTask
 from fwdfleet.errors import FwdfleetError
 from fwdfleet.protocol import PROTOCOL_VERSION
+from fwdfleet.protocol.f32 import f32_bytes, sha256_hex
 from fwdfleet.protocol.v1 import fleet_pb2 as pb
 
 __all__ = [
@@ -54,7 +54,6 @@ _DISTRIBUTIONS = {"rademacher": pb.DISTRIBUTION_RADEMACHER, "gaussian": pb.DISTR
 _DIFFERENCES = {"central": pb.DIFFERENCE_CENTRAL, "forward": pb.DIFFERENCE_FORWARD}
 UPLOAD_MODE_CODES = {"scalar": pb.UPLOAD_MODE_SCALAR, "dense": pb.UPLOAD_MODE_DENSE, "fedavg": pb.UPLOAD_MODE_FEDAVG}
 _F32_MAX = float(np.finfo(np.float32).max)
-LE_F32 = np.dtype("<f4")
 
 
 class DecodeError(ValueError):
@@ -288,14 +287,14 @@ def submit_vector_request(device_id: str, result: DeviceResult, mode: UploadMode
     flat = np.asarray(values).reshape(-1)
     if flat.size and np.isfinite(flat).all() and float(np.abs(flat).max()) > _F32_MAX:
         raise ValueError("the uploaded vector holds a value too large for float32")
-    data = flat.astype(LE_F32).tobytes()
+    data = f32_bytes(flat)
     return pb.SubmitVectorRequest(
         device_id=device_id,
         result=result_to_proto(result),
         mode=UPLOAD_MODE_CODES[mode],
         values=data,
         num_values=flat.size,
-        sha256=hashlib.sha256(data).hexdigest(),
+        sha256=sha256_hex(data),
     ).SerializeToString()
 
 

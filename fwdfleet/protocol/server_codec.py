@@ -8,7 +8,6 @@ requests and the decoding of replies) and the shared message codecs are in
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 
@@ -16,8 +15,8 @@ import numpy as np
 
 from device_runtime.task import DeviceProfile, DeviceResult
 from fwdfleet.protocol import PROTOCOL_VERSION
+from fwdfleet.protocol.f32 import f32_array, sha256_hex
 from fwdfleet.protocol.serde import (
-    LE_F32,
     UPLOAD_MODE_CODES,
     VECTOR_MODES,
     DecodeError,
@@ -110,13 +109,13 @@ def parse_submit_vector(data: bytes, num_values: int) -> VectorCall:
             f"vector upload declares {m.num_values} values in {len(m.values)} bytes but this model has "
             f"{num_values} trainable values ({4 * num_values} bytes of float32); the device runs another bundle",
         )
-    digest = hashlib.sha256(m.values).hexdigest()
+    digest = sha256_hex(m.values)
     if digest != m.sha256.lower():
         raise DecodeError("MALFORMED", f"vector upload has sha256 {digest[:12]}... but declares "
                           f"{m.sha256[:12]!r}...; the upload was corrupted, send it again")
     if len(m.result.indices) or len(m.result.derivatives):
         raise DecodeError("MALFORMED", "a vector upload's result must carry no (index, derivative) pairs")
-    values = np.frombuffer(m.values, dtype=LE_F32).astype(np.float32)
+    values = f32_array(m.values)
     return VectorCall(m.device_id, result_from_proto(m.result), mode, values)
 
 
