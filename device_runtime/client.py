@@ -30,17 +30,12 @@ another thread at the next safe point.
 
 from __future__ import annotations
 
-import hashlib
-import io
 import logging
 import math
-import os
 import platform
 import random
-import shutil
 import threading
 import time
-import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -51,6 +46,7 @@ import numpy as np
 import numpy.typing as npt
 
 from device_runtime.data import LocalDataset
+from device_runtime.downloads import CorruptDownload, UnsafeBundle, extract_bundle, read_trainables, resume_download
 from device_runtime.estimator import EstimatorWorkspace, dense_gradient, estimate
 from device_runtime.ff_train import FFTrainConfig, train_ff
 from device_runtime.perturbation import F32Array
@@ -59,7 +55,7 @@ from device_runtime.session import BundleSession, SessionOptions
 from device_runtime.task import DeviceResult, RoundTask
 from device_runtime.train import LocalTrainConfig, train_local
 from fwdfleet import __version__
-from fwdfleet.bundle import Bundle, load_bundle, sha256_file
+from fwdfleet.bundle import Bundle, load_bundle
 from fwdfleet.errors import FwdfleetError
 from fwdfleet.protocol import bearer_metadata, rpc, serde
 
@@ -85,10 +81,6 @@ DEFAULT_LOCAL_TRAIN = LocalTrainConfig(steps=10, eval_every=0)
 
 class _Stopped(Exception):
     pass
-
-
-class _CorruptDownload(ClientError):
-    """A download that did not verify; retried from scratch."""
 
 
 @dataclass(frozen=True)
@@ -343,9 +335,16 @@ class DeviceClient:
         if not (target / "manifest.json").is_file():
             self.bundle_dir.mkdir(parents=True, exist_ok=True)
             part = self.bundle_dir / "bundle.zip.part"
-            self._retry("download the bundle", lambda: self._download_to(part, "DownloadBundle", sha256))
+
+            def chunks_from(offset: int) -> Iterator[serde.DownloadChunk]:
+                return self._stream("DownloadBundle", serde.download_request(self.config.device_id, offset))
+
+            self._retry("download the bundle", lambda: resume_download(part, sha256, chunks_from))
             self.stats.bundle_downloads += 1
-            _extract(part, target)
+            try:
+                extract_bundle(part, target)
+            except UnsafeBundle as e:
+                raise ClientError(str(e)) from e
             part.unlink()
         bundle = load_bundle(target)
         self._bundle = bundle
@@ -355,42 +354,15 @@ class DeviceClient:
             self.dataset = self._dataset_factory(bundle)
         self._version = -1  # fetch the aggregator's current tensors, not the bundle's initial ones
 
-    def _download_to(self, part: Path, method: str, sha256: str) -> None:
-        offset = part.stat().st_size if part.exists() else 0
-        with open(part, "ab") as f:
-            for chunk in self._stream(method, serde.download_request(self.config.device_id, offset)):
-                if chunk.sha256 != sha256:
-                    part.unlink()
-                    raise _CorruptDownload(f"the aggregator's bundle changed during the download ({chunk.sha256[:12]})")
-                if chunk.offset != offset:
-                    raise _CorruptDownload(f"download chunk at offset {chunk.offset}, expected {offset}")
-                f.write(chunk.data)
-                offset += len(chunk.data)
-        actual = sha256_file(part)
-        if actual != sha256:
-            part.unlink()
-            raise _CorruptDownload(f"downloaded bundle has sha256 {actual[:12]}..., expected {sha256[:12]}...; retry")
-
     def _download_trainables(self, wanted: int) -> None:
-        def fetch() -> tuple[int, bytes]:
-            buf, digest, version = io.BytesIO(), "", 0
-            for chunk in self._stream("DownloadTrainables", serde.download_request(self.config.device_id)):
-                if chunk.offset != buf.tell():
-                    raise _CorruptDownload(f"trainables chunk at offset {chunk.offset}, expected {buf.tell()}")
-                buf.write(chunk.data)
-                digest, version = chunk.sha256, chunk.model_version
-            data = buf.getvalue()
-            if hashlib.sha256(data).hexdigest() != digest:
-                raise _CorruptDownload("downloaded trainables do not match their sha256; retrying")
-            return version, data
+        def fetch() -> tuple[int, dict[str, np.ndarray]]:
+            return read_trainables(self._stream("DownloadTrainables", serde.download_request(self.config.device_id)))
 
-        version, data = self._retry("download the trainables", fetch)
+        version, tensors = self._retry("download the trainables", fetch)
         self.stats.trainable_downloads += 1
         session = self._session
         if session is None:
             raise ClientError("no session: the bundle was not loaded")
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            tensors = {name: np.array(z[name]) for name in z.files}
         session.check_trainables(tensors)
         if self._version >= 0:
             self._previous = (self._version, self._trainables)
@@ -434,7 +406,7 @@ class DeviceClient:
                 elif code not in RETRYABLE:
                     raise
                 log.info("could not %s (%s: %s); retrying", what, code.name, e.details())
-            except _CorruptDownload as e:
+            except CorruptDownload as e:
                 log.warning("could not %s: %s", what, e)
             attempt += 1
             self.stats.retries += 1
@@ -445,19 +417,6 @@ class DeviceClient:
     def _sleep(self, seconds: float) -> None:
         if self._stop.wait(seconds):
             raise _Stopped
-
-
-def _extract(zip_path: Path, target: Path) -> None:
-    """Unpack a downloaded bundle zip into ``target`` (atomically: via a sibling temp folder)."""
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with zipfile.ZipFile(zip_path) as zf:
-        for member in zf.namelist():
-            if member.startswith("/") or ".." in Path(member).parts:
-                raise ClientError(f"the downloaded bundle holds an unsafe path {member!r}; refusing it")
-        zf.extractall(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
 
 
 def describe(stats: ClientStats) -> str:
