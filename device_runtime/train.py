@@ -31,6 +31,7 @@ from device_runtime.perturbation import DISTRIBUTIONS, Distribution, split
 from device_runtime.session import BundleSession
 from device_runtime.task import DIFFERENCES, Difference, RoundTask
 from fwdfleet.bundle import Bundle
+from fwdfleet.errors import ConfigError
 
 Schedule = Literal["constant", "cosine"]
 _MASK64 = (1 << 64) - 1
@@ -149,10 +150,18 @@ def train_local(
     trainables: Mapping[str, npt.NDArray[Any]] | None = None,
     out: str | Path | None = None,
     progress: bool = True,
+    trainer: BundleSession | None = None,
 ) -> TrainReport:
-    """Train the session's bundle on ``train_data``; save to ``out`` (a new bundle folder) if given."""
+    """Train the session's bundle on ``train_data``; save to ``out`` (a new bundle folder) if given.
+
+    ``trainer`` runs the perturbed forwards (default ``session``), e.g. a session on the bundle's
+    stacked graph (several points per call); ``session`` evaluates."""
     bundle: Bundle = session.bundle
     specs = session.trainable_specs
+    trainer = trainer or session
+    if trainer.bundle.path != bundle.path or trainer.trainable_specs != specs:
+        raise ConfigError(f"the trainer session runs graph {trainer.graph.name!r} of another bundle or other "
+                          "trainables; build it on the same bundle as the evaluating session")  # fmt: skip
     ws = EstimatorWorkspace(specs)
     w = np.empty(ws.n, dtype=np.float32)
     current = split(w, specs)
@@ -189,7 +198,7 @@ def train_local(
                 data_seed=derive_seed(config.seed ^ 0x5EED, step),
             )
             batch = train_data.batch(task.data_seed, config.batch_size)
-            result = estimate(session, current, batch, task, guide if have_guide else None, workspace=ws)
+            result = estimate(trainer, current, batch, task, guide if have_guide else None, workspace=ws)
             report.skipped_perturbations += len(result.skipped)
             report.train_losses.append(result.loss_mean)
             if result.indices:

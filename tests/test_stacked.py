@@ -84,3 +84,25 @@ def test_stack_settings_are_validated() -> None:
         StackSettings(points=1, batch_size=4)
     with pytest.raises(ExportError, match="batch_size"):
         StackSettings(points=2, batch_size=0)
+
+
+def test_local_training_on_a_stacked_graph_matches_the_plain_graph(tmp_path: Path) -> None:
+    from sklearn import datasets
+
+    from device_runtime.data import ArrayDataset
+    from device_runtime.train import LocalTrainConfig, train_local
+
+    d = datasets.load_digits()
+    data = ArrayDataset({"x": (d.data / 16.0).astype(np.float32), "labels": d.target.astype(np.int64)})
+    train, ev = data.split(0.25, seed=0)
+    path = export_mlp(MLPConfig(layer_sizes=(64, 16, 10), seed=2), tmp_path / "mlp")
+    add_stacked_graph(path, StackSettings(points=4, batch_size=32))
+    bundle = load_bundle(path)
+    opts = SessionOptions(intra_op_threads=1)
+    session, stacked = BundleSession(bundle, opts), BundleSession(bundle, opts, graph=STACKED_GRAPH)
+    config = LocalTrainConfig(steps=80, num_perturbations=4, lr=0.05, batch_size=32, eval_every=0)
+    plain = train_local(session, train, config, eval_data=ev, progress=False)
+    together = train_local(session, train, config, eval_data=ev, progress=False, trainer=stacked)
+    a, b = plain.evaluations[-1], together.evaluations[-1]
+    assert b.loss < 0.8 * together.evaluations[0].loss  # it learns
+    assert b.loss == pytest.approx(a.loss, rel=1e-3) and abs(b.accuracy - a.accuracy) <= 0.01

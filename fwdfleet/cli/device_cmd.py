@@ -43,6 +43,8 @@ def register(sub: Any) -> None:
     t.add_argument("--eval-every", type=int, default=50, help="steps between evaluations (0: start and end)")
     t.add_argument("--eval-examples", type=int, default=1000, help="at most this many evaluation examples")
     t.add_argument("--out", help="folder for the trained bundle (default: do not save)")
+    t.add_argument("--train-graph", default="model", help="graph of the training steps: 'model_stack' evaluates "
+                   "several perturbed points per call (`fwdfleet export stack`; its fixed batch = --batch-size)")
     _session_args(t)
     t.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
     t.add_argument("--json", action="store_true", help="print the evaluations as JSON at the end")
@@ -136,7 +138,9 @@ def _train(args: argparse.Namespace) -> int:
         f"eps={config.eps} lr={config.lr} batch={config.batch_size}",
         file=sys.stderr,
     )
-    report = train_local(session, train_data, config, eval_data=eval_data, out=args.out, progress=not args.no_progress)
+    trainer = session if args.train_graph == "model" else BundleSession(bundle, options, graph=args.train_graph)
+    report = train_local(session, train_data, config, eval_data=eval_data, out=args.out,
+                         progress=not args.no_progress, trainer=trainer)  # fmt: skip
     first, last = report.evaluations[0], report.evaluations[-1]
     if args.json:
         print(json.dumps({
