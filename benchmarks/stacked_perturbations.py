@@ -19,9 +19,8 @@ whose fixed cost per call dominates may gain more: rerun with its provider (``--
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -31,29 +30,10 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-import torch
 
 from device_runtime.memory import worker_batch
-from export.rebuild import torch_twin_from_bundle
-from export.stack import StackedLoss
+from export.stack import STACKED_GRAPH, StackSettings, add_stacked_graph
 from fwdfleet.bundle import Bundle, load_bundle
-
-
-def export_stacked(bundle: Bundle, batch: dict[str, np.ndarray], p: int, out: Path) -> dict[str, np.ndarray]:
-    """Export the P-stacked graph of ``bundle`` for ``batch``'s shapes; return random stacked trainables."""
-    twin = torch_twin_from_bundle(bundle)
-    names = tuple(t.name for t in bundle.manifest.trainables)
-    data_names = tuple(batch)
-    rng = np.random.default_rng(p)
-    values = bundle.load_trainables()
-    stacked = {n: (values[n][None] + 0.01 * rng.standard_normal((p, *values[n].shape))).astype(np.float32)
-               for n in names}  # fmt: skip
-    module = StackedLoss(twin, data_names, names).eval()
-    args = tuple(torch.from_numpy(batch[k]) for k in data_names) + tuple(torch.from_numpy(stacked[n]) for n in names)
-    with contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
-        torch.onnx.export(module, args, str(out), input_names=[*data_names, *names], output_names=["loss"],
-                          dynamo=True, opset_version=18)  # fmt: skip
-    return stacked
 
 
 def _interleaved(a: Callable[[], Any], b: Callable[[], Any], seconds: float) -> tuple[float, float]:
@@ -70,16 +50,22 @@ def _interleaved(a: Callable[[], Any], b: Callable[[], Any], seconds: float) -> 
 
 
 def compare(bundle: Bundle, p: int, batch_size: int, seq: int, seconds: float, provider: str) -> dict[str, Any]:
-    batch = worker_batch(bundle, batch_size, seq)
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
-    graph = bundle.path / bundle.manifest.graphs[0].file
-    single = ort.InferenceSession(str(graph), so, providers=[provider])
     with tempfile.TemporaryDirectory() as tmp:
-        stacked = export_stacked(bundle, batch, p, Path(tmp) / "stacked.onnx")
-        multi = ort.InferenceSession(str(Path(tmp) / "stacked.onnx"), so, providers=[provider])
-    wanted = {i.name for i in multi.get_inputs()}
-    feed_multi = {k: v for k, v in {**batch, **stacked}.items() if k in wanted}
+        copy = Path(tmp) / "bundle"
+        shutil.copytree(bundle.path, copy)  # the graph is added to a copy, at this configuration's shapes
+        add_stacked_graph(copy, StackSettings(points=p, batch_size=batch_size, sequence_length=seq))
+        stacked_bundle = load_bundle(copy)
+        single = ort.InferenceSession(str(stacked_bundle.graph_path("model")), so, providers=[provider])
+        multi = ort.InferenceSession(str(stacked_bundle.graph_path(STACKED_GRAPH)), so, providers=[provider])
+        batch = worker_batch(stacked_bundle, batch_size, seq, graph=STACKED_GRAPH)
+    rng = np.random.default_rng(p)
+    values = bundle.load_trainables()
+    names = stacked_bundle.manifest.graph(STACKED_GRAPH).trainables
+    stacked = {n: (values[n][None] + 0.01 * rng.standard_normal((p, *values[n].shape))).astype(np.float32)
+               for n in names}  # fmt: skip
+    feed_multi = {**batch, **stacked}
     feeds = [{**batch, **{n: v[i] for n, v in stacked.items()}} for i in range(p)]
     singles = np.stack([np.asarray(single.run(["loss"], f)[0]) for f in feeds])
     together = np.asarray(multi.run(["loss"], feed_multi)[0])
