@@ -19,7 +19,7 @@ import os
 import time
 from collections.abc import Callable, Generator, Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from multiprocessing import get_context
 from typing import Any, Protocol
 
@@ -65,6 +65,15 @@ class EmulationSettings:
             raise ValueError(f"EmulationSettings.backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.threads_per_worker < 0:
             raise ValueError(f"EmulationSettings.threads_per_worker must be >= 0, got {self.threads_per_worker}")
+
+    def bound(self, config: AggregatorConfig) -> AggregatorConfig:
+        """``config`` whose coordinator stops after this emulation's rounds (unless it sets its own limit).
+
+        Both transports run the same coordinator: devices get no task past the last round, and a
+        linear lr schedule without ``total_steps`` decays over the emulated rounds."""
+        if config.rounds.num_rounds:
+            return config
+        return replace(config, rounds=replace(config.rounds, num_rounds=self.rounds))
 
 
 @dataclass
@@ -225,7 +234,7 @@ def emulate(
     if len(shards) != len(profiles):
         raise ValueError(f"{len(shards)} data shards but {len(profiles)} device profiles")
     clock = SimulatedClock()
-    coordinator = Coordinator(config, bundle, clock=lambda: clock.now_s)
+    coordinator = Coordinator(settings.bound(config), bundle, clock=lambda: clock.now_s)
     rng = np.random.default_rng(settings.seed)
     ids = [f"device-{i:05d}" for i in range(len(shards))]
     for dev_id, p in zip(ids, profiles):

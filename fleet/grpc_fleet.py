@@ -147,8 +147,8 @@ class GrpcFleet:
             write_shard(self.train, shard, dev.folder / "data")
 
         evaluator = Evaluator(self.bundle, self.test, self.settings.eval_batch) if self.test is not None else None
-        coordinator = Coordinator(replace(self.config, metrics_path=str(self.metrics_path)), self.bundle,
-                                  evaluate=self._evaluate_hook(evaluator))
+        config = replace(self.settings.bound(self.config), metrics_path=str(self.metrics_path))
+        coordinator = Coordinator(config, self.bundle, evaluate=self._evaluate_hook(evaluator))
         n = len(self.devices)
         self.server = serve(
             ServerConfig(host="127.0.0.1", port=0, tls_cert=str(certs["cert"]), tls_key=str(certs["key"]),

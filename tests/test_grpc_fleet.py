@@ -112,8 +112,12 @@ def test_run_fleet_over_grpc_writes_the_report(bundle, tmp_path):
     ], base={"partition": {"scheme": "iid"}})
     summary = run_fleet(cfg, progress=False, log=lambda _m: None)
     assert summary.rounds == 2 and summary.final_accuracy is not None
-    # measured by the device processes themselves: every accepted result, all rounds included
-    assert 2 * 100 < summary.uplink_bytes_per_device_total < 8 * 1024
+    # aggregator side: the results' protobuf size, 8 float32 derivatives + 8 varint indices + statistics
+    per_round = summary.uplink_bytes_per_device_per_round
+    assert 8 * 4 < per_round < 8 * (4 + 5) + 64
+    # device side, counted by the device processes: the two rounds' requests (result + device id),
+    # none past the last round (the coordinator stops after the fleet's rounds)
+    assert 2 * per_round < summary.uplink_bytes_per_device_total < 2 * (per_round + 40)
     lines = (tmp_path / "rounds.jsonl").read_text().splitlines()
     assert [json.loads(x)["model_version"] for x in lines] == [1, 2]
     assert (tmp_path / "report.html").is_file() and (tmp_path / "grpc" / "devices.json").is_file()
