@@ -95,12 +95,17 @@ def time_step(path: Path, batch_size: int, seq: int, k: int, repeats: int, opts:
         perturb.append(result.extras["perturbation_seconds"])
         forward.append(result.extras["session_seconds"] / result.extras["passes"])
     step_s, perturb_s, update_s = float(np.median(steps)), float(np.median(perturb)), float(np.median(update))
+    forward_s, floor_s = float(np.median(forward)), _one_pass_seconds(w, ws.wp)
     return {
         "kind": bundle.manifest.kind,
         "quantization": bundle.manifest.quantization or "fp32",
         "num_trainable": ws.n,
         "k": k,
-        "forward_seconds": float(np.median(forward)),
+        "forward_seconds": forward_s,
+        # The least any dense perturbation costs per point: one pass writing the n trainables the
+        # session reads (w0 + a constant). Its share of (forward + that pass) bounds the achievable share.
+        "one_pass_seconds": floor_s,
+        "one_pass_share": floor_s / (forward_s + floor_s),
         "step_seconds": step_s,
         "perturbation_seconds": perturb_s,
         "perturbation_share": perturb_s / step_s,
@@ -108,6 +113,16 @@ def time_step(path: Path, batch_size: int, seq: int, k: int, repeats: int, opts:
         "perturbation_and_update_share": (perturb_s + update_s) / (step_s + update_s),
         "last_result": result,
     }
+
+
+def _one_pass_seconds(w: np.ndarray, out: np.ndarray, repeats: int = 21) -> float:
+    """Median time of ``out = w + c`` over all trainables: a lower bound on forming one perturbed point."""
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        np.add(w, np.float32(1e-3), out=out)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
 
 
 def compare_options(
@@ -253,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"generation+bookkeeping {t['perturbation_seconds']:.4f} s = {100 * t['perturbation_share']:.2f}% "
                   f"of the step (target < 10%); with the update regenerated on the device: "
                   f"{100 * t['perturbation_and_update_share']:.2f}%")  # fmt: skip
+            print(f"floor: one pass writing the trainables (w + c) takes {t['one_pass_seconds']:.5f} s = "
+                  f"{100 * t['one_pass_share']:.1f}% of (forward + that pass): no dense perturbation costs less")
             for row in entry.get("options", []):
                 print(f"  {row['variant']:<44} forward x{row['time_ratio']:.3f}  train peak "
                       f"{row['train_peak_mb'] or float('nan'):.1f} MB")  # fmt: skip
