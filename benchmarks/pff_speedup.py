@@ -77,6 +77,20 @@ def task_overhead(rows: list[TimelineRow]) -> float:
     return max(0.0, statistics.median(gaps)) if gaps else 0.0
 
 
+def task_slowdown(seq: list[TimelineRow], rows: list[TimelineRow]) -> dict[str, float] | None:
+    """Median ratio of a task's training and input seconds to the same (layer, chapter) task's in the sequential
+    run (first repetition): how much slower the same computation ran with the nodes side by side. None for
+    federated PFF, whose tasks (a node's part of a ring) are not the sequential run's."""
+    base = {(r.layer, r.chapter): r for r in seq}
+    if len(rows) != len(base) or any((r.layer, r.chapter) not in base for r in rows):
+        return None
+    train = [r.train_seconds / base[(r.layer, r.chapter)].train_seconds for r in rows]
+    inputs = [r.input_seconds / base[(r.layer, r.chapter)].input_seconds for r in rows
+              if base[(r.layer, r.chapter)].input_seconds > 1e-3]
+    return {"train": round(statistics.median(train), 3),
+            "input": round(statistics.median(inputs), 3) if inputs else 1.0}
+
+
 def project(seq: PFFResult, overhead: float, layers: int, epochs: int, splits: int,
             nodes: tuple[int, ...]) -> list[dict[str, Any]]:
     """Simulated speedups from the sequential run's per-layer times, scaled to other chapter counts.
@@ -125,18 +139,26 @@ def bench_dataset(dataset: str, args: argparse.Namespace) -> dict[str, Any]:
                 negatives=args.negatives, max_train=args.max_train if args.max_train is not None else max_train,
                 seed=args.seed)
     runs: dict[str, PFFResult] = {}
-    for mode in ("sequential", *MODES):
-        cfg = PFFConfig(mode=mode, nodes=1 if mode == "sequential" else args.nodes, **base)  # type: ignore[arg-type]
-        runs[mode] = run_pff(cfg)
-        r = runs[mode]
+    spans: dict[str, list[float]] = {mode: [] for mode in ("sequential", *args.modes)}
+    for rep in range(args.repeats):
+        for mode in spans:
+            cfg = PFFConfig(mode=mode, nodes=1 if mode == "sequential" else args.nodes, **base)  # type: ignore
+            r = run_pff(cfg)
+            spans[mode].append(r.train_seconds)
+            if rep == 0:
+                runs[mode] = r
+            elif r.accuracy != runs[mode].accuracy:
+                raise RuntimeError(f"{mode}: repetition {rep} gave {r.accuracy}, the first {runs[mode].accuracy}")
+            if not args.json:
+                print(f"  {dataset} {mode:<13} acc {r.accuracy}  training {r.train_seconds:.2f} s", file=sys.stderr,
+                      flush=True)
+    for mode, r in runs.items():
         if args.timelines:
             from pff.plot import plot_timeline
 
             out = Path(args.timelines) / f"pff_{dataset}_{mode}.png"
-            plot_timeline(r.timeline, out, num_nodes=cfg.nodes, title=f"{dataset}: {mode}, {cfg.nodes} node(s)")
-        if not args.json:
-            print(f"  {dataset} {mode:<13} acc {r.accuracy}  training {r.train_seconds:.2f} s", file=sys.stderr,
-                  flush=True)
+            plot_timeline(r.timeline, out, num_nodes=r.config.nodes,
+                          title=f"{dataset}: {mode}, {r.config.nodes} node(s)")
     seq = runs["sequential"]
     key = "goodness" if "goodness" in seq.accuracy else "head"
     rows = []
@@ -146,10 +168,13 @@ def bench_dataset(dataset: str, args: argparse.Namespace) -> dict[str, Any]:
             "accuracy": r.accuracy[key], "softmax_accuracy": r.accuracy["softmax"],
             "delta_points": round(100 * (r.accuracy[key] - seq.accuracy[key]), 2),
             "softmax_delta_points": round(100 * (r.accuracy["softmax"] - seq.accuracy["softmax"]), 2),
-            "train_seconds": round(r.train_seconds, 3), "wall_seconds": round(r.wall_seconds, 2),
-            "speedup": round(seq.train_seconds / r.train_seconds, 3) if r.train_seconds else None,
+            "train_seconds": round(statistics.median(spans[mode]), 3), "wall_seconds": round(r.wall_seconds, 2),
+            # one speedup per repetition (this mode against the sequential run of the same repetition)
+            "speedups": [round(a / b, 3) for a, b in zip(spans["sequential"], spans[mode])],
+            "speedup": round(statistics.median(a / b for a, b in zip(spans["sequential"], spans[mode])), 3),
             "nodes_detail": [{"node": n.node, "busy": n.busy_seconds, "wait": n.wait_seconds, "idle": n.idle_seconds}
                              for n in r.nodes],
+            "task_slowdown": task_slowdown(seq.timeline, r.timeline) if mode != "sequential" else None,
         })
     seeds = paired_seeds(base, args) if args.seeds > 1 else None
     overhead = task_overhead(seq.timeline)
@@ -190,6 +215,13 @@ def print_table(result: dict[str, Any]) -> None:
             print(f"{r['mode']:<13} {r['nodes']:>5} {r['accuracy']:>7.4f} {r['delta_points']:>+7.2f} "
                   f"{r['softmax_accuracy']:>8.4f} {r['softmax_delta_points']:>+7.2f} {r['train_seconds']:>8.2f} "
                   f"{r['speedup']:>7.2f}x  {nodes}")
+        slow = [f"{r['mode']} x{r['task_slowdown']['train']:.2f} (inputs x{r['task_slowdown']['input']:.2f})"
+                for r in d["rows"] if r.get("task_slowdown")]
+        if slow:
+            print("the same task's training time against the sequential run's, median: " + "; ".join(slow))
+        if len(d["rows"][0]["speedups"]) > 1:
+            print("speedup per repetition (median above): " + "; ".join(
+                f"{r['mode']} " + ", ".join(f"{x:.2f}" for x in r["speedups"]) for r in d["rows"][1:]))
         if d.get("federated_seeds"):
             fs = d["federated_seeds"]["runs"]
             print("federated - sequential at other seeds (points): "
@@ -218,6 +250,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", type=int, default=1,
                    help="also run sequential and federated at K-1 more seeds (accuracy difference vs noise)")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+                   help="default: all (sequential always runs)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run every mode R times, in turn; speedup = median over the repetitions of the mode's "
+                        "time against the same repetition's sequential time (these shared cores are noisy)")
     p.add_argument("--skip-classic", action="store_true", help="skip the per-batch train_ff reference")
     p.add_argument("--timelines", default=None, metavar="DIR", help="write each run's timeline plot here")
     p.add_argument("--json", action="store_true")

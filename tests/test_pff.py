@@ -337,3 +337,28 @@ def test_progress_display_shows_each_node() -> None:
         assert second.description == "node 1: done" and second.completed == 8
     finally:
         display.close()
+
+
+def test_speedup_benchmark_repeats_modes_and_takes_the_median(capsys: pytest.CaptureFixture[str]) -> None:
+    """benchmarks/pff_speedup.py --repeats: every repetition computes the same network (it checks), and the
+    reported speedup is the median of the per-repetition ratios against the same repetition's sequential run."""
+    import statistics
+    import sys
+
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from benchmarks.pff_speedup import main
+
+    assert main(["--datasets", "digits", "--layers", "64,32,32", "--epochs", "2", "--splits", "2", "--max-train", "300",
+                 "--modes", "all-layers", "--repeats", "3", "--skip-classic", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    rows = {r["mode"]: r for r in out["datasets"][0]["rows"]}
+    assert set(rows) == {"sequential", "all-layers"}
+    assert rows["sequential"]["speedups"] == [1.0, 1.0, 1.0]
+    ratios = rows["all-layers"]["speedups"]
+    assert len(ratios) == 3 and all(x > 0 for x in ratios)
+    assert rows["all-layers"]["speedup"] == pytest.approx(statistics.median(ratios), abs=2e-3)
+    assert rows["all-layers"]["delta_points"] == 0.0  # all-layers computes exactly what sequential does
+    slow = rows["all-layers"]["task_slowdown"]
+    assert slow is not None and 0.2 < slow["train"] < 5.0
