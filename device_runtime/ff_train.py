@@ -123,7 +123,12 @@ class AdamState:
 
 def optimizer_update(params: Mapping[str, Array], grads: Mapping[str, Array], state: AdamState, lr: float,
                      optimizer: Optimizer = "adam") -> tuple[dict[str, Array], AdamState]:
-    """New values of ``params`` (names as keys) after one step along ``grads``; new state."""
+    """New values of ``params`` (names as keys) after one step along ``grads``; new state.
+
+    Adam updates the moment arrays of ``state`` in place (the returned state holds the same arrays;
+    ``params`` are not modified): one temporary per tensor instead of a dozen, with the same
+    float operations in the same order as ``p - lr * m_hat / (sqrt(v_hat) + eps)``, so the result is
+    bit for bit that of the textbook expression."""
     if optimizer == "sgd":
         return {k: (p - lr * grads[k]).astype(p.dtype) for k, p in params.items()}, state
     t, m, v = dict(state.t), dict(state.m), dict(state.v)
@@ -131,10 +136,24 @@ def optimizer_update(params: Mapping[str, Array], grads: Mapping[str, Array], st
     for k, p in params.items():
         g = grads[k]
         t[k] = t.get(k, 0) + 1
-        m[k] = _BETA1 * m.get(k, np.zeros_like(p)) + (1 - _BETA1) * g
-        v[k] = _BETA2 * v.get(k, np.zeros_like(p)) + (1 - _BETA2) * g * g
-        mhat, vhat = m[k] / (1 - _BETA1 ** t[k]), v[k] / (1 - _BETA2 ** t[k])
-        out[k] = (p - lr * mhat / (np.sqrt(vhat) + _ADAM_EPS)).astype(p.dtype)
+        if k not in m:
+            m[k] = np.zeros(p.shape, np.result_type(p, g))
+            v[k] = np.zeros(p.shape, np.result_type(p, g))
+        mk, vk = m[k], v[k]
+        tmp = np.multiply(g, 1 - _BETA1)
+        mk *= _BETA1
+        mk += tmp  # beta1 m + (1 - beta1) g
+        np.multiply(g, 1 - _BETA2, out=tmp)
+        tmp *= g
+        vk *= _BETA2
+        vk += tmp  # beta2 v + (1 - beta2) g g
+        step = np.divide(mk, 1 - _BETA1 ** t[k])
+        step *= lr  # lr m_hat
+        np.divide(vk, 1 - _BETA2 ** t[k], out=tmp)
+        np.sqrt(tmp, out=tmp)
+        tmp += _ADAM_EPS  # sqrt(v_hat) + eps
+        step /= tmp
+        out[k] = np.subtract(p, step, out=step).astype(p.dtype, copy=False)
     return out, AdamState(t=t, m=m, v=v)
 
 

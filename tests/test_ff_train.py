@@ -15,10 +15,12 @@ from device_runtime.ff_objectives import (
     objective_value,
 )
 from device_runtime.ff_train import (
+    AdamState,
     FFTrainConfig,
     LayerBatch,
     estimate_layer_derivatives,
     evaluate_ff,
+    optimizer_update,
     train_ff,
     train_layer_step,
 )
@@ -231,3 +233,28 @@ def test_a_non_finite_batch_never_changes_the_weights(bundles, digits):
     res = train_layer_step(0, values, LayerBatch(x, ytr[:8], x.copy()), FFTrainConfig(), layout=layout)
     assert not np.isfinite(res.loss)
     np.testing.assert_array_equal(res.trainables["layers.0.weight"], values["layers.0.weight"])
+
+
+@pytest.mark.parametrize("grad_dtype", [np.float32, np.float64])
+def test_adam_in_place_is_the_textbook_expression_bit_for_bit(grad_dtype):
+    """optimizer_update reuses its moment arrays; params, moments and outputs equal the plain expression's."""
+    rng = np.random.default_rng(3)
+    p0 = {"w": rng.standard_normal((7, 5)).astype(np.float32), "b": rng.standard_normal(5).astype(np.float32)}
+    params, state = dict(p0), AdamState()
+    ref_p = dict(p0)
+    ref_m = {k: np.zeros(v.shape, np.result_type(v, grad_dtype)) for k, v in p0.items()}
+    ref_v = {k: np.zeros_like(m) for k, m in ref_m.items()}
+    for t in range(1, 6):
+        grads = {k: rng.standard_normal(v.shape).astype(grad_dtype) for k, v in p0.items()}
+        given, copies = dict(params), {k: v.copy() for k, v in params.items()}
+        params, state = optimizer_update(params, grads, state, 3e-3, "adam")
+        for k in p0:
+            assert np.array_equal(given[k], copies[k])  # the parameters passed in were not written to
+            g = grads[k]
+            ref_m[k] = 0.9 * ref_m[k] + (1 - 0.9) * g
+            ref_v[k] = 0.999 * ref_v[k] + (1 - 0.999) * g * g
+            mhat, vhat = ref_m[k] / (1 - 0.9 ** t), ref_v[k] / (1 - 0.999 ** t)
+            ref_p[k] = (ref_p[k] - 3e-3 * mhat / (np.sqrt(vhat) + 1e-8)).astype(np.float32)
+            assert params[k].dtype == np.float32 and np.array_equal(params[k], ref_p[k])
+            assert np.array_equal(state.m[k], ref_m[k]) and np.array_equal(state.v[k], ref_v[k])
+            assert state.t[k] == t
