@@ -47,6 +47,7 @@ _M1 = np.uint64(0xCD9E8D57)
 _W0 = 0x9E3779B9
 _W1 = 0xBB67AE85
 _MASK32 = np.uint64(0xFFFFFFFF)
+_S32 = np.uint64(32)
 _U32 = 1 << 32
 CHUNK_ELEMENTS = 1 << 16  # z values expanded at a time (256 KB of float32)
 WORD_BLOCKS = 1 << 14  # Philox blocks generated at a time: bounds the uint64 temporaries to ~1.5 MB
@@ -61,18 +62,30 @@ def philox4x32(counters: npt.NDArray[np.uint64], key: tuple[int, int], rounds: i
     ``counters`` has shape ``(n, 4)`` holding 32-bit values (in uint64 storage for the
     multiplications); returns ``(n, 4)`` uint32 output words.
     """
-    c0, c1, c2, c3 = (counters[:, i].copy() for i in range(4))
+    # In place on preallocated buffers (no temporaries per operation): twice as fast as the
+    # expression form on 5k blocks, bit for bit the same (the golden vectors pin it).
+    c0, c1, c2, c3 = (np.ascontiguousarray(counters[:, i], dtype=np.uint64).copy() for i in range(4))
+    p0, p1, t = np.empty_like(c0), np.empty_like(c0), np.empty_like(c0)
     k0, k1 = key[0] & 0xFFFFFFFF, key[1] & 0xFFFFFFFF
     for r in range(rounds):
         if r:
             k0 = (k0 + _W0) & 0xFFFFFFFF
             k1 = (k1 + _W1) & 0xFFFFFFFF
-        p0 = _M0 * c0
-        p1 = _M1 * c2
-        hi0, lo0 = p0 >> np.uint64(32), p0 & _MASK32
-        hi1, lo1 = p1 >> np.uint64(32), p1 & _MASK32
-        c0, c1, c2, c3 = hi1 ^ c1 ^ np.uint64(k0), lo1, hi0 ^ c3 ^ np.uint64(k1), lo0
-    return np.stack([c0, c1, c2, c3], axis=1).astype(np.uint32)
+        np.multiply(c0, _M0, out=p0)
+        np.multiply(c2, _M1, out=p1)
+        np.right_shift(p1, _S32, out=t)  # c0' = hi(M1 c2) ^ c1 ^ k0
+        t ^= c1
+        t ^= np.uint64(k0)
+        np.bitwise_and(p1, _MASK32, out=c1)  # c1' = lo(M1 c2)
+        np.right_shift(p0, _S32, out=c2)  # c2' = hi(M0 c0) ^ c3 ^ k1
+        c2 ^= c3
+        c2 ^= np.uint64(k1)
+        np.bitwise_and(p0, _MASK32, out=c3)  # c3' = lo(M0 c0)
+        c0, t = t, c0
+    out = np.empty((c0.size, 4), dtype=np.uint32)
+    for i, c in enumerate((c0, c1, c2, c3)):
+        out[:, i] = c
+    return out
 
 
 def _check_u32(name: str, value: int) -> int:

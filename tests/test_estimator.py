@@ -161,7 +161,8 @@ def test_chunked_perturbed_point_and_update_match_whole_vectors_bit_for_bit(dist
     ws = EstimatorWorkspace(specs, chunk=chunk)
     ws.load(split(w0, specs))
     z = perturbation(77, 3, 5, n, distribution)
-    for scale in (1e-2, -1e-2):
+    for scale in (1e-2, -1e-2):  # each formed afresh from w0 (no +point of the same k before it)
+        ws.load(split(w0, specs))
         ws.perturb(77, 3, 5, distribution, scale)
         expected = z * np.float32(scale)
         expected += w0
@@ -177,6 +178,35 @@ def test_chunked_perturbed_point_and_update_match_whole_vectors_bit_for_bit(dist
         zk *= np.float32(-0.1 * d)
         want += zk
     np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+@pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
+def test_minus_point_right_after_the_plus_point_is_its_reflection_about_w(distribution) -> None:
+    specs = (TensorSpec("a", (40, 30)), TensorSpec("b", (30,)))
+    n = 40 * 30 + 30
+    rng = np.random.default_rng(5)
+    w0 = (rng.standard_normal(n) * np.logspace(-4, 1, n)).astype(np.float32)  # some |w| below eps
+    ws = EstimatorWorkspace(specs, chunk=64)
+    ws.load(split(w0, specs))
+    ws.perturb(77, 3, 5, distribution, 1e-3)
+    plus = ws.wp.copy()
+    ws.perturb(77, 3, 5, distribution, -1e-3)
+    reflected = w0 - (plus - w0)
+    np.testing.assert_array_equal(ws.wp.view(np.uint32), reflected.view(np.uint32))
+    formula = w0 + perturbation(77, 3, 5, n, distribution) * np.float32(-1e-3)
+    # float32 rounding, in absolute terms: at most two ulps of |w0| + |eps| (near w0 = eps z the
+    # point is close to 0 and its own ulp far smaller)
+    bound = 2 * np.spacing(np.abs(w0) + np.float32(1e-3))
+    assert np.all(np.abs(ws.wp.astype(np.float64) - formula) <= bound)
+    assert np.mean(ws.wp == formula) > 0.5  # and mostly bit for bit
+    assert not np.array_equal(ws.wp, w0)
+    # any other point is formed from w0 afresh: a different k, or after load()
+    ws.perturb(77, 3, 6, distribution, -1e-3)
+    np.testing.assert_array_equal(ws.wp, w0 + perturbation(77, 3, 6, n, distribution) * np.float32(-1e-3))
+    ws.perturb(77, 3, 6, distribution, 1e-3)  # reflection of k=6's -point
+    ws.load(split(w0, specs))
+    ws.perturb(77, 3, 6, distribution, -1e-3)
+    np.testing.assert_array_equal(ws.wp, w0 + perturbation(77, 3, 6, n, distribution) * np.float32(-1e-3))
 
 
 def test_workspace_reads_a_flat_vector_in_place_and_copies_anything_else(softmax) -> None:
