@@ -173,8 +173,9 @@ class EstimatorWorkspace:
         point = (round_seed, device, k, distribution, float(scale))
         last, self._last_point = self._last_point, (point if scale != 0.0 else None)
         if scale != 0.0 and last == (round_seed, device, k, distribution, -float(scale)):
-            np.subtract(self.wp, self.w0, out=self.wp)  # scale * z_k as applied (rounded once)
+            np.subtract(self.wp, self.w0, out=self.wp)  # -scale * z_k as applied
             np.subtract(self.w0, self.wp, out=self.wp)
+            self._last_point = None  # one reflection per fresh point: never a chain of them
         elif scale == 0.0:
             np.copyto(self.wp, self.w0)
         elif distribution == "rademacher":

@@ -200,6 +200,8 @@ def test_minus_point_right_after_the_plus_point_is_its_reflection_about_w(distri
     assert np.all(np.abs(ws.wp.astype(np.float64) - formula) <= bound)
     assert np.mean(ws.wp == formula) > 0.5  # and mostly bit for bit
     assert not np.array_equal(ws.wp, w0)
+    ws.perturb(77, 3, 5, distribution, 1e-3)  # the +point again: formed afresh, not reflected back
+    np.testing.assert_array_equal(ws.wp, plus)
     # any other point is formed from w0 afresh: a different k, or after load()
     ws.perturb(77, 3, 6, distribution, -1e-3)
     np.testing.assert_array_equal(ws.wp, w0 + perturbation(77, 3, 6, n, distribution) * np.float32(-1e-3))
