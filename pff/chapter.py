@@ -45,6 +45,7 @@ class ChapterResult:
     loss: float
     input_seconds: float
     train_seconds: float
+    state: AdamState  # the optimizer's state at the end (to hand on, see ``train_chapter``)
 
 
 class ActivationCache:
@@ -151,8 +152,13 @@ def train_chapter(
     *,
     cache: ActivationCache | None = None,
     on_step: Callable[[int, int], None] | None = None,
+    state: AdamState | None = None,
 ) -> ChapterResult:
-    """Train layer ``task.layer`` (starting from ``own``) for ``chapter_epochs`` epochs on ``data``."""
+    """Train layer ``task.layer`` (starting from ``own``) for ``chapter_epochs`` epochs on ``data``.
+
+    Adam starts afresh (as the nodes do at every task) unless ``state`` is given, e.g. the state
+    a ring's previous part ended with (``benchmarks/pff_ring_adam.py``); the state at the end is
+    ``ChapterResult.state`` (its moment arrays may be the given state's, updated in place)."""
     t0 = time.perf_counter()
     x_pos, x_neg = layer_inputs(layout, task, lower, own, data, config, cache)
     t1 = time.perf_counter()
@@ -161,7 +167,7 @@ def train_chapter(
     total = per_epoch * chapter_epochs
     params: Params = {name: np.array(own[name], dtype=np.float32)
                       for name in layout.param_names(task.layer).values()}
-    state = AdamState()
+    state = AdamState() if state is None else state
     runner = NumpyLayers(layout)
     losses = []
     labels: IntArray = data.y
@@ -178,4 +184,4 @@ def train_chapter(
                 on_step(epoch * per_epoch + b + 1, total)
     t2 = time.perf_counter()
     return ChapterResult(params=params, loss=float(np.mean(losses)) if losses else float("nan"),
-                         input_seconds=t1 - t0, train_seconds=t2 - t1)
+                         input_seconds=t1 - t0, train_seconds=t2 - t1, state=state)

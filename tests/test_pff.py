@@ -362,3 +362,37 @@ def test_speedup_benchmark_repeats_modes_and_takes_the_median(capsys: pytest.Cap
     assert rows["all-layers"]["delta_points"] == 0.0  # all-layers computes exactly what sequential does
     slow = rows["all-layers"]["task_slowdown"]
     assert slow is not None and 0.2 < slow["train"] < 5.0
+
+
+def test_train_chapter_hands_adam_state_on_when_given() -> None:
+    """A ring's next part can continue the previous part's Adam state (benchmarks/pff_ring_adam.py):
+    the step counts go on, and the result differs from restarting Adam."""
+    from pff.chapter import train_chapter
+
+    layout, params, data = _tiny()
+    cfg = PFFConfig(layers=(20, 16, 16, 16)).train_config()
+    first = train_chapter(layout, Task(0, 1, 0, 0, 2), params, params[1], data, cfg, 1)
+    steps = -(-data.y.size // cfg.batch_size)
+    assert set(first.state.t.values()) == {steps}
+    fresh = train_chapter(layout, Task(0, 1, 1, 1, 2), params, first.params, data, cfg, 1)
+    handed = train_chapter(layout, Task(0, 1, 1, 1, 2), params, first.params, data, cfg, 1, state=first.state)
+    assert set(fresh.state.t.values()) == {steps} and set(handed.state.t.values()) == {2 * steps}
+    assert not np.allclose(fresh.params["layers.1.weight"], handed.params["layers.1.weight"])
+
+
+def test_ring_adam_benchmark_reproduces_the_nodes_ring(capsys: pytest.CaptureFixture[str]) -> None:
+    """benchmarks/pff_ring_adam.py's in-process ring (Adam restarted) is the nodes' federated run, bit for bit."""
+    import sys
+
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from benchmarks.pff_ring_adam import VARIANTS, main
+
+    assert main(["--dataset", "digits", "--layers", "64,32,32", "--epochs", "2", "--splits", "2", "--max-train", "300",
+                 "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)["rows"][0]
+    base = dict(dataset="digits", layers=(64, 32, 32), epochs=2, splits=2, max_train=300)
+    nodes = run_pff(PFFConfig(mode="federated", nodes=2, **base)).accuracy  # type: ignore[arg-type]
+    assert row[VARIANTS[1]] == nodes["goodness"]
+    assert 0 < row[VARIANTS[2]] <= 1

@@ -1,0 +1,99 @@
+"""Federated PFF's ring with Adam restarted at each hand-off (what the nodes do) or handed on, in-process.
+
+Federated PFF passes each chapter of a layer round the nodes' shards (``pff.schedule``); each node
+starts Adam afresh, so a layer's optimizer restarts ``N`` times per chapter instead of once. This
+runs the same tasks in one process, in the schedule's dependency order (no node processes; the
+parameters are exactly what the nodes compute, every random choice deriving from the task), three
+ways at each seed: sequential FF, the ring as the nodes run it, and the ring with Adam's state
+handed on from part to part within a chapter (restarted at each chapter, as sequential FF does).
+It prints test accuracy and each ring's difference to sequential in points, paired by seed.
+
+    OPENBLAS_NUM_THREADS=1 python benchmarks/pff_ring_adam.py --max-train 0 --epochs 20 --splits 20 \\
+        --seeds 0 1 2 [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from device_runtime.ff import FFLayout
+from device_runtime.ff_train import AdamState
+from fwdfleet.bundle import load_bundle
+from pff.chapter import ActivationCache, Params, train_chapter
+from pff.config import PFFConfig, load_data, shard
+from pff.evaluate import evaluate
+
+VARIANTS = ("sequential", "ring, Adam restarted at each hand-off", "ring, Adam handed on within a chapter")
+
+
+def run(config: PFFConfig, hand_on: bool, bundle: Path) -> dict[str, float]:
+    """Train ``config``'s schedule in this process; test accuracy of the final network."""
+    layout = FFLayout.from_manifest(load_bundle(bundle).manifest)
+    initial = load_bundle(bundle).load_trainables()
+    schedule = config.schedule()
+    train, test = load_data(config)
+    shards = [shard(train, schedule.data_shard(p), schedule.num_shards, config.seed) for p in range(schedule.parts)]
+    caches = [ActivationCache() for _ in range(schedule.parts)]
+    versions: dict[tuple[int, int], Params] = {
+        (i, 0): {name: initial[name] for name in layout.param_names(i).values()} for i in range(layout.num_layers)}
+    states: dict[int, AdamState] = {}
+    tc = config.train_config()
+    for task in schedule.tasks():
+        lower = {j: versions[(j, task.lower_version)] for j in range(task.layer)}
+        state = states.get(task.layer) if hand_on and task.part > 0 else None
+        result = train_chapter(layout, task, lower, versions[(task.layer, task.version_in)], shards[task.part], tc,
+                               schedule.chapter_epochs, cache=caches[task.part], state=state)
+        versions[(task.layer, task.version_out)] = result.params
+        states[task.layer] = result.state
+    final: dict[str, Any] = {}
+    for i in range(layout.num_layers):
+        final.update(versions[(i, schedule.final_version)])
+    return evaluate(layout, final, train, test, seed=config.seed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="fashion-mnist", choices=("digits", "fashion-mnist"))
+    p.add_argument("--layers", default="784,400,400,400,400")
+    p.add_argument("--max-train", type=int, default=6000, help="training examples (0: all)")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--splits", type=int, default=20)
+    p.add_argument("--nodes", type=int, default=2, help="ring length (shards)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    from export.ff_mlp import FFMLPConfig, export_ff_mlp
+
+    rows = []
+    t0 = time.time()
+    for seed in a.seeds:
+        base = dict(dataset=a.dataset, layers=tuple(int(v) for v in a.layers.split(",")), max_train=a.max_train,
+                    epochs=a.epochs, splits=a.splits, seed=seed)
+        with tempfile.TemporaryDirectory() as tmp:
+            seq = PFFConfig(mode="sequential", nodes=1, **base)  # type: ignore[arg-type]
+            fed = PFFConfig(mode="federated", nodes=a.nodes, **base)  # type: ignore[arg-type]
+            bundle = export_ff_mlp(FFMLPConfig(layers=seq.layers, num_classes=10, heads=seq.head,  # type: ignore[arg-type]
+                                               seed=seed), Path(tmp) / "bundle", overwrite=True)
+            acc = {VARIANTS[0]: run(seq, False, bundle), VARIANTS[1]: run(fed, False, bundle),
+                   VARIANTS[2]: run(fed, True, bundle)}
+        key = "goodness" if "goodness" in acc[VARIANTS[0]] else "head"
+        row = {"seed": seed, "prediction": key, **{v: round(acc[v][key], 4) for v in VARIANTS}}
+        for v in VARIANTS[1:]:
+            row[f"{v}: points"] = round(100 * (acc[v][key] - acc[VARIANTS[0]][key]), 2)
+        rows.append(row)
+        if not a.json:
+            print(json.dumps(row), flush=True)
+    out = {"config": vars(a), "rows": rows, "seconds": round(time.time() - t0, 1)}
+    if a.json:
+        print(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
