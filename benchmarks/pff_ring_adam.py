@@ -1,11 +1,14 @@
-"""Federated PFF's ring with Adam restarted at each hand-off (what the nodes do) or handed on, in-process.
+"""Federated PFF's ring with Adam restarted at each hand-off or handed on, in-process.
 
-Federated PFF passes each chapter of a layer round the nodes' shards (``pff.schedule``); each node
-starts Adam afresh, so a layer's optimizer restarts ``N`` times per chapter instead of once. This
+Federated PFF passes each chapter of a layer round the nodes' shards (``pff.schedule``). With
+``PFFConfig.ring_adam = "restart"`` each node starts Adam afresh, so a layer's optimizer restarts
+``N`` times per chapter instead of once; with ``"hand-on"`` (the default) a hand-off inside a
+chapter carries Adam's state to the next node (``pff.chapter.with_adam_state``). This
 runs the same tasks in one process, in the schedule's dependency order (no node processes; the
 parameters are exactly what the nodes compute, every random choice deriving from the task), three
-ways at each seed: sequential FF, the ring as the nodes run it, and the ring with Adam's state
-handed on from part to part within a chapter (restarted at each chapter, as sequential FF does).
+ways at each seed: sequential FF, the ring with Adam restarted, and the ring with Adam's state
+handed on from part to part within a chapter (restarted at each chapter, as sequential FF does); the
+node processes compute the same parameters in either setting (``tests/test_pff.py``).
 It prints test accuracy and each ring's difference to sequential in points, paired by seed.
 
     OPENBLAS_NUM_THREADS=1 python benchmarks/pff_ring_adam.py --max-train 0 --epochs 20 --splits 20 \\

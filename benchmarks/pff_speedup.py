@@ -137,7 +137,7 @@ def bench_dataset(dataset: str, args: argparse.Namespace) -> dict[str, Any]:
     epochs, splits = args.epochs or epochs, args.splits or splits
     base = dict(layers=layers, dataset=dataset, epochs=epochs, splits=splits, objective=args.objective,
                 negatives=args.negatives, max_train=args.max_train if args.max_train is not None else max_train,
-                seed=args.seed)
+                seed=args.seed, ring_adam=args.ring_adam)
     runs: dict[str, PFFResult] = {}
     spans: dict[str, list[float]] = {mode: [] for mode in ("sequential", *args.modes)}
     for rep in range(args.repeats):
@@ -247,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nodes", type=int, default=2)
     p.add_argument("--objective", default="symmetric", choices=("hinton", "symmetric", "pon", "sff"))
     p.add_argument("--negatives", default="random", choices=("adaptive", "random", "fixed"))
+    p.add_argument("--ring-adam", default="hand-on", choices=("hand-on", "restart"),
+                   help="federated: Adam's state handed on inside a chapter, or restarted at each node")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", type=int, default=1,
                    help="also run sequential and federated at K-1 more seeds (accuracy difference vs noise)")

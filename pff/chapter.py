@@ -73,6 +73,33 @@ class ActivationCache:
             del self._data[key]
 
 
+_ADAM = "adam/"  # prefix of the optimizer tensors a ring hand-off carries beside the layer's parameters
+
+
+def with_adam_state(params: Params, state: AdamState) -> Params:
+    """``params`` plus Adam's state as float32 tensors ``adam/m/<name>``, ``adam/v/<name>`` and
+    ``adam/t/<name>`` (the step count, exact in float32 below 2**24): what a federated ring's hand-off
+    inside a chapter publishes, so that the next node continues the optimizer (``PFFConfig.ring_adam``)."""
+    out = dict(params)
+    for name in state.m:
+        out[f"{_ADAM}m/{name}"] = np.asarray(state.m[name], dtype=np.float32)
+        out[f"{_ADAM}v/{name}"] = np.asarray(state.v[name], dtype=np.float32)
+        out[f"{_ADAM}t/{name}"] = np.array([state.t[name]], dtype=np.float32)
+    return out
+
+
+def split_adam_state(tensors: Mapping[str, Array]) -> tuple[Params, AdamState | None]:
+    """The layer's parameters and the Adam state that :func:`with_adam_state` added (None if none);
+    the moments are writable copies (Adam updates them in place)."""
+    params = {k: v for k, v in tensors.items() if not k.startswith(_ADAM)}
+    names = [k[len(_ADAM) + 2 :] for k in tensors if k.startswith(_ADAM + "m/")]
+    if not names:
+        return params, None
+    return params, AdamState(t={n: int(tensors[f"{_ADAM}t/{n}"][0]) for n in names},
+                             m={n: np.array(tensors[f"{_ADAM}m/{n}"], dtype=np.float32) for n in names},
+                             v={n: np.array(tensors[f"{_ADAM}v/{n}"], dtype=np.float32) for n in names})
+
+
 def chain(layout: FFLayout, lower: Mapping[int, Params], x0: Array, upto: int, version: int,
           cache: ActivationCache | None, rows: str) -> Array:
     """Output of layers ``0..upto - 1`` (params ``lower[j]``, all at ``version``) on ``x0``; ``x0`` if upto = 0."""

@@ -381,7 +381,8 @@ def test_train_chapter_hands_adam_state_on_when_given() -> None:
 
 
 def test_ring_adam_benchmark_reproduces_the_nodes_ring(capsys: pytest.CaptureFixture[str]) -> None:
-    """benchmarks/pff_ring_adam.py's in-process ring (Adam restarted) is the nodes' federated run, bit for bit."""
+    """benchmarks/pff_ring_adam.py's in-process rings are the nodes' federated runs, with Adam restarted at each
+    hand-off and with Adam handed on (PFFConfig.ring_adam)."""
     import sys
 
     root = str(Path(__file__).resolve().parents[1])
@@ -393,6 +394,26 @@ def test_ring_adam_benchmark_reproduces_the_nodes_ring(capsys: pytest.CaptureFix
                  "--json"]) == 0
     row = json.loads(capsys.readouterr().out)["rows"][0]
     base = dict(dataset="digits", layers=(64, 32, 32), epochs=2, splits=2, max_train=300)
-    nodes = run_pff(PFFConfig(mode="federated", nodes=2, **base)).accuracy  # type: ignore[arg-type]
-    assert row[VARIANTS[1]] == nodes["goodness"]
-    assert 0 < row[VARIANTS[2]] <= 1
+    for variant, ring_adam in ((VARIANTS[1], "restart"), (VARIANTS[2], "hand-on")):
+        nodes = run_pff(PFFConfig(mode="federated", nodes=2, ring_adam=ring_adam, **base)).accuracy  # type: ignore[arg-type]
+        assert row[variant] == nodes["goodness"], variant
+    assert row[VARIANTS[1]] != row[VARIANTS[2]]
+
+
+def test_adam_state_travels_with_the_parameters_and_back() -> None:
+    from device_runtime.ff_train import AdamState
+    from pff.chapter import split_adam_state, with_adam_state
+
+    params = {"layers.0.weight": np.ones((3, 2), np.float32), "layers.0.bias": np.zeros(2, np.float32)}
+    state = AdamState(t={k: 7 for k in params}, m={k: v + 0.5 for k, v in params.items()},
+                      v={k: v + 0.25 for k, v in params.items()})
+    tensors = with_adam_state(params, state)
+    assert len(tensors) == 8 and all(v.dtype == np.float32 for v in tensors.values())
+    back, got = split_adam_state({k: v.copy() for k, v in tensors.items()})
+    assert set(back) == set(params) and got is not None and got.t == state.t
+    for k in params:
+        np.testing.assert_array_equal(got.m[k], state.m[k])
+        np.testing.assert_array_equal(got.v[k], state.v[k])
+    assert split_adam_state(params) == (params, None)
+    with pytest.raises(ConfigError, match="ring_adam"):
+        PFFConfig(ring_adam="sometimes")

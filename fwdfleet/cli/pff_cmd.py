@@ -38,6 +38,9 @@ def register(sub: Any) -> None:
     r.add_argument("--negative-temperature", type=float, default=1.0,
                    help="adaptive: sample the wrong label from softmax(goodness / T); 0 = the most-predicted "
                         "wrong label (default: %(default)s)")
+    r.add_argument("--ring-adam", choices=("hand-on", "restart"), default="hand-on",
+                   help="federated: hand Adam's state on with the layer inside a chapter, or restart Adam at "
+                        "each node (default: %(default)s)")
     r.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (default: %(default)s)")
     r.add_argument("--batch-size", type=int, default=64, help="(default: %(default)s)")
     r.add_argument("--dataset", choices=("digits", "fashion-mnist"), default="digits", help="(default: %(default)s)")
@@ -65,7 +68,7 @@ def _run(args: argparse.Namespace) -> int:
     config = PFFConfig(mode=args.mode, nodes=nodes, layers=_layers(args), epochs=args.epochs, splits=args.splits,
                        objective=args.objective, negatives=args.negatives,
                        negative_temperature=args.negative_temperature, lr=args.lr, batch_size=args.batch_size,
-                       dataset=args.dataset, max_train=args.max_train, seed=args.seed)
+                       dataset=args.dataset, max_train=args.max_train, seed=args.seed, ring_adam=args.ring_adam)
     result = run_pff(config, args.workdir, progress=not args.json)
     if args.timeline:
         from pff.plot import plot_timeline
