@@ -31,14 +31,17 @@ from fwdfleet.bundle import load_bundle
 from pff.chapter import ActivationCache, Params, train_chapter
 from pff.config import PFFConfig, load_data, shard
 from pff.evaluate import evaluate
+from pff.run import export_network
 
 VARIANTS = ("sequential", "ring, Adam restarted at each hand-off", "ring, Adam handed on within a chapter")
 
 
-def run(config: PFFConfig, hand_on: bool, bundle: Path) -> dict[str, float]:
-    """Train ``config``'s schedule in this process; test accuracy of the final network."""
-    layout = FFLayout.from_manifest(load_bundle(bundle).manifest)
-    initial = load_bundle(bundle).load_trainables()
+def run(config: PFFConfig, bundle: Path) -> dict[str, float]:
+    """Train ``config``'s schedule in this process (federated: Adam as ``config.ring_adam`` says); test accuracy
+    of the final network."""
+    network = load_bundle(bundle)
+    layout, initial = FFLayout.from_manifest(network.manifest), network.load_trainables()
+    hand_on = config.ring_adam == "hand-on"
     schedule = config.schedule()
     train, test = load_data(config)
     shards = [shard(train, schedule.data_shard(p), schedule.num_shards, config.seed) for p in range(schedule.parts)]
@@ -71,20 +74,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
-    from export.ff_mlp import FFMLPConfig, export_ff_mlp
-
     rows = []
     t0 = time.time()
     for seed in a.seeds:
         base = dict(dataset=a.dataset, layers=tuple(int(v) for v in a.layers.split(",")), max_train=a.max_train,
                     epochs=a.epochs, splits=a.splits, seed=seed)
         with tempfile.TemporaryDirectory() as tmp:
-            seq = PFFConfig(mode="sequential", nodes=1, **base)  # type: ignore[arg-type]
-            fed = PFFConfig(mode="federated", nodes=a.nodes, **base)  # type: ignore[arg-type]
-            bundle = export_ff_mlp(FFMLPConfig(layers=seq.layers, num_classes=10, heads=seq.head,  # type: ignore[arg-type]
-                                               seed=seed), Path(tmp) / "bundle", overwrite=True)
-            acc = {VARIANTS[0]: run(seq, False, bundle), VARIANTS[1]: run(fed, False, bundle),
-                   VARIANTS[2]: run(fed, True, bundle)}
+            configs = (PFFConfig(mode="sequential", nodes=1, **base),  # type: ignore[arg-type]
+                       PFFConfig(mode="federated", nodes=a.nodes, ring_adam="restart", **base),  # type: ignore[arg-type]
+                       PFFConfig(mode="federated", nodes=a.nodes, ring_adam="hand-on", **base))  # type: ignore[arg-type]
+            bundle = export_network(configs[0], Path(tmp) / "bundle")
+            acc = {v: run(c, bundle) for v, c in zip(VARIANTS, configs, strict=True)}
         key = "goodness" if "goodness" in acc[VARIANTS[0]] else "head"
         row = {"seed": seed, "prediction": key, **{v: round(acc[v][key], 4) for v in VARIANTS}}
         for v in VARIANTS[1:]:

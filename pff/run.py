@@ -132,11 +132,7 @@ class PFFRun:
     def _bundle(self) -> Path:
         if self.bundle_path is not None:
             return self.bundle_path
-        from export.ff_mlp import FFMLPConfig, export_ff_mlp
-
-        cfg = FFMLPConfig(layers=self.config.layers, num_classes=10, heads=self.config.head,  # type: ignore[arg-type]
-                          seed=self.config.seed)
-        return export_ff_mlp(cfg, self.workdir / "bundle", overwrite=True)
+        return export_network(self.config, self.workdir / "bundle")
 
     def start(self) -> None:
         self._t_start = time.time()
@@ -284,6 +280,15 @@ class _Display:
 
     def close(self) -> None:
         self.bars.stop()
+
+
+def export_network(config: PFFConfig, out: Path) -> Path:
+    """Export ``config``'s initial network (seeded by ``config.seed``) as an FF-MLP bundle in ``out``."""
+    from export.ff_mlp import FFMLPConfig, export_ff_mlp
+
+    cfg = FFMLPConfig(layers=config.layers, num_classes=10, heads=config.head,  # type: ignore[arg-type]
+                      seed=config.seed)
+    return export_ff_mlp(cfg, out, overwrite=True)
 
 
 def run_pff(config: PFFConfig, workdir: str | Path | None = None, *, bundle: str | Path | None = None,
