@@ -29,6 +29,7 @@ Spec (version 1)
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -172,16 +173,41 @@ def sign_bits(words: U32Array, start: int, stop: int) -> npt.NDArray[np.bool_]:
     return bits[start - 32 * first : stop - 32 * first].view(np.bool_)
 
 
+@functools.lru_cache(maxsize=16)
+def sign_table(scale: float) -> F32Array:
+    """``(256, 8)`` float32: row ``b`` is ``scale * z`` for the eight elements whose signs are the
+    stream byte ``b`` (bit ``j`` for element ``j``; a set bit is -1). Read-only, cached per scale."""
+    s = np.float32(scale)
+    bits = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little").view(np.bool_)
+    table = np.where(bits, -s, s).astype(np.float32)
+    table.flags.writeable = False
+    return table
+
+
 def expand_rademacher(words: U32Array, start: int, stop: int, out: F32Array, scale: float = 1.0) -> F32Array:
     """``scale * z`` for elements ``start .. stop - 1`` of the Rademacher ``z`` whose stream words are
     ``words`` (as from :func:`rademacher_words`), written into ``out[: stop - start]`` (returned).
 
-    Computed as ``scale - 2 scale * bit``: exactly ``+scale`` or ``-scale`` in float32, the same as
-    ``scale * z``, in two passes over the chunk."""
-    z = out[: max(0, stop - start)]
-    s = np.float32(scale)
-    np.multiply(sign_bits(words, start, stop), np.float32(-2.0) * s, out=z, casting="unsafe")
-    z += s
+    Exactly ``+scale`` or ``-scale`` in float32, the same as ``scale * z``. Whole bytes of signs
+    are expanded by one gather from :func:`sign_table` (eight values per byte, one pass over
+    ``out``: twice as fast as unpacking bits and scaling them); the at most seven elements before
+    the first and after the last byte boundary from their bits."""
+    m = max(0, stop - start)
+    if out.ndim != 1 or out.dtype != np.float32 or not out.flags.c_contiguous or out.size < m:
+        raise ValueError(f"out must be a contiguous float32 vector of >= {m} values")
+    z = out[:m]
+    if m == 0:
+        return z
+    table = sign_table(float(scale))
+    body_start = min(stop, -(-start // 8) * 8)  # the first byte boundary at or after start
+    body_stop = max(body_start, stop // 8 * 8)
+    for a, b in ((start, body_start), (body_stop, stop)):  # partial bytes
+        if b > a:
+            z[a - start : b - start] = table[0, 0] * np.where(sign_bits(words, a, b), np.float32(-1), np.float32(1))
+    if body_stop > body_start:
+        signs = words.astype("<u4", copy=False).view(np.uint8)[body_start // 8 : body_stop // 8]
+        body = z[body_start - start : body_stop - start].reshape(-1, 8)
+        np.take(table, signs, axis=0, out=body, mode="clip")  # "clip": no temporary copy (cannot go out of range)
     return z
 
 

@@ -180,8 +180,32 @@ def test_chunked_perturbed_point_and_update_match_whole_vectors_bit_for_bit(dist
     np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
 
 
-@pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
-def test_minus_point_right_after_the_plus_point_is_its_reflection_about_w(distribution) -> None:
+def test_rademacher_points_are_exactly_the_formula_and_reuse_the_signs(monkeypatch) -> None:
+    import device_runtime.estimator as estimator_module
+
+    specs = (TensorSpec("a", (40, 30)), TensorSpec("b", (30,)))
+    n = 40 * 30 + 30
+    rng = np.random.default_rng(5)
+    w0 = (rng.standard_normal(n) * np.logspace(-4, 1, n)).astype(np.float32)  # some |w| below eps
+    ws = EstimatorWorkspace(specs, chunk=64)
+    ws.load(split(w0, specs))
+    generated = []
+    real = estimator_module.rademacher_words
+
+    def counted(round_seed: int, device: int, k: int, *args, **kwargs):
+        generated.append((round_seed, device, k))
+        return real(round_seed, device, k, *args, **kwargs)
+
+    monkeypatch.setattr(estimator_module, "rademacher_words", counted)
+    for k, scale in ((5, 1e-3), (5, -1e-3), (6, -1e-3), (6, 1e-3), (5, 2e-3)):
+        ws.perturb(77, 3, k, "rademacher", scale)
+        want = w0 + perturbation(77, 3, k, n, "rademacher") * np.float32(scale)
+        np.testing.assert_array_equal(ws.wp.view(np.uint32), want.view(np.uint32))
+    assert generated == [(77, 3, 5), (77, 3, 6), (77, 3, 5)]  # once per pair: the -eps point reuses the signs
+
+
+def test_gaussian_minus_point_right_after_the_plus_point_is_its_reflection_about_w() -> None:
+    distribution = "gaussian"
     specs = (TensorSpec("a", (40, 30)), TensorSpec("b", (30,)))
     n = 40 * 30 + 30
     rng = np.random.default_rng(5)

@@ -88,7 +88,9 @@ def test_rademacher_words_in_block_chunks_and_scaled_signs(monkeypatch) -> None:
     z = perturbation(5, 1, 2, n)
     out = np.empty(n, np.float32)
     scale = np.float32(0.0123)
-    np.testing.assert_array_equal(sampling.expand_rademacher(words, 17, 900, out, float(scale)), z[17:900] * scale)
+    for start, stop in ((17, 900), (16, 904), (3, 6), (8, 16), (0, n), (999, 1_000), (5, 5)):  # partial and whole bytes
+        got = sampling.expand_rademacher(words, start, stop, out, float(scale))
+        np.testing.assert_array_equal(got.view(np.uint32), (z[start:stop] * scale).view(np.uint32))
 
 
 # ------------------------------------------------------------------ does sampling do what it claims
