@@ -28,7 +28,7 @@ from typing import Any
 from device_runtime.ff import FFLayout
 from device_runtime.ff_train import AdamState
 from fwdfleet.bundle import load_bundle
-from pff.chapter import ActivationCache, Params, train_chapter
+from pff.chapter import ActivationCache, Params, continues_adam, train_chapter
 from pff.config import PFFConfig, load_data, shard
 from pff.evaluate import evaluate
 from pff.run import export_network
@@ -41,7 +41,6 @@ def run(config: PFFConfig, bundle: Path) -> dict[str, float]:
     of the final network."""
     network = load_bundle(bundle)
     layout, initial = FFLayout.from_manifest(network.manifest), network.load_trainables()
-    hand_on = config.ring_adam == "hand-on"
     schedule = config.schedule()
     train, test = load_data(config)
     shards = [shard(train, schedule.data_shard(p), schedule.num_shards, config.seed) for p in range(schedule.parts)]
@@ -52,7 +51,7 @@ def run(config: PFFConfig, bundle: Path) -> dict[str, float]:
     tc = config.train_config()
     for task in schedule.tasks():
         lower = {j: versions[(j, task.lower_version)] for j in range(task.layer)}
-        state = states.get(task.layer) if hand_on and task.part > 0 else None
+        state = states.get(task.layer) if continues_adam(task, config.ring_adam) else None
         result = train_chapter(layout, task, lower, versions[(task.layer, task.version_in)], shards[task.part], tc,
                                schedule.chapter_epochs, cache=caches[task.part], state=state)
         versions[(task.layer, task.version_out)] = result.params

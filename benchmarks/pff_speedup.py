@@ -42,10 +42,11 @@ from pathlib import Path
 from typing import Any
 
 from device_runtime.ff import FFLayout
+from device_runtime.ff_objectives import NEGATIVES
 from device_runtime.ff_train import evaluate_ff, train_ff
 from export.ff_mlp import FFMLPConfig, initial_trainables
 from fleet.datasets import FASHION_DIR
-from pff.config import PFFConfig, load_data
+from pff.config import RING_ADAM, PFFConfig, load_data
 from pff.run import PFFResult, TimelineRow, run_pff
 from pff.schedule import Schedule, Task, makespan, simulate
 
@@ -246,8 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-train", type=int, default=None, help="training examples (0: all)")
     p.add_argument("--nodes", type=int, default=2)
     p.add_argument("--objective", default="symmetric", choices=("hinton", "symmetric", "pon", "sff"))
-    p.add_argument("--negatives", default="random", choices=("adaptive", "random", "fixed"))
-    p.add_argument("--ring-adam", default="hand-on", choices=("hand-on", "restart"),
+    p.add_argument("--negatives", default="random", choices=NEGATIVES)
+    p.add_argument("--ring-adam", default="hand-on", choices=RING_ADAM,
                    help="federated: Adam's state handed on inside a chapter, or restarted at each node")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", type=int, default=1,

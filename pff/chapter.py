@@ -32,7 +32,7 @@ import numpy as np
 from device_runtime.ff import FFLayout, NumpyLayers
 from device_runtime.ff_objectives import Array, IntArray, layer_forward, negative_labels, uses_negatives
 from device_runtime.ff_train import AdamState, FFTrainConfig, LayerBatch, train_layer_step
-from pff.config import NodeData
+from pff.config import NodeData, RingAdam
 from pff.schedule import Task
 
 Params = dict[str, Array]
@@ -74,6 +74,19 @@ class ActivationCache:
 
 
 _ADAM = "adam/"  # prefix of the optimizer tensors a ring hand-off carries beside the layer's parameters
+
+
+def continues_adam(task: Task, ring_adam: RingAdam) -> bool:
+    """Whether ``task`` starts from the Adam state its ring predecessor handed on: a federated
+    chapter's part after the first, with ``PFFConfig.ring_adam == "hand-on"``."""
+    return ring_adam == "hand-on" and task.part > 0
+
+
+def hands_adam_on(task: Task, ring_adam: RingAdam) -> bool:
+    """Whether ``task`` publishes Adam's state beside its parameters (:func:`with_adam_state`): every
+    part of a chapter but the last, with ``"hand-on"`` (the chapter's final version, which the
+    layers above read, carries the parameters only)."""
+    return ring_adam == "hand-on" and task.part < task.parts - 1
 
 
 def with_adam_state(params: Params, state: AdamState) -> Params:

@@ -38,8 +38,16 @@ from device_runtime.ff import FFLayout
 from device_runtime.ff_train import FFTrainConfig
 from fwdfleet.bundle import load_bundle
 from fwdfleet.errors import FwdfleetError
-from pff.chapter import ActivationCache, Params, split_adam_state, train_chapter, with_adam_state
-from pff.config import NodeData, RunPlan, load_data, shard
+from pff.chapter import (
+    ActivationCache,
+    Params,
+    continues_adam,
+    hands_adam_on,
+    split_adam_state,
+    train_chapter,
+    with_adam_state,
+)
+from pff.config import NodeData, RingAdam, RunPlan, load_data, shard
 from pff.schedule import Schedule, Task, dependencies
 from pff.store import StoreClient
 from pff.wire import Progress, TaskRecord
@@ -105,7 +113,7 @@ def run_node(plan: RunPlan, node: int, client: StoreClient, *, attempt: int = 0)
     try:
         outbox.report("ready", force=True)  # the coordinator starts the run when every node is ready
         trained = _run_tasks(layout, schedule, tasks, data, train_config, client, outbox, node, attempt,
-                             hand_on=config.ring_adam == "hand-on")
+                             config.ring_adam)
         outbox.report("done", force=True)
         outbox.flush()
     finally:
@@ -146,8 +154,8 @@ class _Prefetch:
 
 
 def _run_tasks(layout: FFLayout, schedule: Schedule, tasks: tuple[Task, ...], data: NodeData,
-               train_config: FFTrainConfig, client: StoreClient, outbox: _Outbox, node: int, attempt: int, *,
-               hand_on: bool = False) -> int:
+               train_config: FFTrainConfig, client: StoreClient, outbox: _Outbox, node: int, attempt: int,
+               ring_adam: RingAdam) -> int:
     # what was published before this (re)start: one status call, not one fetch per task
     published = {(layer, version) for layer, version, _ in client.status()[0]}
     todo = [t for t in tasks if (t.layer, t.version_out) not in published]
@@ -182,12 +190,12 @@ def _run_tasks(layout: FFLayout, schedule: Schedule, tasks: tuple[Task, ...], da
             own, state = split_adam_state(known[(task.layer, task.version_in)])
             result = train_chapter(layout, task, {j: known[(j, task.lower_version)] for j in range(task.layer)},
                                    own, data, train_config, schedule.chapter_epochs, cache=cache, on_step=on_step,
-                                   state=state if hand_on and task.part > 0 else None)
+                                   state=state if continues_adam(task, ring_adam) else None)
             end = time.time()
             record = TaskRecord(node_id(node), task.layer, task.chapter, start, end, wait, result.input_seconds,
                                 result.train_seconds, result.loss, attempt)
             out = result.params
-            if hand_on and task.part < task.parts - 1:  # not a chapter's final version (the layers above read it)
+            if hands_adam_on(task, ring_adam):
                 out = with_adam_state(result.params, result.state)
             outbox.publish(task.layer, task.version_out, out, record)
             known[(task.layer, task.version_out)] = out

@@ -417,3 +417,14 @@ def test_adam_state_travels_with_the_parameters_and_back() -> None:
     assert split_adam_state(params) == (params, None)
     with pytest.raises(ConfigError, match="ring_adam"):
         PFFConfig(ring_adam="sometimes")
+
+
+def test_a_ring_part_continues_adam_from_its_predecessor_and_the_last_part_publishes_no_state() -> None:
+    from pff.chapter import continues_adam, hands_adam_on
+
+    ring = [t for t in PFFConfig(mode="federated", nodes=3, layers=(64, 8, 8), epochs=2, splits=2).schedule().tasks()
+            if t.layer == 1 and t.chapter == 1]
+    assert [t.part for t in ring] == [0, 1, 2]
+    assert [continues_adam(t, "hand-on") for t in ring] == [False, True, True]
+    assert [hands_adam_on(t, "hand-on") for t in ring] == [True, True, False]
+    assert not any(continues_adam(t, "restart") or hands_adam_on(t, "restart") for t in ring)
