@@ -180,15 +180,21 @@ def test_chunked_perturbed_point_and_update_match_whole_vectors_bit_for_bit(dist
     np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
 
 
+def _small_workspace() -> tuple[EstimatorWorkspace, np.ndarray, tuple[TensorSpec, ...]]:
+    """A 1,230-value workspace (chunks of 64) loaded with weights spanning 1e-4..10, some below eps."""
+    specs = (TensorSpec("a", (40, 30)), TensorSpec("b", (30,)))
+    n = 40 * 30 + 30
+    w0 = (np.random.default_rng(5).standard_normal(n) * np.logspace(-4, 1, n)).astype(np.float32)
+    ws = EstimatorWorkspace(specs, chunk=64)
+    ws.load(split(w0, specs))
+    return ws, w0, specs
+
+
 def test_rademacher_points_are_exactly_the_formula_and_reuse_the_signs(monkeypatch) -> None:
     import device_runtime.estimator as estimator_module
 
-    specs = (TensorSpec("a", (40, 30)), TensorSpec("b", (30,)))
-    n = 40 * 30 + 30
-    rng = np.random.default_rng(5)
-    w0 = (rng.standard_normal(n) * np.logspace(-4, 1, n)).astype(np.float32)  # some |w| below eps
-    ws = EstimatorWorkspace(specs, chunk=64)
-    ws.load(split(w0, specs))
+    ws, w0, _ = _small_workspace()
+    n = w0.size
     generated = []
     real = estimator_module.rademacher_words
 
@@ -206,12 +212,8 @@ def test_rademacher_points_are_exactly_the_formula_and_reuse_the_signs(monkeypat
 
 def test_gaussian_minus_point_right_after_the_plus_point_is_its_reflection_about_w() -> None:
     distribution = "gaussian"
-    specs = (TensorSpec("a", (40, 30)), TensorSpec("b", (30,)))
-    n = 40 * 30 + 30
-    rng = np.random.default_rng(5)
-    w0 = (rng.standard_normal(n) * np.logspace(-4, 1, n)).astype(np.float32)  # some |w| below eps
-    ws = EstimatorWorkspace(specs, chunk=64)
-    ws.load(split(w0, specs))
+    ws, w0, specs = _small_workspace()
+    n = w0.size
     ws.perturb(77, 3, 5, distribution, 1e-3)
     plus = ws.wp.copy()
     ws.perturb(77, 3, 5, distribution, -1e-3)
