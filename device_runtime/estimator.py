@@ -181,7 +181,7 @@ class EstimatorWorkspace:
             if self._words_key != (round_seed, device, k):
                 rademacher_words(round_seed, device, k, self.n, out=self.words)
                 self._words_key = (round_seed, device, k)
-            # One vector, not chunks: measured faster (benchmarks/device_step.py), and no z buffer.
+            # the whole vector at once: no z buffer, and the gather and the add each stream once
             expand_rademacher(self.words, 0, self.n, self.wp, scale)  # scale * z, exactly
             self.wp += self.w0
         elif last == (round_seed, device, k, distribution, -float(scale)):
