@@ -12,8 +12,9 @@ The transport is the Coordinator's own API (``join``, ``task_for``, ``submit_wei
 single-threaded). Every random choice derives from the aggregator's master seed: a device's
 local seed is its task's ``data_seed``.
 
-Bytes: a device uploads its float32 trainables (``4 * num_trainable``) plus the result message
-(``fwdfleet.protocol.serde.submit_request`` of its :class:`DeviceResult`).
+Bytes: what a device would send over gRPC, the real serialized size of its upload
+(``fwdfleet.protocol.serde.submit_vector_request``: its float32 trainables, about
+``4 * num_trainable`` bytes, with the :class:`DeviceResult`'s metadata and a sha256).
 """
 
 from __future__ import annotations
