@@ -40,9 +40,10 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # multithreaded BLAS is much
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from device_runtime.ff_train import FFTrainConfig
+from device_runtime.lr_schedule import LR_SCHEDULES, LrSchedule
 from export.ff_mlp import FFMLPConfig, export_ff_mlp
 from fleet.datasets import DatasetConfig, load_split
-from fleet.fedfwd import LR_SCHEDULES, FedFwdSettings, LrSchedule, run_fedfwd
+from fleet.fedfwd import FedFwdSettings, run_fedfwd
 from fleet.partition import PartitionConfig, Scheme, partition
 from fwdfleet.bundle import load_bundle
 
@@ -193,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bp-lr", type=float, default=1e-3, help="backprop Adam lr (default: %(default)s)")
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
                    help="per-round local lr schedule, the same for FF (closed form) and backprop "
-                        "(fleet.fedfwd.round_lr; default: %(default)s)")
+                        "(device_runtime.lr_schedule.round_lr; default: %(default)s)")
     p.add_argument("--final-lr-ratio", type=float, default=0.0,
                    help="linear/cosine: the lr decays towards this fraction of the first round's "
                         "(default: %(default)s)")

@@ -12,7 +12,10 @@ node processes compute the same parameters in either setting (``tests/test_pff.p
 It prints test accuracy and each ring's difference to sequential in points, paired by seed.
 
     OPENBLAS_NUM_THREADS=1 python benchmarks/pff_ring_adam.py --max-train 0 --epochs 20 --splits 20 \\
-        --seeds 0 1 2 [--json]
+        --seeds 0 1 2 [--ring-adam hand-on restart] [--lr-schedule constant|linear|cosine] [--json]
+
+``--ring-adam`` picks the ring variants (default both); ``--lr-schedule`` decays Adam's learning
+rate over the chapters, the same way in every variant (``PFFConfig.lr_schedule``).
 """
 
 from __future__ import annotations
@@ -27,13 +30,16 @@ from typing import Any
 
 from device_runtime.ff import FFLayout
 from device_runtime.ff_train import AdamState
+from device_runtime.lr_schedule import LR_SCHEDULES
 from fwdfleet.bundle import load_bundle
 from pff.chapter import ActivationCache, Params, continues_adam, train_chapter
-from pff.config import PFFConfig, load_data, shard
+from pff.config import RING_ADAM, PFFConfig, load_data, shard
 from pff.evaluate import evaluate
 from pff.run import export_network
 
-VARIANTS = ("sequential", "ring, Adam restarted at each hand-off", "ring, Adam handed on within a chapter")
+SEQUENTIAL = "sequential"
+RING = {"restart": "ring, Adam restarted at each hand-off", "hand-on": "ring, Adam handed on within a chapter"}
+VARIANTS = (SEQUENTIAL, *RING.values())
 
 
 def run(config: PFFConfig, bundle: Path) -> dict[str, float]:
@@ -48,12 +54,12 @@ def run(config: PFFConfig, bundle: Path) -> dict[str, float]:
     versions: dict[tuple[int, int], Params] = {
         (i, 0): {name: initial[name] for name in layout.param_names(i).values()} for i in range(layout.num_layers)}
     states: dict[int, AdamState] = {}
-    tc = config.train_config()
     for task in schedule.tasks():
         lower = {j: versions[(j, task.lower_version)] for j in range(task.layer)}
         state = states.get(task.layer) if continues_adam(task, config.ring_adam) else None
-        result = train_chapter(layout, task, lower, versions[(task.layer, task.version_in)], shards[task.part], tc,
-                               schedule.chapter_epochs, cache=caches[task.part], state=state)
+        result = train_chapter(layout, task, lower, versions[(task.layer, task.version_in)], shards[task.part],
+                               config.train_config(task.chapter), schedule.chapter_epochs, cache=caches[task.part],
+                               state=state)
         versions[(task.layer, task.version_out)] = result.params
         states[task.layer] = result.state
     final: dict[str, Any] = {}
@@ -71,23 +77,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--splits", type=int, default=20)
     p.add_argument("--nodes", type=int, default=2, help="ring length (shards)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--ring-adam", nargs="+", choices=RING_ADAM, default=["restart", "hand-on"],
+                   help="the ring variants to run beside sequential FF (default: both)")
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant", help="(default: %(default)s)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     rows = []
     t0 = time.time()
     for seed in a.seeds:
         base = dict(dataset=a.dataset, layers=tuple(int(v) for v in a.layers.split(",")), max_train=a.max_train,
-                    epochs=a.epochs, splits=a.splits, seed=seed)
+                    epochs=a.epochs, splits=a.splits, seed=seed, lr_schedule=a.lr_schedule)
         with tempfile.TemporaryDirectory() as tmp:
-            configs = (PFFConfig(mode="sequential", nodes=1, **base),  # type: ignore[arg-type]
-                       PFFConfig(mode="federated", nodes=a.nodes, ring_adam="restart", **base),  # type: ignore[arg-type]
-                       PFFConfig(mode="federated", nodes=a.nodes, ring_adam="hand-on", **base))  # type: ignore[arg-type]
-            bundle = export_network(configs[0], Path(tmp) / "bundle")
-            acc = {v: run(c, bundle) for v, c in zip(VARIANTS, configs, strict=True)}
-        key = "goodness" if "goodness" in acc[VARIANTS[0]] else "head"
-        row = {"seed": seed, "prediction": key, **{v: round(acc[v][key], 4) for v in VARIANTS}}
-        for v in VARIANTS[1:]:
-            row[f"{v}: points"] = round(100 * (acc[v][key] - acc[VARIANTS[0]][key]), 2)
+            configs = {SEQUENTIAL: PFFConfig(mode="sequential", nodes=1, **base)}  # type: ignore[arg-type]
+            for ring_adam in a.ring_adam:
+                configs[RING[ring_adam]] = PFFConfig(mode="federated", nodes=a.nodes, ring_adam=ring_adam, **base)  # type: ignore[arg-type]
+            bundle = export_network(configs[SEQUENTIAL], Path(tmp) / "bundle")
+            acc = {v: run(c, bundle) for v, c in configs.items()}
+        key = "goodness" if "goodness" in acc[SEQUENTIAL] else "head"
+        row = {"seed": seed, "prediction": key, **{v: round(acc[v][key], 4) for v in acc}}
+        for v in acc:
+            if v != SEQUENTIAL:
+                row[f"{v}: points"] = round(100 * (acc[v][key] - acc[SEQUENTIAL][key]), 2)
         rows.append(row)
         if not a.json:
             print(json.dumps(row), flush=True)

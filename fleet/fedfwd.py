@@ -19,11 +19,10 @@ Bytes: what a device would send over gRPC, the real serialized size of its uploa
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
@@ -33,34 +32,11 @@ from aggregator.errors import RejectedError
 from aggregator.records import DeviceProfile
 from device_runtime.ff import FFLayout, NumpyLayers, OnnxLayers, ScoreLayers
 from device_runtime.ff_train import AdamState, FFTrainConfig, evaluate_ff, train_ff
+from device_runtime.lr_schedule import LR_SCHEDULES, LrSchedule, round_lr
 from device_runtime.perturbation import flatten
 from device_runtime.task import DeviceResult
 from fwdfleet.bundle import Bundle
 from fwdfleet.protocol import serde
-
-LrSchedule = Literal["constant", "linear", "cosine"]
-LR_SCHEDULES: tuple[LrSchedule, ...] = ("constant", "linear", "cosine")
-
-
-def round_lr(lr: float, round_index: int, rounds: int, schedule: LrSchedule = "constant",
-             final_lr_ratio: float = 0.0) -> float:
-    """The local learning rate of round ``round_index`` (0-based) of ``rounds``.
-
-    ``constant``: ``lr`` every round. ``linear`` and ``cosine`` start at ``lr`` in the first round
-    and decay towards ``final_lr_ratio * lr`` at the end of the last one (evaluated at the start
-    of each round, ``progress = round_index / rounds``, so every round's rate stays positive).
-    The same function schedules the backprop baseline (``benchmarks/baselines_mlp.py``).
-    """
-    if schedule not in LR_SCHEDULES:
-        raise ValueError(f"lr schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
-    if rounds < 1 or not 0.0 <= final_lr_ratio <= 1.0:
-        raise ValueError(f"round_lr needs rounds >= 1 and final_lr_ratio in [0, 1], got {rounds}, {final_lr_ratio}")
-    if schedule == "constant":
-        return lr
-    progress = min(max(round_index, 0), rounds - 1) / rounds
-    if schedule == "linear":
-        return lr * (1.0 - (1.0 - final_lr_ratio) * progress)
-    return lr * (final_lr_ratio + (1.0 - final_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 @dataclass(frozen=True)

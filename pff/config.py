@@ -16,6 +16,7 @@ import numpy as np
 
 from device_runtime.ff_objectives import NEGATIVES, OBJECTIVE_HEAD, OBJECTIVES, Negatives, Objective
 from device_runtime.ff_train import FFTrainConfig
+from device_runtime.lr_schedule import LR_SCHEDULES, LrSchedule, round_lr
 from fwdfleet.errors import ConfigError
 from pff.schedule import MODES, Mode, Schedule
 
@@ -47,8 +48,11 @@ class PFFConfig:
     max_test: int = 0
     seed: int = 0
     # federated ring: hand Adam's moments on with the layer inside a chapter ("hand-on"), or let each
-    # node restart Adam ("restart"); see docs/results/pff.md (-0.31 points against +0.21 on all 60k images)
+    # node restart Adam ("restart"); see docs/results/pff.md
     ring_adam: RingAdam = "hand-on"
+    # Adam's learning rate per chapter: constant, or decaying from lr towards 0 over the chapters
+    # (device_runtime.lr_schedule.round_lr, the same in every mode)
+    lr_schedule: LrSchedule = "constant"
 
     def __post_init__(self) -> None:
         checks = [
@@ -66,6 +70,7 @@ class PFFConfig:
             ("max_test", self.max_test >= 0, ">= 0"),
             ("seed", 0 <= self.seed < 1 << 32, "an unsigned 32-bit integer"),
             ("ring_adam", self.ring_adam in RING_ADAM, f"one of {RING_ADAM}"),
+            ("lr_schedule", self.lr_schedule in LR_SCHEDULES, f"one of {LR_SCHEDULES}"),
         ]
         for name, ok, what in checks:
             if not ok:
@@ -84,11 +89,13 @@ class PFFConfig:
     def head(self) -> str:
         return OBJECTIVE_HEAD[self.objective]
 
-    def train_config(self) -> FFTrainConfig:
-        """The device runtime's per-step settings (closed-form local gradients, Adam)."""
+    def train_config(self, chapter: int = 0) -> FFTrainConfig:
+        """The device runtime's per-step settings (closed-form local gradients, Adam) in chapter
+        ``chapter``: its learning rate follows ``lr_schedule`` over the ``splits`` chapters."""
+        lr = round_lr(self.lr, chapter, self.splits, self.lr_schedule)
         return FFTrainConfig(objective=self.objective, negatives=self.negatives,
                              negative_temperature=self.negative_temperature, mode="closed_form",
-                             optimizer="adam", lr=self.lr, batch_size=self.batch_size, threshold=self.threshold,
+                             optimizer="adam", lr=lr, batch_size=self.batch_size, threshold=self.threshold,
                              alpha=self.alpha, seed=self.seed)
 
     def to_dict(self) -> dict[str, Any]:

@@ -35,7 +35,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from device_runtime.ff import FFLayout
-from device_runtime.ff_train import FFTrainConfig
 from fwdfleet.bundle import load_bundle
 from fwdfleet.errors import FwdfleetError
 from pff.chapter import (
@@ -47,7 +46,7 @@ from pff.chapter import (
     train_chapter,
     with_adam_state,
 )
-from pff.config import NodeData, RingAdam, RunPlan, load_data, shard
+from pff.config import NodeData, PFFConfig, RunPlan, load_data, shard
 from pff.schedule import Schedule, Task, dependencies
 from pff.store import StoreClient
 from pff.wire import Progress, TaskRecord
@@ -107,13 +106,11 @@ def run_node(plan: RunPlan, node: int, client: StoreClient, *, attempt: int = 0)
     layout = FFLayout.from_manifest(load_bundle(plan.bundle).manifest)
     train, _ = load_data(config)
     data = shard(train, schedule.data_shard(node), schedule.num_shards, config.seed)
-    train_config = config.train_config()
     tasks = schedule.node_tasks(node)
     outbox = _Outbox(client, node, plan.report_every, len(tasks))
     try:
         outbox.report("ready", force=True)  # the coordinator starts the run when every node is ready
-        trained = _run_tasks(layout, schedule, tasks, data, train_config, client, outbox, node, attempt,
-                             config.ring_adam)
+        trained = _run_tasks(layout, schedule, tasks, data, config, client, outbox, node, attempt)
         outbox.report("done", force=True)
         outbox.flush()
     finally:
@@ -154,8 +151,7 @@ class _Prefetch:
 
 
 def _run_tasks(layout: FFLayout, schedule: Schedule, tasks: tuple[Task, ...], data: NodeData,
-               train_config: FFTrainConfig, client: StoreClient, outbox: _Outbox, node: int, attempt: int,
-               ring_adam: RingAdam) -> int:
+               config: PFFConfig, client: StoreClient, outbox: _Outbox, node: int, attempt: int) -> int:
     # what was published before this (re)start: one status call, not one fetch per task
     published = {(layer, version) for layer, version, _ in client.status()[0]}
     todo = [t for t in tasks if (t.layer, t.version_out) not in published]
@@ -188,14 +184,15 @@ def _run_tasks(layout: FFLayout, schedule: Schedule, tasks: tuple[Task, ...], da
 
             # a ring's hand-off inside a chapter may carry Adam's state (PFFConfig.ring_adam)
             own, state = split_adam_state(known[(task.layer, task.version_in)])
-            result = train_chapter(layout, task, {j: known[(j, task.lower_version)] for j in range(task.layer)},
-                                   own, data, train_config, schedule.chapter_epochs, cache=cache, on_step=on_step,
-                                   state=state if continues_adam(task, ring_adam) else None)
+            lower = {j: known[(j, task.lower_version)] for j in range(task.layer)}
+            result = train_chapter(layout, task, lower, own, data, config.train_config(task.chapter),
+                                   schedule.chapter_epochs, cache=cache, on_step=on_step,
+                                   state=state if continues_adam(task, config.ring_adam) else None)
             end = time.time()
             record = TaskRecord(node_id(node), task.layer, task.chapter, start, end, wait, result.input_seconds,
                                 result.train_seconds, result.loss, attempt)
             out = result.params
-            if hands_adam_on(task, ring_adam):
+            if hands_adam_on(task, config.ring_adam):
                 out = with_adam_state(result.params, result.state)
             outbox.publish(task.layer, task.version_out, out, record)
             known[(task.layer, task.version_out)] = out

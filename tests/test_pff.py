@@ -428,3 +428,35 @@ def test_a_ring_part_continues_adam_from_its_predecessor_and_the_last_part_publi
     assert [continues_adam(t, "hand-on") for t in ring] == [False, True, True]
     assert [hands_adam_on(t, "hand-on") for t in ring] == [True, True, False]
     assert not any(continues_adam(t, "restart") or hands_adam_on(t, "restart") for t in ring)
+
+
+def test_lr_schedule_sets_each_chapters_rate_and_the_nodes_follow_it(capsys: pytest.CaptureFixture[str]) -> None:
+    """PFFConfig.lr_schedule: chapter c trains at round_lr(lr, c, splits, schedule), in the node processes
+    as in benchmarks/pff_ring_adam.py's in-process run."""
+    import sys
+
+    from device_runtime.lr_schedule import round_lr
+
+    config = PFFConfig(layers=(20, 16), epochs=4, splits=4, lr=0.01, lr_schedule="cosine")
+    assert [config.train_config(c).lr for c in range(4)] == [round_lr(0.01, c, 4, "cosine") for c in range(4)]
+    assert config.train_config(0).lr == 0.01 and config.train_config(3).lr < 0.002
+    assert PFFConfig(layers=(20, 16)).train_config(9).lr == PFFConfig().lr  # constant by default
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        PFFConfig(lr_schedule="step")  # type: ignore[arg-type]
+
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from benchmarks.pff_ring_adam import RING, main
+
+    args = ["--dataset", "digits", "--layers", "64,32,32", "--epochs", "2", "--splits", "2", "--max-train", "300",
+            "--ring-adam", "hand-on", "--json"]
+    rows = {}
+    for schedule in ("constant", "linear"):
+        assert main([*args, "--lr-schedule", schedule]) == 0
+        rows[schedule] = json.loads(capsys.readouterr().out)["rows"][0]
+    assert set(rows["linear"]) == {"seed", "prediction", "sequential", RING["hand-on"], f"{RING['hand-on']}: points"}
+    base = dict(dataset="digits", layers=(64, 32, 32), epochs=2, splits=2, max_train=300, lr_schedule="linear")
+    nodes = run_pff(PFFConfig(mode="federated", nodes=2, **base)).accuracy  # type: ignore[arg-type]
+    assert rows["linear"][RING["hand-on"]] == nodes["goodness"]
+    assert rows["linear"] != rows["constant"]  # the second chapter's halved rate changes the result

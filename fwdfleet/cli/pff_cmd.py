@@ -42,6 +42,9 @@ def register(sub: Any) -> None:
                    help="federated: hand Adam's state on with the layer inside a chapter, or restart Adam at "
                         "each node (default: %(default)s)")
     r.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (default: %(default)s)")
+    r.add_argument("--lr-schedule", choices=("constant", "linear", "cosine"), default="constant",
+                   help="the learning rate per chapter: constant, or decaying from --lr towards 0 over the "
+                        "chapters, the same in every mode (default: %(default)s)")
     r.add_argument("--batch-size", type=int, default=64, help="(default: %(default)s)")
     r.add_argument("--dataset", choices=("digits", "fashion-mnist"), default="digits", help="(default: %(default)s)")
     r.add_argument("--max-train", type=int, default=0, help="use a seeded subset of N training examples (0: all)")
@@ -68,7 +71,8 @@ def _run(args: argparse.Namespace) -> int:
     config = PFFConfig(mode=args.mode, nodes=nodes, layers=_layers(args), epochs=args.epochs, splits=args.splits,
                        objective=args.objective, negatives=args.negatives,
                        negative_temperature=args.negative_temperature, lr=args.lr, batch_size=args.batch_size,
-                       dataset=args.dataset, max_train=args.max_train, seed=args.seed, ring_adam=args.ring_adam)
+                       dataset=args.dataset, max_train=args.max_train, seed=args.seed, ring_adam=args.ring_adam,
+                       lr_schedule=args.lr_schedule)
     result = run_pff(config, args.workdir, progress=not args.json)
     if args.timeline:
         from pff.plot import plot_timeline
