@@ -12,7 +12,7 @@ node processes compute the same parameters in either setting (``tests/test_pff.p
 It prints test accuracy and each ring's difference to sequential in points, paired by seed.
 
     OPENBLAS_NUM_THREADS=1 python benchmarks/pff_ring_adam.py --max-train 0 --epochs 20 --splits 20 \\
-        --seeds 0 1 2 [--ring-adam hand-on restart] [--lr-schedule constant|linear|cosine] [--json]
+        --seeds 0 1 2 [--ring-adam hand-on restart] [--lr-schedule constant|linear|cosine] [--curve] [--json]
 
 ``--ring-adam`` picks the ring variants (default both); ``--lr-schedule`` decays Adam's learning
 rate over the chapters, the same way in every variant (``PFFConfig.lr_schedule``).
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from device_runtime.ff import FFLayout
-from device_runtime.ff_train import AdamState
+from device_runtime.ff_train import AdamState, evaluate_ff
 from device_runtime.lr_schedule import LR_SCHEDULES
 from fwdfleet.bundle import load_bundle
 from pff.chapter import ActivationCache, Params, continues_adam, train_chapter
@@ -42,9 +42,9 @@ RING = {"restart": "ring, Adam restarted at each hand-off", "hand-on": "ring, Ad
 VARIANTS = (SEQUENTIAL, *RING.values())
 
 
-def run(config: PFFConfig, bundle: Path) -> dict[str, float]:
+def run(config: PFFConfig, bundle: Path, curve: list[float] | None = None) -> dict[str, float]:
     """Train ``config``'s schedule in this process (federated: Adam as ``config.ring_adam`` says); test accuracy
-    of the final network."""
+    of the final network. With ``curve`` (a list), the goodness test accuracy after each chapter is appended."""
     network = load_bundle(bundle)
     layout, initial = FFLayout.from_manifest(network.manifest), network.load_trainables()
     schedule = config.schedule()
@@ -54,6 +54,10 @@ def run(config: PFFConfig, bundle: Path) -> dict[str, float]:
     versions: dict[tuple[int, int], Params] = {
         (i, 0): {name: initial[name] for name in layout.param_names(i).values()} for i in range(layout.num_layers)}
     states: dict[int, AdamState] = {}
+
+    def network_at(version: int) -> dict[str, Any]:
+        return {name: value for i in range(layout.num_layers) for name, value in versions[(i, version)].items()}
+
     for task in schedule.tasks():
         lower = {j: versions[(j, task.lower_version)] for j in range(task.layer)}
         state = states.get(task.layer) if continues_adam(task, config.ring_adam) else None
@@ -62,10 +66,11 @@ def run(config: PFFConfig, bundle: Path) -> dict[str, float]:
                                state=state)
         versions[(task.layer, task.version_out)] = result.params
         states[task.layer] = result.state
-    final: dict[str, Any] = {}
-    for i in range(layout.num_layers):
-        final.update(versions[(i, schedule.final_version)])
-    return evaluate(layout, final, train, test, seed=config.seed)
+        if curve is not None and (task.layer, task.part) == (layout.num_layers - 1, task.parts - 1):  # chapter done
+            predict = "goodness" if layout.heads == "none" else "head"
+            curve.append(round(evaluate_ff(layout, network_at(task.lower_version), test.x, test.y, predict=predict,
+                                           score_layers="all_but_first").accuracy, 4))
+    return evaluate(layout, network_at(schedule.final_version), train, test, seed=config.seed)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ring-adam", nargs="+", choices=RING_ADAM, default=["restart", "hand-on"],
                    help="the ring variants to run beside sequential FF (default: both)")
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant", help="(default: %(default)s)")
+    p.add_argument("--curve", action="store_true",
+                   help="also record each variant's test accuracy (goodness) after every chapter")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     rows = []
@@ -92,12 +99,15 @@ def main(argv: list[str] | None = None) -> int:
             for ring_adam in a.ring_adam:
                 configs[RING[ring_adam]] = PFFConfig(mode="federated", nodes=a.nodes, ring_adam=ring_adam, **base)  # type: ignore[arg-type]
             bundle = export_network(configs[SEQUENTIAL], Path(tmp) / "bundle")
-            acc = {v: run(c, bundle) for v, c in configs.items()}
+            curves: dict[str, list[float]] = {v: [] for v in configs}
+            acc = {v: run(c, bundle, curves[v] if a.curve else None) for v, c in configs.items()}
         key = "goodness" if "goodness" in acc[SEQUENTIAL] else "head"
         row = {"seed": seed, "prediction": key, **{v: round(acc[v][key], 4) for v in acc}}
         for v in acc:
             if v != SEQUENTIAL:
                 row[f"{v}: points"] = round(100 * (acc[v][key] - acc[SEQUENTIAL][key]), 2)
+        if a.curve:
+            row.update({f"{v}: curve": curves[v] for v in configs})
         rows.append(row)
         if not a.json:
             print(json.dumps(row), flush=True)

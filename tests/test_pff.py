@@ -453,9 +453,14 @@ def test_lr_schedule_sets_each_chapters_rate_and_the_nodes_follow_it(capsys: pyt
             "--ring-adam", "hand-on", "--json"]
     rows = {}
     for schedule in ("constant", "linear"):
-        assert main([*args, "--lr-schedule", schedule]) == 0
+        assert main([*args, "--lr-schedule", schedule, "--curve"]) == 0
         rows[schedule] = json.loads(capsys.readouterr().out)["rows"][0]
-    assert set(rows["linear"]) == {"seed", "prediction", "sequential", RING["hand-on"], f"{RING['hand-on']}: points"}
+    ring = RING["hand-on"]
+    assert set(rows["linear"]) == {"seed", "prediction", "sequential", ring, f"{ring}: points",
+                                   "sequential: curve", f"{ring}: curve"}
+    for variant in ("sequential", ring):  # test accuracy after each chapter; the last is the final network's
+        assert len(rows["linear"][f"{variant}: curve"]) == 2
+        assert rows["linear"][f"{variant}: curve"][-1] == rows["linear"][variant]
     base = dict(dataset="digits", layers=(64, 32, 32), epochs=2, splits=2, max_train=300, lr_schedule="linear")
     nodes = run_pff(PFFConfig(mode="federated", nodes=2, **base)).accuracy  # type: ignore[arg-type]
     assert rows["linear"][RING["hand-on"]] == nodes["goodness"]
