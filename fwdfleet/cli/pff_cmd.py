@@ -11,6 +11,7 @@ import argparse
 import json
 from typing import Any
 
+from device_runtime.lr_schedule import LR_SCHEDULES
 from fwdfleet.errors import ConfigError
 
 
@@ -42,7 +43,7 @@ def register(sub: Any) -> None:
                    help="federated: hand Adam's state on with the layer inside a chapter, or restart Adam at "
                         "each node (default: %(default)s)")
     r.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (default: %(default)s)")
-    r.add_argument("--lr-schedule", choices=("constant", "linear", "cosine"), default="constant",
+    r.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
                    help="the learning rate per chapter: constant, or decaying from --lr towards 0 over the "
                         "chapters, the same in every mode (default: %(default)s)")
     r.add_argument("--batch-size", type=int, default=64, help="(default: %(default)s)")
