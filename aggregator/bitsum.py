@@ -2,7 +2,7 @@
 
 Device ``i``'s vector ``g_i = sum_k d_ik z_ik`` with ``z = 1 - 2 b`` takes, at each element, one
 of ``2**R`` values fixed by the element's ``R`` sign bits; the bits come out of the generator as
-packed words, :func:`device_runtime.perturbation_fast.bit_lanes` gathers each element's ``R``
+packed words, :func:`fwdfleet.perturbation_fast.bit_lanes` gathers each element's ``R``
 bits into a lane, and ``g_i`` is a gather from a ``2**R``-entry table of signed sums of the
 ``d_ik`` (``R = 16``, or 8 when no device has more than 8 perturbations). Against the float path
 (unpack, convert, multiply-add for every perturbation) this leaves the Philox itself as the
@@ -33,7 +33,7 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-from device_runtime.perturbation_fast import (
+from fwdfleet.perturbation_fast import (
     bit_lanes,
     from_lane_order,
     sign_table,

@@ -31,9 +31,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from device_runtime.perturbation import DISTRIBUTIONS
-from device_runtime.task import DIFFERENCES
 from fwdfleet.errors import ConfigError
+from fwdfleet.perturbation import DISTRIBUTIONS
+from fwdfleet.task import DIFFERENCES
 
 MODES = ("scalar", "dense", "fedavg")
 OPTIMIZERS = ("sgd", "momentum", "adam")

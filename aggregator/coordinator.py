@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from aggregator.checkpoint import (
+from fwdfleet.aggregator.checkpoint import (
     DEVICES,
     ROUND_JOURNAL,
     CheckpointError,
@@ -51,12 +51,12 @@ from aggregator.checkpoint import (
     save_checkpoint,
     save_upload,
 )
-from aggregator.config import AggregatorConfig
-from aggregator.errors import RejectCode, RejectedError
-from aggregator.optim import Optimizer
-from aggregator.pacing import Pacer
-from aggregator.reconstruct import Accumulator, accumulate
-from aggregator.records import (
+from fwdfleet.aggregator.config import AggregatorConfig
+from fwdfleet.aggregator.errors import RejectCode, RejectedError
+from fwdfleet.aggregator.optim import Optimizer
+from fwdfleet.aggregator.pacing import Pacer
+from fwdfleet.aggregator.reconstruct import Accumulator, accumulate
+from fwdfleet.aggregator.records import (
     CoordinatorStatus,
     DeviceProfile,
     JoinInfo,
@@ -64,11 +64,11 @@ from aggregator.records import (
     SubmitReceipt,
     derive_seed,
 )
-from aggregator.rounds import RoundState, select
-from aggregator.validation import Ledger, check_result, check_round, check_vector, fingerprint
-from device_runtime.perturbation import flatten, split
-from device_runtime.task import DeviceResult, RoundTask
+from fwdfleet.aggregator.rounds import RoundState, select
+from fwdfleet.aggregator.validation import Ledger, check_result, check_round, check_vector, fingerprint
 from fwdfleet.bundle import Bundle
+from fwdfleet.perturbation import flatten, split
+from fwdfleet.task import DeviceResult, RoundTask
 
 __all__ = ["Coordinator", "CoordinatorStatus", "DeviceProfile", "JoinInfo", "RoundEvent", "SubmitReceipt"]
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import numpy as np
 import numpy.typing as npt
 
-from aggregator.config import OptimizerConfig
+from fwdfleet.aggregator.config import OptimizerConfig
 
 F32 = npt.NDArray[np.float32]
 

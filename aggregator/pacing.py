@@ -19,8 +19,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from aggregator.config import PacingConfig
-from aggregator.reconstruct import NoiseStats
+from fwdfleet.aggregator.config import PacingConfig
+from fwdfleet.aggregator.reconstruct import NoiseStats
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Rebuild the update from seeds and scalars: ``g = mean over devices and k of d_k z_k``.
 
 The aggregator never receives a perturbation: it regenerates ``z_k`` with
-:func:`device_runtime.perturbation.perturbation` (the one generator, imported) and accumulates
+:func:`fwdfleet.perturbation.perturbation` (the one generator, imported) and accumulates
 ``d_k z_k`` in place into one buffer, one perturbation at a time, so memory is O(trainable
 parameters) whatever the number of devices. (With shared seeds the round's few distinct
 perturbations are held together, up to ``GRAM_BUDGET`` values, for their exact Gram matrix.)
@@ -30,9 +30,9 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from aggregator.bitsum import sum_rademacher
-from aggregator.config import RobustConfig
-from device_runtime.perturbation import Distribution, perturbation
+from fwdfleet.aggregator.bitsum import sum_rademacher
+from fwdfleet.aggregator.config import RobustConfig
+from fwdfleet.perturbation import Distribution, perturbation
 
 GRAM_BUDGET = 1 << 24  # elements of the (m, n) matrix used for the exact shared-seed Gram matrix
 

@@ -6,7 +6,7 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from device_runtime.task import DeviceProfile  # what a device says about itself; re-exported here
+from fwdfleet.task import DeviceProfile  # what a device says about itself; re-exported here
 
 __all__ = ["CoordinatorStatus", "DeviceProfile", "JoinInfo", "RoundEvent", "SubmitReceipt", "derive_seed"]
 

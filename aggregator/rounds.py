@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from aggregator.config import RoundsConfig
-from aggregator.pacing import PacingDecision
-from aggregator.reconstruct import Accumulator, Contribution
-from aggregator.records import derive_seed
-from aggregator.validation import Issued
-from device_runtime.task import DeviceResult
+from fwdfleet.aggregator.config import RoundsConfig
+from fwdfleet.aggregator.pacing import PacingDecision
+from fwdfleet.aggregator.reconstruct import Accumulator, Contribution
+from fwdfleet.aggregator.records import derive_seed
+from fwdfleet.aggregator.validation import Issued
 from fwdfleet.protocol import serde
+from fwdfleet.task import DeviceResult
 
 TASK_BYTES = 96  # estimate of one task message on the wire
 

@@ -35,8 +35,8 @@ from typing import Any
 
 import grpc
 
-from aggregator.auth import BearerAuthInterceptor, TokenAllowList
-from aggregator.servicer import BundleArchive, FleetServicer, ServicerSettings
+from fwdfleet.aggregator.auth import BearerAuthInterceptor, TokenAllowList
+from fwdfleet.aggregator.servicer import BundleArchive, FleetServicer, ServicerSettings
 from fwdfleet.bundle import Bundle
 from fwdfleet.errors import ConfigError
 from fwdfleet.protocol import rpc, serde

@@ -35,12 +35,12 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
-from aggregator.auth import TokenAllowList
-from aggregator.errors import RejectedError
-from device_runtime.perturbation import split
 from fwdfleet import __version__
+from fwdfleet.aggregator.auth import TokenAllowList
+from fwdfleet.aggregator.errors import RejectedError
 from fwdfleet.bundle import Bundle, TensorSpec, sha256_file, zip_bundle
 from fwdfleet.errors import FwdfleetError
+from fwdfleet.perturbation import split
 from fwdfleet.protocol import PROTOCOL_VERSION, serde, server_codec
 
 log = logging.getLogger("fwdfleet.aggregator")

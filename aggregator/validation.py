@@ -1,6 +1,6 @@
 """Checks every upload must pass before it is counted.
 
-* :func:`build_result` turns raw wire fields into a :class:`~device_runtime.task.DeviceResult`,
+* :func:`build_result` turns raw wire fields into a :class:`~fwdfleet.task.DeviceResult`,
   rejecting NaN/inf values, repeated indices and inconsistent lengths with their own codes
   (``DeviceResult`` itself would raise a bare ``ValueError``). The servicer should call it.
 * :func:`check_result` checks a result against what was issued to that device: current round
@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from aggregator.config import ValidationConfig
-from aggregator.errors import RejectCode, RejectedError
-from device_runtime.task import DeviceResult
+from fwdfleet.aggregator.config import ValidationConfig
+from fwdfleet.aggregator.errors import RejectCode, RejectedError
+from fwdfleet.task import DeviceResult
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@
 # scripts/termux_setup.sh first (needs network on the phone).
 #
 # What comes back into --out (default runs/android-<kit>-<time>):
-#   run.log                  the runtime's log (python -m device_runtime.kit KIT --rounds N)
+#   run.log                  the runtime's log (python -m fwdfleet.device_runtime.kit KIT --rounds N)
 #   memory_inference.json    peak RSS (VmHWM) of a fresh process doing 2 forwards
 #   memory_train.json        ... and of one training step (K central differences + update);
 #                            the same workers and JSON as `fwdfleet device memory`
@@ -95,9 +95,9 @@ rm -rf \$DST && mkdir -p \$HOME/fwdfleet && cp -r \$SRC/kit \$DST
 [ $VIA = intent ] && rm -rf \$SRC/kit/credentials
 chmod 700 \$DST; [ -f \$DST/credentials/token ] && chmod 600 \$DST/credentials/token
 if [ $SETUP = 1 ]; then bash \$DST/scripts/termux_setup.sh \$DST > \$RES/setup.log 2>&1 || { echo 3 > \$RES/exit_code; exit 3; }; fi
-python -m device_runtime.memory \$DST/bundle.zip --mode inference > \$RES/memory_inference.json 2>> \$RES/run.log
-python -m device_runtime.memory \$DST/bundle.zip --mode train > \$RES/memory_train.json 2>> \$RES/run.log
-python -m device_runtime.kit \$DST --rounds $ROUNDS ${DATA:+--data $DATA} >> \$RES/run.log 2>&1 &
+python -m fwdfleet.device_runtime.memory \$DST/bundle.zip --mode inference > \$RES/memory_inference.json 2>> \$RES/run.log
+python -m fwdfleet.device_runtime.memory \$DST/bundle.zip --mode train > \$RES/memory_train.json 2>> \$RES/run.log
+python -m fwdfleet.device_runtime.kit \$DST --rounds $ROUNDS ${DATA:+--data $DATA} >> \$RES/run.log 2>&1 &
 PID=\$!; echo \$PID > \$RES/runtime.pid
 while kill -0 \$PID 2>/dev/null; do
     grep -E '^(VmRSS|VmHWM)' /proc/\$PID/status > \$RES/runtime_status.tmp 2>/dev/null && mv \$RES/runtime_status.tmp \$RES/runtime_status.txt

@@ -41,11 +41,11 @@ fi
 
 "$VENV/bin/python" - <<'PY'
 import platform, numpy, onnxruntime, grpc, google.protobuf
-import device_runtime.kit
+import fwdfleet.device_runtime.kit
 print(f"ok: {platform.machine()} python {platform.python_version()} numpy {numpy.__version__} "
       f"onnxruntime {onnxruntime.__version__} grpcio {grpc.__version__} protobuf {google.protobuf.__version__}")
 PY
 if [ -f "$KIT/kit.json" ]; then
-    "$VENV/bin/python" -m device_runtime.kit "$KIT" --verify-only
-    echo "run the device: $VENV/bin/python -m device_runtime.kit $KIT --rounds 10"
+    "$VENV/bin/python" -m fwdfleet.device_runtime.kit "$KIT" --verify-only
+    echo "run the device: $VENV/bin/python -m fwdfleet.device_runtime.kit $KIT --rounds 10"
 fi

@@ -38,11 +38,11 @@ fi
 
 python - <<'PY'
 import platform, numpy, onnxruntime, grpc, google.protobuf
-import device_runtime.kit
+import fwdfleet.device_runtime.kit
 print(f"ok: {platform.machine()} python {platform.python_version()} numpy {numpy.__version__} "
       f"onnxruntime {onnxruntime.__version__} grpcio {grpc.__version__} protobuf {google.protobuf.__version__}")
 PY
 if [ -f "$KIT/kit.json" ]; then
-    python -m device_runtime.kit "$KIT" --verify-only
-    echo "run the device: python -m device_runtime.kit $KIT --rounds 10"
+    python -m fwdfleet.device_runtime.kit "$KIT" --verify-only
+    echo "run the device: python -m fwdfleet.device_runtime.kit $KIT --rounds 10"
 fi

@@ -45,10 +45,10 @@ sys.path.insert(0, str(ROOT / "tests"))  # the tiny real bundle builder (onnx.he
 
 from _tiny_bundles import make_classifier_bundle  # noqa: E402
 
-from aggregator.config import AggregatorConfig, PerturbationConfig, RoundsConfig  # noqa: E402
-from aggregator.coordinator import Coordinator, DeviceProfile  # noqa: E402
-from aggregator.reconstruct import Contribution, reconstruct  # noqa: E402
-from device_runtime.task import DeviceResult  # noqa: E402
+from fwdfleet.aggregator.config import AggregatorConfig, PerturbationConfig, RoundsConfig  # noqa: E402
+from fwdfleet.aggregator.coordinator import Coordinator, DeviceProfile  # noqa: E402
+from fwdfleet.aggregator.reconstruct import Contribution, reconstruct  # noqa: E402
+from fwdfleet.task import DeviceResult  # noqa: E402
 
 
 def _rss_mb() -> float:
@@ -113,11 +113,11 @@ def bench_reconstruct(devices: int, k: int, n: int, shared: bool, repeat: int, t
 
 def measure_device_step(bundle_dir: Path, k: int, batch_size: int, seq: int) -> dict[str, Any]:
     """One real K-perturbation training step of a bundle (onnxruntime, central differences)."""
-    from device_runtime.data import synthetic_batch
-    from device_runtime.estimator import EstimatorWorkspace, estimate
-    from device_runtime.session import BundleSession
-    from device_runtime.task import RoundTask
     from fwdfleet.bundle import load_bundle
+    from fwdfleet.device_runtime.data import synthetic_batch
+    from fwdfleet.device_runtime.estimator import EstimatorWorkspace, estimate
+    from fwdfleet.device_runtime.session import BundleSession
+    from fwdfleet.task import RoundTask
 
     bundle = load_bundle(bundle_dir)
     session = BundleSession(bundle)

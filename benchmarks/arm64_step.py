@@ -42,13 +42,13 @@ LABEL = "qemu-user emulation of a Cortex-A76 on an x86_64 host (not a phone meas
 def worker(bundle_path: str, steps: int, k: int, batch_size: int, threads: int) -> dict[str, Any]:
     """Runs inside the measured process (emulated or native): numpy + onnxruntime only."""
 
-    from device_runtime.data import synthetic_batch
-    from device_runtime.estimator import EstimatorWorkspace, accumulate_update, estimate
-    from device_runtime.memory import peak_rss_kb
-    from device_runtime.perturbation import flatten, split
-    from device_runtime.session import BundleSession, SessionOptions
-    from device_runtime.task import RoundTask
     from fwdfleet.bundle import load_bundle
+    from fwdfleet.device_runtime.data import synthetic_batch
+    from fwdfleet.device_runtime.estimator import EstimatorWorkspace, accumulate_update, estimate
+    from fwdfleet.device_runtime.memory import peak_rss_kb
+    from fwdfleet.device_runtime.session import BundleSession, SessionOptions
+    from fwdfleet.perturbation import flatten, split
+    from fwdfleet.task import RoundTask
 
     baseline_kb = peak_rss_kb()
     t0 = time.perf_counter()
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(a.worker, a.steps, a.k, a.batch_size, a.threads)))
         return 0
 
-    from export.ff_mlp import FFMLPConfig, export_ff_mlp
+    from fwdfleet.export.ff_mlp import FFMLPConfig, export_ff_mlp
 
     args = ["--steps", str(a.steps), "--k", str(a.k), "--batch-size", str(a.batch_size), "--threads", str(a.threads)]
     rows = []

@@ -38,13 +38,13 @@ import numpy as np
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from aggregator.config import config_from_dict
-from export.mlp import MLPConfig, export_mlp
-from fleet.datasets import DatasetConfig, SplitData, load_split
-from fleet.emulate import EmulationSettings, emulate
-from fleet.partition import PartitionConfig, partition
-from fleet.profiles import EmulatedProfile
+from fwdfleet.aggregator.config import config_from_dict
 from fwdfleet.bundle import Bundle, load_bundle
+from fwdfleet.export.mlp import MLPConfig, export_mlp
+from fwdfleet.fleet.datasets import DatasetConfig, SplitData, load_split
+from fwdfleet.fleet.emulate import EmulationSettings, emulate
+from fwdfleet.fleet.partition import PartitionConfig, partition
+from fwdfleet.fleet.profiles import EmulatedProfile
 
 DATASET = {"digits": "digits", "fashion": "fashion-mnist"}
 

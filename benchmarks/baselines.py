@@ -41,10 +41,10 @@ from typing import Any
 
 import numpy as np
 
-from device_runtime.data import RawData, dataset_for_bundle
-from device_runtime.session import BundleSession, SessionOptions
-from device_runtime.train import evaluate
 from fwdfleet.bundle import Bundle
+from fwdfleet.device_runtime.data import RawData, dataset_for_bundle
+from fwdfleet.device_runtime.session import BundleSession, SessionOptions
+from fwdfleet.device_runtime.train import evaluate
 
 OPTIMIZERS = ("adamw", "sgd")
 
@@ -115,7 +115,7 @@ def fedavg_backprop(
     """FedAvg with local torch backprop on the bundle's twin; see the module docstring."""
     import torch
 
-    from export.rebuild import torch_twin_from_bundle
+    from fwdfleet.export.rebuild import torch_twin_from_bundle
 
     if rounds < 1 or local_steps < 1 or batch_size < 1:
         raise ValueError(f"rounds, local_steps and batch_size must be >= 1, got {rounds}, {local_steps}, {batch_size}")

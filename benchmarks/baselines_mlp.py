@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from device_runtime.lr_schedule import LR_SCHEDULES, LrSchedule, round_lr
+from fwdfleet.device_runtime.lr_schedule import LR_SCHEDULES, LrSchedule, round_lr
 
 
 @dataclass(frozen=True)

@@ -29,12 +29,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from aggregator.config import AggregatorConfig, OptimizerConfig, PerturbationConfig, RoundsConfig  # noqa: E402
-from device_runtime.data import RawData  # noqa: E402
-from fleet.emulate import EmulationSettings, emulate  # noqa: E402
-from fleet.partition import PartitionConfig, partition  # noqa: E402
-from fleet.profiles import PRESETS  # noqa: E402
+from fwdfleet.aggregator.config import AggregatorConfig, OptimizerConfig, PerturbationConfig, RoundsConfig  # noqa: E402
 from fwdfleet.bundle import Bundle, load_bundle  # noqa: E402
+from fwdfleet.device_runtime.data import RawData  # noqa: E402
+from fwdfleet.fleet.emulate import EmulationSettings, emulate  # noqa: E402
+from fwdfleet.fleet.partition import PartitionConfig, partition  # noqa: E402
+from fwdfleet.fleet.profiles import PRESETS  # noqa: E402
 
 
 def ag_news_texts(path: Path) -> list[str]:
@@ -68,8 +68,8 @@ def tiny_llama_folder(folder: Path, corpus: list[str], *, vocab: int = 512, hidd
 
 def build_bundle(work: Path, corpus: list[str], *, max_length: int, seed: int = 0, vocab: int = 512,
                  hidden: int = 64) -> Bundle:
-    from export.causal_lm import CausalLmExport, export_causal_lm
-    from export.hf import LoraSettings
+    from fwdfleet.export.causal_lm import CausalLmExport, export_causal_lm
+    from fwdfleet.export.hf import LoraSettings
 
     out = work / "bundle"
     if (out / "manifest.json").is_file():  # reuse an earlier export of the same work folder
@@ -106,7 +106,7 @@ def run(*, data: Path, work: Path, rounds: int = 60, devices: int = 10, per_roun
     )
     settings = EmulationSettings(rounds=rounds, eval_every=eval_every, eval_batch=50, seed=seed)
     profiles = [PRESETS["raspberry-pi-4"]] * devices
-    from fleet.emulate import Evaluator
+    from fwdfleet.fleet.emulate import Evaluator
 
     initial_loss = Evaluator(bundle, test_raw, 50)(bundle.load_trainables())[0]
     records = [{"model_version": 0, "loss": initial_loss, "bytes_up_per_device": 0.0, "sim_time_s": 0.0}]

@@ -37,12 +37,18 @@ from typing import Any
 
 import numpy as np
 
-from device_runtime.estimator import EstimatorWorkspace, accumulate_update, estimate, load_flat_trainables, uplink_bytes
-from device_runtime.memory import RuntimeOptions, add_runtime_args, measure_memory, worker_batch
-from device_runtime.perturbation import perturbation, perturbation_chunks, split
-from device_runtime.session import BundleSession
-from device_runtime.task import DeviceResult, RoundTask
 from fwdfleet.bundle import Bundle, load_bundle, write_bundle
+from fwdfleet.device_runtime.estimator import (
+    EstimatorWorkspace,
+    accumulate_update,
+    estimate,
+    load_flat_trainables,
+    uplink_bytes,
+)
+from fwdfleet.device_runtime.memory import RuntimeOptions, add_runtime_args, measure_memory, worker_batch
+from fwdfleet.device_runtime.session import BundleSession
+from fwdfleet.perturbation import perturbation, perturbation_chunks, split
+from fwdfleet.task import DeviceResult, RoundTask
 
 # Session-option variants compared by --compare-options (name -> change from the defaults).
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -174,7 +180,7 @@ def compare_generation(n: int, chunk: int, repeats: int = 5) -> dict[str, float]
             check[start : start + zc.size] = zc
         t_chunks.append(time.perf_counter() - t)
         if not np.array_equal(whole.view(np.uint32), check.view(np.uint32)):
-            raise AssertionError("chunked generation differs from device_runtime.perturbation")
+            raise AssertionError("chunked generation differs from fwdfleet.perturbation")
     return {"n": float(n), "chunk": float(chunk), "whole_seconds": float(np.median(t_whole)),
             "chunked_seconds": float(np.median(t_chunks))}  # fmt: skip
 

@@ -39,13 +39,13 @@ import numpy as np
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # multithreaded BLAS is much slower on a shared machine
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from device_runtime.ff_train import FFTrainConfig
-from device_runtime.lr_schedule import LR_SCHEDULES, LrSchedule
-from export.ff_mlp import FFMLPConfig, export_ff_mlp
-from fleet.datasets import DatasetConfig, load_split
-from fleet.fedfwd import FedFwdSettings, run_fedfwd
-from fleet.partition import PartitionConfig, Scheme, partition
 from fwdfleet.bundle import load_bundle
+from fwdfleet.device_runtime.ff_train import FFTrainConfig
+from fwdfleet.device_runtime.lr_schedule import LR_SCHEDULES, LrSchedule
+from fwdfleet.export.ff_mlp import FFMLPConfig, export_ff_mlp
+from fwdfleet.fleet.datasets import DatasetConfig, load_split
+from fwdfleet.fleet.fedfwd import FedFwdSettings, run_fedfwd
+from fwdfleet.fleet.partition import PartitionConfig, Scheme, partition
 
 HEAD_OF = {"hinton": "none", "symmetric": "none", "sff": "class-goodness", "pon": "softmax"}
 NEGATIVES = {"hinton": "random", "symmetric": "adaptive", "sff": "adaptive", "pon": "adaptive"}

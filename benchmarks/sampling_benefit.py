@@ -44,13 +44,13 @@ from typing import Any
 
 import numpy as np
 
-from device_runtime.data import ArrayDataset
-from device_runtime.estimator import accumulate_update, estimate
-from device_runtime.perturbation import flatten, split
-from device_runtime.session import BundleSession, SessionOptions
-from device_runtime.task import RoundTask
-from device_runtime.train import LocalTrainConfig, train_local
 from fwdfleet.bundle import load_bundle
+from fwdfleet.device_runtime.data import ArrayDataset
+from fwdfleet.device_runtime.estimator import accumulate_update, estimate
+from fwdfleet.device_runtime.session import BundleSession, SessionOptions
+from fwdfleet.device_runtime.train import LocalTrainConfig, train_local
+from fwdfleet.perturbation import flatten, split
+from fwdfleet.task import RoundTask
 
 
 def digits() -> tuple[ArrayDataset, ArrayDataset]:
@@ -66,7 +66,7 @@ def digits() -> tuple[ArrayDataset, ArrayDataset]:
 
 
 def make_bundle(folder: Path) -> Path:
-    from export.mlp import MLPConfig, export_mlp
+    from fwdfleet.export.mlp import MLPConfig, export_mlp
 
     return export_mlp(MLPConfig(layer_sizes=(64, 32, 10)), folder / "mlp")
 

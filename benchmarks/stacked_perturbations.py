@@ -31,9 +31,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from device_runtime.memory import worker_batch
-from export.stack import STACKED_GRAPH, StackSettings, add_stacked_graph
 from fwdfleet.bundle import Bundle, load_bundle
+from fwdfleet.device_runtime.memory import worker_batch
+from fwdfleet.export.stack import STACKED_GRAPH, StackSettings, add_stacked_graph
 
 
 def _interleaved(a: Callable[[], Any], b: Callable[[], Any], seconds: float) -> tuple[float, float]:

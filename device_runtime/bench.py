@@ -6,7 +6,7 @@ of training steps (K central-difference pairs plus the seed-regenerated update),
 p50/p90/p99 latency, throughput and peak RSS (VmHWM). One process per (provider, bundle) keeps
 each peak-memory figure clean.
 
-``python -m device_runtime.bench BUNDLE --provider P ...`` is the worker; :func:`benchmark`
+``python -m fwdfleet.device_runtime.bench BUNDLE --provider P ...`` is the worker; :func:`benchmark`
 runs the workers.
 """
 
@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from device_runtime.memory import RuntimeOptions, add_runtime_args, peak_rss_kb, run_worker, worker_batch
-from device_runtime.session import available_providers, check_providers, provider_name
+from fwdfleet.device_runtime.memory import RuntimeOptions, add_runtime_args, peak_rss_kb, run_worker, worker_batch
+from fwdfleet.device_runtime.session import available_providers, check_providers, provider_name
 
 # Providers listed by onnxruntime that do not run a model on this machine.
 REMOTE_PROVIDERS = ("AzureExecutionProvider",)
@@ -87,7 +87,7 @@ def benchmark(
                     "--train-count", str(train_count), "--duration", str(duration), "--k", str(num_perturbations),
                     "--batch-size", str(batch_size), "--sequence-length", str(sequence_length),
                     *opts.to_args()]  # fmt: skip
-            r = run_worker("device_runtime.bench", args, timeout)
+            r = run_worker("fwdfleet.device_runtime.bench", args, timeout)
             if "error" in r:
                 out.append(BenchResult(str(bundle), provider, "?", 0, None, None, None, r["error"], opts))
                 continue
@@ -151,7 +151,7 @@ def _timed(fn: Callable[[], object], warmup: int, count: int, duration: float) -
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m device_runtime.bench", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m fwdfleet.device_runtime.bench", description=__doc__)
     p.add_argument("bundle")
     p.add_argument("--provider", default="CPUExecutionProvider")
     p.add_argument("--warmup", type=int, default=3)
@@ -164,11 +164,16 @@ def _main(argv: Sequence[str] | None = None) -> int:
     add_runtime_args(p)
     a = p.parse_args(argv)
     try:
-        from device_runtime.estimator import EstimatorWorkspace, accumulate_update, estimate, load_flat_trainables
-        from device_runtime.perturbation import split
-        from device_runtime.session import BundleSession
-        from device_runtime.task import RoundTask
         from fwdfleet.bundle import load_bundle
+        from fwdfleet.device_runtime.estimator import (
+            EstimatorWorkspace,
+            accumulate_update,
+            estimate,
+            load_flat_trainables,
+        )
+        from fwdfleet.device_runtime.session import BundleSession
+        from fwdfleet.perturbation import split
+        from fwdfleet.task import RoundTask
 
         opts = RuntimeOptions.from_args(a)
         bundle = load_bundle(a.bundle)

@@ -45,19 +45,25 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
-from device_runtime.data import LocalDataset
-from device_runtime.downloads import CorruptDownload, UnsafeBundle, extract_bundle, read_trainables, resume_download
-from device_runtime.estimator import EstimatorWorkspace, dense_gradient, estimate
-from device_runtime.ff_train import FFTrainConfig, train_ff
-from device_runtime.perturbation import F32Array
-from device_runtime.sampling import guide_from_versions
-from device_runtime.session import BundleSession, SessionOptions
-from device_runtime.task import DeviceResult, RoundTask
-from device_runtime.train import LocalTrainConfig, train_local
 from fwdfleet import __version__
 from fwdfleet.bundle import Bundle, load_bundle
+from fwdfleet.device_runtime.data import LocalDataset
+from fwdfleet.device_runtime.downloads import (
+    CorruptDownload,
+    UnsafeBundle,
+    extract_bundle,
+    read_trainables,
+    resume_download,
+)
+from fwdfleet.device_runtime.estimator import EstimatorWorkspace, dense_gradient, estimate
+from fwdfleet.device_runtime.ff_train import FFTrainConfig, train_ff
+from fwdfleet.device_runtime.sampling import guide_from_versions
+from fwdfleet.device_runtime.session import BundleSession, SessionOptions
+from fwdfleet.device_runtime.train import LocalTrainConfig, train_local
 from fwdfleet.errors import FwdfleetError
+from fwdfleet.perturbation import F32Array
 from fwdfleet.protocol import bearer_metadata, rpc, serde
+from fwdfleet.task import DeviceResult, RoundTask
 
 log = logging.getLogger("fwdfleet.device")
 T = TypeVar("T")

@@ -12,7 +12,7 @@ point ``w'`` the session reads through an IOBinding, one chunk of ``z`` (64 K va
 Rademacher, the signs of one ``z`` (``n / 8`` bytes).
 ``z_k`` never gets a buffer of its own: a Rademacher ``eps z_k`` is written into ``w'`` itself,
 a Gaussian ``w' = w + eps z_k`` is formed chunk by chunk from
-:func:`device_runtime.perturbation.perturbation_slice` (bit-identical to the whole-vector
+:func:`fwdfleet.perturbation.perturbation_slice` (bit-identical to the whole-vector
 generator), and so is the update ``w += scale sum_k d_k z_k``. The current point ``w`` is read
 in place, without a copy, when the trainables are views of one flat float32 vector (as
 ``perturbation.split`` makes them and :func:`load_flat_trainables` loads them); otherwise it is
@@ -41,7 +41,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from device_runtime.perturbation import (
+from fwdfleet.bundle import Bundle, TensorSpec
+from fwdfleet.device_runtime.sampling import select_indices
+from fwdfleet.device_runtime.session import BundleSession
+from fwdfleet.errors import BundleError
+from fwdfleet.perturbation import (
     CHUNK_ELEMENTS,
     Distribution,
     F32Array,
@@ -52,11 +56,7 @@ from device_runtime.perturbation import (
     rademacher_words,
     split,
 )
-from device_runtime.sampling import select_indices
-from device_runtime.session import BundleSession
-from device_runtime.task import DeviceResult, RoundTask
-from fwdfleet.bundle import Bundle, TensorSpec
-from fwdfleet.errors import BundleError
+from fwdfleet.task import DeviceResult, RoundTask
 
 
 def _address(a: npt.NDArray[Any]) -> int:

@@ -17,8 +17,8 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import onnxruntime as ort
 
-from device_runtime.ff_objectives import HEADS, Array, Head, IntArray, LayerOutputs, LayerShape, layer_forward
 from fwdfleet.bundle import Bundle, BundleManifest
+from fwdfleet.device_runtime.ff_objectives import HEADS, Array, Head, IntArray, LayerOutputs, LayerShape, layer_forward
 from fwdfleet.errors import BundleError, DataError
 
 ScoreLayers = Literal["all_but_first", "all"]

@@ -8,7 +8,7 @@ activations the layers below give it, in one of two modes:
 * ``perturbed``: perturbed inference of the layer's ONNX graph (onnxruntime via
   :class:`~device_runtime.ff.OnnxLayers`): K central differences
   ``d_k = (L(w + eps z_k) - L(w - eps z_k)) / (2 eps)`` along perturbations ``z_k`` from the
-  shared generator :mod:`device_runtime.perturbation` (seed ``round_seed``, word ``device``,
+  shared generator :mod:`fwdfleet.perturbation` (seed ``round_seed``, word ``device``,
   index ``k``, over the layer's trainables in canonical order), ``g = mean_k d_k z_k``, then
   the same optimizer. The layer loss is computed in numpy from the graph's outputs.
 
@@ -28,8 +28,9 @@ from typing import Literal
 
 import numpy as np
 
-from device_runtime.estimator import EstimatorWorkspace, accumulate_pairs
-from device_runtime.ff import (
+from fwdfleet.bundle import Bundle, TensorSpec
+from fwdfleet.device_runtime.estimator import EstimatorWorkspace, accumulate_pairs
+from fwdfleet.device_runtime.ff import (
     PREDICTS,
     SCORE_LAYERS,
     FFLayout,
@@ -40,7 +41,7 @@ from device_runtime.ff import (
     ScoreLayers,
     label_scores,
 )
-from device_runtime.ff_objectives import (
+from fwdfleet.device_runtime.ff_objectives import (
     NEGATIVES,
     OBJECTIVE_HEAD,
     OBJECTIVES,
@@ -56,9 +57,8 @@ from device_runtime.ff_objectives import (
     objective_value,
     uses_negatives,
 )
-from device_runtime.perturbation import DISTRIBUTIONS, Distribution, split
-from fwdfleet.bundle import Bundle, TensorSpec
 from fwdfleet.errors import BundleError
+from fwdfleet.perturbation import DISTRIBUTIONS, Distribution, split
 
 Mode = Literal["closed_form", "perturbed"]
 MODES: tuple[Mode, ...] = ("closed_form", "perturbed")

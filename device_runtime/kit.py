@@ -12,7 +12,7 @@
       data/<file>            the device's local data, if packed
       scripts/...            setup scripts (android_harness), if packed
 
-On the device, ``python -m device_runtime.kit KIT`` (:func:`run_kit`) verifies the kit and runs a
+On the device, ``python -m fwdfleet.device_runtime.kit KIT`` (:func:`run_kit`) verifies the kit and runs a
 :class:`~device_runtime.client.DeviceClient` with the kit's settings. The bundle is placed in the
 client's download cache first, so a device whose kit was packed from the aggregator's own bundle
 folder does not download it again; a bundle that differs is downloaded as usual (the aggregator's
@@ -40,9 +40,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from device_runtime.client import ClientStats, DeviceClient, DeviceClientConfig, describe
 from fwdfleet import __version__
 from fwdfleet.bundle import Bundle, load_bundle, sha256_file, zip_bundle
+from fwdfleet.device_runtime.client import ClientStats, DeviceClient, DeviceClientConfig, describe
 from fwdfleet.errors import FwdfleetError
 
 KIT_VERSION = 1
@@ -278,7 +278,7 @@ def run_kit(
     kit: Kit, *, rounds: int | None = None, data: str | Path | None = None, workdir: str | Path | None = None
 ) -> ClientStats:
     """Take part in ``rounds`` rounds (None: until interrupted) with the kit's settings."""
-    from device_runtime.data import load_dataset
+    from fwdfleet.device_runtime.data import load_dataset
 
     data_path = Path(data) if data is not None else kit.data_path
     if data_path is None:
@@ -292,7 +292,7 @@ def run_kit(
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m device_runtime.kit", description="Verify a device kit and run the device with it."
+        prog="python -m fwdfleet.device_runtime.kit", description="Verify a device kit and run the device with it."
     )
     p.add_argument("kit", help="the kit folder written by `fwdfleet pack`")
     p.add_argument("--rounds", type=int, default=None, help="stop after this many accepted results")

@@ -18,7 +18,7 @@ Token ids of the synthetic batch are drawn over the whole vocabulary (when the b
 tokenizer tells its size) so that a memory-mapped embedding table is paged in as by real text
 or worse.
 
-``python -m device_runtime.memory BUNDLE --mode MODE ...`` is the worker; :func:`measure_memory`
+``python -m fwdfleet.device_runtime.memory BUNDLE --mode MODE ...`` is the worker; :func:`measure_memory`
 runs the workers and collects their JSON.
 """
 
@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:  # the worker measures its imports: onnxruntime is imported where it is used
-    from device_runtime.session import GraphOptimization, SessionOptions
+    from fwdfleet.device_runtime.session import GraphOptimization, SessionOptions
 
 MODES = ("inference", "train", "torch")
 GRAPH_OPTIMIZATIONS = ("disable", "basic", "extended", "all")
@@ -86,7 +86,7 @@ class RuntimeOptions:
         return args
 
     def session_options(self) -> SessionOptions:
-        from device_runtime.session import SessionOptions  # imports onnxruntime: not at module level
+        from fwdfleet.device_runtime.session import SessionOptions  # imports onnxruntime: not at module level
 
         return SessionOptions(intra_op_threads=self.threads, enable_cpu_mem_arena=self.enable_cpu_mem_arena,
                               enable_mem_pattern=self.enable_mem_pattern, disable_prepacking=self.disable_prepacking,
@@ -196,7 +196,7 @@ def measure_memory(
             raise ValueError(f"unknown memory mode {mode!r}; choose from {MODES}")
         args = [str(bundle), "--mode", mode, "--batch-size", str(batch_size), "--sequence-length",
                 str(sequence_length), "--k", str(num_perturbations), *opts.to_args()]  # fmt: skip
-        r = run_worker("device_runtime.memory", args, timeout)
+        r = run_worker("fwdfleet.device_runtime.memory", args, timeout)
         if "error" in r:
             figures.append(MemoryFigure(mode=mode, peak_mb=None, note=f"n/a: {r['error']}"))
         else:
@@ -235,7 +235,7 @@ def worker_batch(bundle: Any, batch_size: int, seq: int, graph: str = "model") -
     """A synthetic batch for ``graph`` whose token ids span the whole vocabulary (see the module doc)."""
     import numpy as np
 
-    from device_runtime.data import synthetic_batch
+    from fwdfleet.device_runtime.data import synthetic_batch
 
     batch = synthetic_batch(bundle, batch_size, graph=graph, sequence_length=seq)
     vocab = _vocab_size(bundle)
@@ -248,11 +248,11 @@ def worker_batch(bundle: Any, batch_size: int, seq: int, graph: str = "model") -
 def _ort_work(
     mode: str, bundle_path: str, batch_size: int, seq: int, k: int, opts: RuntimeOptions, stages: dict[str, int]
 ) -> tuple[float, str]:
-    from device_runtime.estimator import EstimatorWorkspace, accumulate_update, estimate, load_flat_trainables
-    from device_runtime.perturbation import split
-    from device_runtime.session import BundleSession
-    from device_runtime.task import RoundTask
     from fwdfleet.bundle import load_bundle
+    from fwdfleet.device_runtime.estimator import EstimatorWorkspace, accumulate_update, estimate, load_flat_trainables
+    from fwdfleet.device_runtime.session import BundleSession
+    from fwdfleet.perturbation import split
+    from fwdfleet.task import RoundTask
 
     stages["runtime modules"] = peak_rss_kb()
     bundle = load_bundle(bundle_path)
@@ -284,7 +284,7 @@ def _torch_work(bundle_path: str, batch_size: int, seq: int, threads: int, stage
 
     stages["torch"] = peak_rss_kb()
     try:
-        from export.rebuild import torch_twin_from_bundle  # type: ignore[import-not-found,unused-ignore]
+        from fwdfleet.export.rebuild import torch_twin_from_bundle  # type: ignore[import-not-found,unused-ignore]
     except ImportError as e:
         raise RuntimeError(f"export.rebuild is not available ({e})") from e
     from fwdfleet.bundle import load_bundle
@@ -308,7 +308,7 @@ def _torch_work(bundle_path: str, batch_size: int, seq: int, threads: int, stage
 
 def _main(argv: Sequence[str] | None = None) -> int:
     stages = {"interpreter": peak_rss_kb()}
-    p = argparse.ArgumentParser(prog="python -m device_runtime.memory", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m fwdfleet.device_runtime.memory", description=__doc__)
     p.add_argument("bundle")
     p.add_argument("--mode", choices=MODES, required=True)
     p.add_argument("--batch-size", type=int, default=16)

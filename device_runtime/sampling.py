@@ -22,7 +22,7 @@ size. It improves the estimate only when the guide is well aligned with the curr
 The device can compute the guide itself as ``w_t - w_{t-1}`` from the two trainable sets it
 downloaded (:func:`guide_from_versions`); nothing extra travels on the wire.
 
-Candidates are regenerated chunk by chunk (:func:`device_runtime.perturbation.perturbation_chunks`),
+Candidates are regenerated chunk by chunk (:func:`fwdfleet.perturbation.perturbation_chunks`),
 so no candidate ever exists as a whole vector.
 """
 
@@ -34,10 +34,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from device_runtime.perturbation import CHUNK_ELEMENTS, F32Array, flatten, perturbation_chunks
-from device_runtime.task import RoundTask
 from fwdfleet.bundle import TensorSpec
 from fwdfleet.errors import ConfigError
+from fwdfleet.perturbation import CHUNK_ELEMENTS, F32Array, flatten, perturbation_chunks
+from fwdfleet.task import RoundTask
 
 
 def guide_from_versions(

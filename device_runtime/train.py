@@ -25,13 +25,13 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from device_runtime.data import ArrayDataset, Batch, TextDataset
-from device_runtime.estimator import EstimatorWorkspace, accumulate_update, estimate
-from device_runtime.perturbation import DISTRIBUTIONS, Distribution, split
-from device_runtime.session import BundleSession
-from device_runtime.task import DIFFERENCES, Difference, RoundTask
 from fwdfleet.bundle import Bundle
+from fwdfleet.device_runtime.data import ArrayDataset, Batch, TextDataset
+from fwdfleet.device_runtime.estimator import EstimatorWorkspace, accumulate_update, estimate
+from fwdfleet.device_runtime.session import BundleSession
 from fwdfleet.errors import ConfigError
+from fwdfleet.perturbation import DISTRIBUTIONS, Distribution, split
+from fwdfleet.task import DIFFERENCES, Difference, RoundTask
 
 Schedule = Literal["constant", "cosine"]
 _MASK64 = (1 << 64) - 1

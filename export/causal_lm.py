@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from export.hf import (
+from fwdfleet.errors import ExportError
+from fwdfleet.export.hf import (
     CAUSAL_LM_FAMILIES,
     PEFT_METHODS,
     LoraSettings,
@@ -33,8 +34,7 @@ from export.hf import (
     load_pretrained,
     peft_record,
 )
-from export.onnx_graph import ExportResult, GraphOptions, TrainablesAsInputs, write_kind_bundle
-from fwdfleet.errors import ExportError
+from fwdfleet.export.onnx_graph import ExportResult, GraphOptions, TrainablesAsInputs, write_kind_bundle
 
 KIND = "causal_lm_lora"
 DATA_INPUTS = ("input_ids", "attention_mask")

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from fwdfleet.errors import ExportError
 
 if TYPE_CHECKING:
-    from export.adapters import AdapterSettings
+    from fwdfleet.export.adapters import AdapterSettings
 
 INSTALL_HINT = "pip install torch==2.13.0 && pip install 'fwdfleet[export]'"
 EXPORT_MODULES = ("torch", "transformers", "peft", "onnx", "onnxscript")
@@ -263,7 +263,7 @@ def apply_peft(model: Any, method: str, lora: LoraSettings, default_targets: tup
     if "ia3" in parts:
         record["ia3"] = _inject_ia3(model, ia3)
     if "adapter" in parts:
-        from export.adapters import AdapterSettings, inject_adapters
+        from fwdfleet.export.adapters import AdapterSettings, inject_adapters
 
         settings = adapter or AdapterSettings()
         names = set(inject_adapters(model, settings, seed))
@@ -313,7 +313,7 @@ def peft_record(method: str, lora: LoraSettings, default_targets: tuple[str, ...
         targets = lora.target_modules or default_targets
         record["lora"] = {"rank": lora.rank, "alpha": lora.alpha, "target_modules": list(targets)}
     if "adapter" in parts:
-        from export.adapters import AdapterSettings
+        from fwdfleet.export.adapters import AdapterSettings
 
         record["adapter"] = (adapter or AdapterSettings()).record()
     if "ia3" in parts:
@@ -326,7 +326,7 @@ def apply_peft_record(model: Any, record: Mapping[str, Any], default_targets: tu
     lora = record.get("lora") or {}
     adapter = None
     if record.get("adapter") is not None:
-        from export.adapters import AdapterSettings
+        from fwdfleet.export.adapters import AdapterSettings
 
         adapter = AdapterSettings.from_record(record["adapter"])
     apply_peft(model, record["method"],

@@ -309,8 +309,8 @@ def write_kind_bundle(
     Written into ``<out>.partial`` and renamed at the end, so a failed export leaves no
     half-written bundle behind.
     """
-    from export.hf import save_tokenizer
-    from export.quantize import manifest_label, quantize_bundle_graph
+    from fwdfleet.export.hf import save_tokenizer
+    from fwdfleet.export.quantize import manifest_label, quantize_bundle_graph
 
     out = Path(out)
     if quantize is not None:

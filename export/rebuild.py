@@ -32,28 +32,28 @@ class LossTwin(nn.Module):
 
 
 def _seq_cls(bundle: Bundle) -> nn.Module:
-    from export.seq_cls import build_model
+    from fwdfleet.export.seq_cls import build_model
 
     model, _ = build_model(bundle.manifest.settings)
     return LossTwin(model)
 
 
 def _causal_lm(bundle: Bundle) -> nn.Module:
-    from export.causal_lm import build_model
+    from fwdfleet.export.causal_lm import build_model
 
     model, _ = build_model(bundle.manifest.settings)
     return LossTwin(model)
 
 
 def _ff_mlp(bundle: Bundle) -> nn.Module:
-    from export.ff_mlp import torch_twin  # written by the Forward-Forward helper
+    from fwdfleet.export.ff_mlp import torch_twin  # written by the Forward-Forward helper
 
     twin: nn.Module = torch_twin(bundle)
     return twin
 
 
 def _mlp(bundle: Bundle) -> nn.Module:
-    from export.mlp import torch_twin
+    from fwdfleet.export.mlp import torch_twin
 
     twin: nn.Module = torch_twin(bundle)
     return twin

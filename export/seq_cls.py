@@ -27,8 +27,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from export.adapters import ADAPTER_FAMILIES, AdapterSettings
-from export.hf import (
+from fwdfleet.errors import ExportError
+from fwdfleet.export.adapters import ADAPTER_FAMILIES, AdapterSettings
+from fwdfleet.export.hf import (
     ENCODER_FAMILIES,
     ENCODER_METHODS,
     LoraSettings,
@@ -39,8 +40,7 @@ from export.hf import (
     load_pretrained,
     peft_record,
 )
-from export.onnx_graph import ExportResult, GraphOptions, TrainablesAsInputs, write_kind_bundle
-from fwdfleet.errors import ExportError
+from fwdfleet.export.onnx_graph import ExportResult, GraphOptions, TrainablesAsInputs, write_kind_bundle
 
 KIND = "seq_cls_lora"
 POOLINGS = ("mean", "cls")

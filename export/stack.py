@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from torch.func import functional_call
 
-from export.rebuild import torch_twin_from_bundle
 from fwdfleet.bundle import Bundle, GraphSpec, TensorSpec, load_bundle, write_bundle
 from fwdfleet.errors import ExportError
+from fwdfleet.export.rebuild import torch_twin_from_bundle
 
 STACKED_GRAPH = "model_stack"
 

@@ -38,12 +38,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from aggregator.config import AggregatorConfig, apply_overrides, config_from_dict
-from fleet.datasets import DatasetConfig
-from fleet.emulate import BACKENDS
-from fleet.partition import PartitionConfig
-from fleet.profiles import PRESETS
+from fwdfleet.aggregator.config import AggregatorConfig, apply_overrides, config_from_dict
 from fwdfleet.errors import ConfigError
+from fwdfleet.fleet.datasets import DatasetConfig
+from fwdfleet.fleet.emulate import BACKENDS
+from fwdfleet.fleet.partition import PartitionConfig
+from fwdfleet.fleet.profiles import PRESETS
 
 TRANSPORTS = ("inprocess", "grpc")
 

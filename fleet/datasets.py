@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from device_runtime.data import RawData, read_data
+from fwdfleet.device_runtime.data import RawData, read_data
 from fwdfleet.errors import DataError
 
 NAMES = ("digits", "fashion-mnist", "mnist", "ag-news", "file")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fleet.config import FleetConfig, load_fleet_config
+from fwdfleet.fleet.config import FleetConfig, load_fleet_config
 
 DEMO: dict[str, Any] = {
     "fleet": {"devices": 20, "rounds": 60, "eval_every": 5, "out_dir": "runs/demo",

@@ -25,19 +25,19 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from aggregator.config import AggregatorConfig
-from aggregator.coordinator import Coordinator
-from aggregator.errors import RejectedError
-from aggregator.records import DeviceProfile
-from device_runtime.data import RawData, dataset_for_bundle
-from device_runtime.estimator import estimate
-from device_runtime.sampling import guide_from_versions
-from device_runtime.session import BundleSession, SessionOptions
-from device_runtime.task import DeviceResult, RoundTask
-from device_runtime.train import evaluate
-from fleet.profiles import EmulatedProfile, SimulatedClock
+from fwdfleet.aggregator.config import AggregatorConfig
+from fwdfleet.aggregator.coordinator import Coordinator
+from fwdfleet.aggregator.errors import RejectedError
+from fwdfleet.aggregator.records import DeviceProfile
 from fwdfleet.bundle import Bundle, load_bundle
+from fwdfleet.device_runtime.data import RawData, dataset_for_bundle
+from fwdfleet.device_runtime.estimator import estimate
+from fwdfleet.device_runtime.sampling import guide_from_versions
+from fwdfleet.device_runtime.session import BundleSession, SessionOptions
+from fwdfleet.device_runtime.train import evaluate
+from fwdfleet.fleet.profiles import EmulatedProfile, SimulatedClock
 from fwdfleet.protocol import serde
+from fwdfleet.task import DeviceResult, RoundTask
 
 BACKENDS = ("process", "ray")
 
@@ -210,7 +210,7 @@ def in_job_order(jobs: list[tuple[int, RoundTask]],
 def make_pool(bundle: Bundle, train: RawData, shards: list[np.ndarray], settings: EmulationSettings) -> DevicePool:
     """The compute backend ``settings.backend`` names."""
     if settings.backend == "ray":
-        from fleet.ray_backend import RayComputePool  # optional: needs the `ray` extra
+        from fwdfleet.fleet.ray_backend import RayComputePool  # optional: needs the `ray` extra
 
         return RayComputePool(bundle, train, shards, settings)
     return ComputePool(bundle, train, shards, settings)

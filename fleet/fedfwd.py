@@ -26,17 +26,17 @@ from typing import Any
 
 import numpy as np
 
-from aggregator.config import AggregatorConfig, OptimizerConfig, RoundsConfig
-from aggregator.coordinator import Coordinator
-from aggregator.errors import RejectedError
-from aggregator.records import DeviceProfile
-from device_runtime.ff import FFLayout, NumpyLayers, OnnxLayers, ScoreLayers
-from device_runtime.ff_train import AdamState, FFTrainConfig, evaluate_ff, train_ff
-from device_runtime.lr_schedule import LR_SCHEDULES, LrSchedule, round_lr
-from device_runtime.perturbation import flatten
-from device_runtime.task import DeviceResult
+from fwdfleet.aggregator.config import AggregatorConfig, OptimizerConfig, RoundsConfig
+from fwdfleet.aggregator.coordinator import Coordinator
+from fwdfleet.aggregator.errors import RejectedError
+from fwdfleet.aggregator.records import DeviceProfile
 from fwdfleet.bundle import Bundle
+from fwdfleet.device_runtime.ff import FFLayout, NumpyLayers, OnnxLayers, ScoreLayers
+from fwdfleet.device_runtime.ff_train import AdamState, FFTrainConfig, evaluate_ff, train_ff
+from fwdfleet.device_runtime.lr_schedule import LR_SCHEDULES, LrSchedule, round_lr
+from fwdfleet.perturbation import flatten
 from fwdfleet.protocol import serde
+from fwdfleet.task import DeviceResult
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class FedFwdSettings:
     ``lr_schedule`` / ``final_lr_ratio`` set each round's local learning rate from the training
     config's ``lr`` (:func:`round_lr`, recorded in ``FedFwdRecord.extras["local_lr"]``). Here the
     emulation hands it to each device's config; a deployment would send it with the round's task
-    (:class:`~device_runtime.task.RoundTask` has no field for it yet).
+    (:class:`~fwdfleet.task.RoundTask` has no field for it yet).
     """
 
     rounds: int = 20

@@ -43,17 +43,17 @@ from typing import IO, Any
 
 import numpy as np
 
-from aggregator.auth import append_token, new_token
-from aggregator.config import AggregatorConfig
-from aggregator.coordinator import Coordinator
-from aggregator.server import RunningServer, ServerConfig, serve
-from device_runtime.client import ClientStats
-from device_runtime.data import RawData
-from fleet.datasets import subset
-from fleet.emulate import EmulationSettings, Evaluator, RoundRecord
-from fleet.profiles import EmulatedProfile
+from fwdfleet.aggregator.auth import append_token, new_token
+from fwdfleet.aggregator.config import AggregatorConfig
+from fwdfleet.aggregator.coordinator import Coordinator
+from fwdfleet.aggregator.server import RunningServer, ServerConfig, serve
 from fwdfleet.bundle import Bundle
 from fwdfleet.cli.aggregator_cmd import write_dev_certificates
+from fwdfleet.device_runtime.client import ClientStats
+from fwdfleet.device_runtime.data import RawData
+from fwdfleet.fleet.datasets import subset
+from fwdfleet.fleet.emulate import EmulationSettings, Evaluator, RoundRecord
+from fwdfleet.fleet.profiles import EmulatedProfile
 
 
 @dataclass(frozen=True)

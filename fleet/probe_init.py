@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from device_runtime.session import BundleSession
+from fwdfleet.device_runtime.session import BundleSession
 
 HEAD_WEIGHT = "head.weight"
 HEAD_BIAS = "head.bias"

@@ -28,14 +28,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from device_runtime.data import RawData
-from device_runtime.task import DeviceResult, RoundTask
-from fleet.emulate import DeviceCompute, in_job_order
 from fwdfleet.bundle import Bundle, zip_bundle
+from fwdfleet.device_runtime.data import RawData
 from fwdfleet.errors import ConfigError
+from fwdfleet.fleet.emulate import DeviceCompute, in_job_order
+from fwdfleet.task import DeviceResult, RoundTask
 
 if TYPE_CHECKING:
-    from fleet.emulate import EmulationSettings
+    from fwdfleet.fleet.emulate import EmulationSettings
 
 
 def _import_ray() -> Any:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from fleet.emulate import RoundRecord
+from fwdfleet.fleet.emulate import RoundRecord
 
 
 def write_jsonl(records: Sequence[RoundRecord], path: Path) -> Path:

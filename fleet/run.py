@@ -15,15 +15,15 @@ from typing import Any
 
 import numpy as np
 
-from device_runtime.memory import measure_memory
-from fleet.config import FleetConfig
-from fleet.datasets import load_split
-from fleet.emulate import EmulationSettings, Evaluator, RoundRecord, emulate
-from fleet.partition import label_histogram, partition, plot_label_distribution
-from fleet.profiles import assign_profiles
-from fleet.report import write_report
 from fwdfleet.bundle import Bundle, load_bundle
+from fwdfleet.device_runtime.memory import measure_memory
 from fwdfleet.errors import ConfigError
+from fwdfleet.fleet.config import FleetConfig
+from fwdfleet.fleet.datasets import load_split
+from fwdfleet.fleet.emulate import EmulationSettings, Evaluator, RoundRecord, emulate
+from fwdfleet.fleet.partition import label_histogram, partition, plot_label_distribution
+from fwdfleet.fleet.profiles import assign_profiles
+from fwdfleet.fleet.report import write_report
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ def prepare_bundle(cfg: FleetConfig, out_dir: Path, num_features: int, num_class
                    labels: tuple[str, ...]) -> Bundle:
     if cfg.model.bundle:
         return load_bundle(cfg.model.bundle)
-    from export.mlp import MLPConfig, export_mlp  # the export extra (torch) is needed only here
+    from fwdfleet.export.mlp import MLPConfig, export_mlp  # the export extra (torch) is needed only here
 
     target = out_dir / "bundle"
     if target.exists():
@@ -90,7 +90,7 @@ def run_fleet(cfg: FleetConfig, *, progress: bool = True, log: Callable[[str], N
     rounds: Generator[RoundRecord, None, None]
     device_uplink: list[int] = []  # grpc transport: the bytes each device process counted itself
     if cfg.fleet.transport == "grpc":
-        from fleet.grpc_fleet import emulate_grpc
+        from fwdfleet.fleet.grpc_fleet import emulate_grpc
 
         rounds = emulate_grpc(bundle, cfg.aggregator, data.train, shards, profiles, settings, out_dir / "grpc",
                               test=data.test, on_stop=lambda fleet: device_uplink.extend(

@@ -14,7 +14,7 @@ A bundle holds
 Runtime-only settings (threads, execution providers, arenas) never go in a bundle.
 
 The canonical trainable order in the manifest defines the flat layout that perturbations are
-drawn over (see :mod:`device_runtime.perturbation`): both the device and the aggregator
+drawn over (see :mod:`fwdfleet.perturbation`): both the device and the aggregator
 concatenate the tensors in this order, each flattened in C order.
 
 This module needs numpy only: ``export`` writes bundles with it, ``device_runtime`` and

@@ -29,11 +29,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from device_runtime.ff import FFLayout, NumpyLayers
-from device_runtime.ff_objectives import Array, IntArray, layer_forward, negative_labels, uses_negatives
-from device_runtime.ff_train import AdamState, FFTrainConfig, LayerBatch, train_layer_step
-from pff.config import NodeData, RingAdam
-from pff.schedule import Task
+from fwdfleet.device_runtime.ff import FFLayout, NumpyLayers
+from fwdfleet.device_runtime.ff_objectives import Array, IntArray, layer_forward, negative_labels, uses_negatives
+from fwdfleet.device_runtime.ff_train import AdamState, FFTrainConfig, LayerBatch, train_layer_step
+from fwdfleet.pff.config import NodeData, RingAdam
+from fwdfleet.pff.schedule import Task
 
 Params = dict[str, Array]
 _CHUNK = 512  # samples per all-labels chunk (C rows each)

@@ -14,11 +14,11 @@ from typing import Any, Literal
 
 import numpy as np
 
-from device_runtime.ff_objectives import NEGATIVES, OBJECTIVE_HEAD, OBJECTIVES, Negatives, Objective
-from device_runtime.ff_train import FFTrainConfig
-from device_runtime.lr_schedule import LR_SCHEDULES, LrSchedule, round_lr
+from fwdfleet.device_runtime.ff_objectives import NEGATIVES, OBJECTIVE_HEAD, OBJECTIVES, Negatives, Objective
+from fwdfleet.device_runtime.ff_train import FFTrainConfig
+from fwdfleet.device_runtime.lr_schedule import LR_SCHEDULES, LrSchedule, round_lr
 from fwdfleet.errors import ConfigError
-from pff.schedule import MODES, Mode, Schedule
+from fwdfleet.pff.schedule import MODES, Mode, Schedule
 
 DATASETS = ("digits", "fashion-mnist")
 RingAdam = Literal["hand-on", "restart"]
@@ -148,7 +148,7 @@ class NodeData:
 
 def load_data(config: PFFConfig) -> tuple[NodeData, NodeData]:
     """The (train, test) splits of ``config.dataset`` (the fleet's named datasets, read by the device runtime)."""
-    from fleet.datasets import DatasetConfig, load_split
+    from fwdfleet.fleet.datasets import DatasetConfig, load_split
 
     split = load_split(DatasetConfig(name=config.dataset, max_train=config.max_train, max_test=config.max_test,
                                      seed=config.seed))

@@ -16,10 +16,10 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from device_runtime.ff import FFLayout, NumpyLayers, forward_layers
-from device_runtime.ff_objectives import Array, log_softmax
-from device_runtime.ff_train import evaluate_ff
-from pff.config import NodeData
+from fwdfleet.device_runtime.ff import FFLayout, NumpyLayers, forward_layers
+from fwdfleet.device_runtime.ff_objectives import Array, log_softmax
+from fwdfleet.device_runtime.ff_train import evaluate_ff
+from fwdfleet.pff.config import NodeData
 
 
 def activations(layout: FFLayout, trainables: Mapping[str, Array], x: Array, batch: int = 1024) -> Array:

@@ -18,7 +18,7 @@ For each of its tasks (in the order :meth:`pff.schedule.Schedule.node_tasks` giv
 A node holds nothing the run needs after it publishes, so the coordinator can restart a dead
 node (or give its tasks to another) and lose no work but the task in progress.
 
-    python -m pff.node --store 127.0.0.1:PORT --plan RUN/plan.json --node 0
+    python -m fwdfleet.pff.node --store 127.0.0.1:PORT --plan RUN/plan.json --node 0
 
 Start it with ``OPENBLAS_NUM_THREADS=1`` (the coordinator does): multithreaded BLAS on a small
 machine shared with other nodes slows Forward-Forward several times.
@@ -34,10 +34,10 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from device_runtime.ff import FFLayout
 from fwdfleet.bundle import load_bundle
+from fwdfleet.device_runtime.ff import FFLayout
 from fwdfleet.errors import FwdfleetError
-from pff.chapter import (
+from fwdfleet.pff.chapter import (
     ActivationCache,
     Params,
     continues_adam,
@@ -46,10 +46,10 @@ from pff.chapter import (
     train_chapter,
     with_adam_state,
 )
-from pff.config import NodeData, PFFConfig, RunPlan, load_data, shard
-from pff.schedule import Schedule, Task, dependencies
-from pff.store import StoreClient
-from pff.wire import Progress, TaskRecord
+from fwdfleet.pff.config import NodeData, PFFConfig, RunPlan, load_data, shard
+from fwdfleet.pff.schedule import Schedule, Task, dependencies
+from fwdfleet.pff.store import StoreClient
+from fwdfleet.pff.wire import Progress, TaskRecord
 
 
 def node_id(node: int) -> str:

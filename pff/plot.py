@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pff.run import TimelineRow
+from fwdfleet.pff.run import TimelineRow
 
 
 def plot_timeline(rows: Sequence[TimelineRow], path: str | Path, *, num_nodes: int | None = None,

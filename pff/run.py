@@ -2,7 +2,7 @@
 
 :class:`PFFRun` exports an FF-MLP bundle (``export.ff_mlp``; a head per layer for ``pon``/``sff``),
 starts the parameter store (:mod:`pff.store`, in this process) and publishes every layer's
-initial values as version 0, then starts one ``python -m pff.node`` process per node with
+initial values as version 0, then starts one ``python -m fwdfleet.pff.node`` process per node with
 ``OPENBLAS_NUM_THREADS=1`` (one compute thread each). While they run it shows a progress bar
 per node (rich, on stderr) and restarts a node that dies (killed, crashed) up to
 ``max_restarts`` times; the restarted node skips what it had already published. At the end it
@@ -23,13 +23,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from device_runtime.ff import FFLayout
 from fwdfleet.bundle import load_bundle
+from fwdfleet.device_runtime.ff import FFLayout
 from fwdfleet.errors import FwdfleetError
-from pff.config import PFFConfig, RunPlan, load_data
-from pff.evaluate import evaluate
-from pff.store import StoreClient, StoreServer
-from pff.wire import Progress, TaskRecord
+from fwdfleet.pff.config import PFFConfig, RunPlan, load_data
+from fwdfleet.pff.evaluate import evaluate
+from fwdfleet.pff.store import StoreClient, StoreServer
+from fwdfleet.pff.wire import Progress, TaskRecord
 
 ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -170,9 +170,9 @@ class PFFRun:
         attempt = self.attempts.get(n, -1) + 1
         self.attempts[n] = attempt
         log = open(self.workdir / "logs" / f"node-{n}.{attempt}.log", "wb")  # noqa: SIM115 (child keeps it)
-        cmd = [sys.executable, "-m", "pff.node", "--store", self.server.address, "--plan", str(self.plan_path),
+        cmd = [sys.executable, "-m", "fwdfleet.pff.node", "--store", self.server.address, "--plan", str(self.plan_path),
                "--node", str(n), "--attempt", str(attempt)]
-        root = str(Path(__file__).resolve().parent.parent)  # so `-m pff.node` works from any folder
+        root = str(Path(__file__).resolve().parent.parent)  # so `-m fwdfleet.pff.node` works from any folder
         path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
         env = {**os.environ, **ONE_THREAD, "PYTHONPATH": path}
         # its own session: a node is an independent process (as on its own machine); with the kernel's
@@ -284,7 +284,7 @@ class _Display:
 
 def export_network(config: PFFConfig, out: Path) -> Path:
     """Export ``config``'s initial network (seeded by ``config.seed``) as an FF-MLP bundle in ``out``."""
-    from export.ff_mlp import FFMLPConfig, export_ff_mlp
+    from fwdfleet.export.ff_mlp import FFMLPConfig, export_ff_mlp
 
     cfg = FFMLPConfig(layers=config.layers, num_classes=10, heads=config.head,  # type: ignore[arg-type]
                       seed=config.seed)

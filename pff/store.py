@@ -12,7 +12,7 @@ restarted (or its layer given to another node) and fetches what it needs again; 
 writes every version to disk before acknowledging it, so a restarted store loses nothing
 (see :class:`ParameterStore` for when it flushes). It
 is ``service PffStore`` in ``proto/fwdfleet/v1/pff.proto``; the coordinator (:mod:`pff.run`)
-runs it in its own process, ``python -m pff.store DIR`` runs it alone.
+runs it in its own process, ``python -m fwdfleet.pff.store DIR`` runs it alone.
 
 On disk, version ``v`` of layer ``l`` is ``l{l}.v{v}.f32`` (the tensors' raw float32 bytes, one
 after another) and ``l{l}.v{v}.json`` (names, shapes, offsets, sha256, the task record). The
@@ -34,9 +34,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from fwdfleet.protocol.v1 import pff_pb2 as pb
-from fwdfleet.protocol.v1 import pff_pb2_grpc as pb_grpc
-from pff.wire import (
+from fwdfleet.pff.wire import (
     EncodedTensor,
     Params,
     Progress,
@@ -53,6 +51,8 @@ from pff.wire import (
     tensors_from_proto,
     tensors_to_proto,
 )
+from fwdfleet.protocol.v1 import pff_pb2 as pb
+from fwdfleet.protocol.v1 import pff_pb2_grpc as pb_grpc
 
 MAX_MESSAGE_BYTES = 512 << 20  # a layer travels in one message
 MAX_WAIT_SECONDS = 30.0

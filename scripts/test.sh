@@ -6,5 +6,5 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh
 export PATH="$PWD/.venv/bin:$PATH"
 echo "== ruff"; ruff check .
-echo "== mypy"; mypy fwdfleet device_runtime aggregator export fleet pff
+echo "== mypy"; mypy fwdfleet
 echo "== pytest"; pytest -q "$@"

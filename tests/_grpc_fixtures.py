@@ -11,13 +11,13 @@ import grpc
 import numpy as np
 from _tiny_bundles import make_classifier_bundle
 
-from aggregator.auth import append_token
-from aggregator.config import config_from_dict
-from aggregator.coordinator import Coordinator
-from aggregator.server import RunningServer, ServerConfig, serve
-from device_runtime.data import ArrayDataset
+from fwdfleet.aggregator.auth import append_token
+from fwdfleet.aggregator.config import config_from_dict
+from fwdfleet.aggregator.coordinator import Coordinator
+from fwdfleet.aggregator.server import RunningServer, ServerConfig, serve
 from fwdfleet.bundle import Bundle
 from fwdfleet.cli.aggregator_cmd import write_dev_certificates
+from fwdfleet.device_runtime.data import ArrayDataset
 from fwdfleet.protocol import bearer_metadata, rpc
 
 FLEET_TOKEN = "fleet-token-for-tests"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from aggregator.config import AggregatorConfig, RoundsConfig, apply_overrides, load_config
+from fwdfleet.aggregator.config import AggregatorConfig, RoundsConfig, apply_overrides, load_config
 from fwdfleet.errors import ConfigError
 
 TOML = """

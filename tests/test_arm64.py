@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device_runtime.perturbation import perturbation
+from fwdfleet.perturbation import perturbation
 
 ROOT = Path(__file__).resolve().parents[1]
 HARNESS = ROOT / "android_harness" / "arm64"
@@ -113,7 +113,7 @@ def test_device_stack_imports_on_arm64_without_torch(arm64, tmp_path):
         """
         import importlib, json, pkgutil, platform, sys
         import numpy, onnxruntime, grpc, google.protobuf
-        import device_runtime
+        import fwdfleet.device_runtime
         mods = sorted(m.name for m in pkgutil.iter_modules(device_runtime.__path__))
         for m in mods:
             importlib.import_module("device_runtime." + m)
@@ -138,7 +138,7 @@ def test_perturbations_match_x86_bit_for_bit(arm64, tmp_path, record_property):
     run_arm(
         f"""
         import numpy as np
-        from device_runtime.perturbation import perturbation
+        from fwdfleet.perturbation import perturbation
         arrays = {{}}
         for i, (seed, device, k, n) in enumerate({CASES!r}):
             for dist in ("rademacher", "gaussian"):
@@ -170,9 +170,9 @@ def _step_script(bundle_dir: Path, batch_file: Path, out: Path) -> str:
     return f"""
         import json, numpy as np
         from fwdfleet.bundle import load_bundle
-        from device_runtime.session import BundleSession
-        from device_runtime.estimator import estimate
-        from device_runtime.task import RoundTask
+        from fwdfleet.device_runtime.session import BundleSession
+        from fwdfleet.device_runtime.estimator import estimate
+        from fwdfleet.task import RoundTask
         bundle = load_bundle({str(bundle_dir)!r})
         session = BundleSession(bundle)
         with np.load({str(batch_file)!r}, allow_pickle=False) as f:
@@ -190,9 +190,9 @@ def test_onnxruntime_training_step_on_arm64(arm64, tmp_path):
     sys.path.insert(0, str(ROOT / "tests"))
     from _tiny_bundles import make_classifier_bundle
 
-    from device_runtime.estimator import estimate
-    from device_runtime.session import BundleSession
-    from device_runtime.task import RoundTask
+    from fwdfleet.device_runtime.estimator import estimate
+    from fwdfleet.device_runtime.session import BundleSession
+    from fwdfleet.task import RoundTask
 
     bundle = make_classifier_bundle(tmp_path / "bundle", in_dim=12, num_classes=4, hidden=8, seed=1)
     rng = np.random.default_rng(0)
@@ -218,11 +218,11 @@ def test_onnxruntime_training_step_on_arm64(arm64, tmp_path):
 _DEVICE_SCRIPT = """
     import json, platform, time
     import grpc, numpy as np
-    import device_runtime.client as client_mod
-    from device_runtime.client import DeviceClient, DeviceClientConfig
-    from device_runtime.data import ArrayDataset
-    from device_runtime.estimator import estimate as real_estimate
-    from device_runtime.perturbation import flatten, perturbation
+    import fwdfleet.device_runtime.client as client_mod
+    from fwdfleet.device_runtime.client import DeviceClient, DeviceClientConfig
+    from fwdfleet.device_runtime.data import ArrayDataset
+    from fwdfleet.device_runtime.estimator import estimate as real_estimate
+    from fwdfleet.perturbation import flatten, perturbation
     from fwdfleet.protocol import bearer_metadata, rpc, serde
 
     seen = []
@@ -294,9 +294,9 @@ def test_emulated_arm_device_trains_against_x86_aggregator(arm64, tmp_path):
     from _grpc_fixtures import DEVICE_TOKEN, Env, aggregator_config, start
     from _tiny_bundles import make_classifier_bundle
 
-    from aggregator.auth import append_token
-    from device_runtime.perturbation import flatten
+    from fwdfleet.aggregator.auth import append_token
     from fwdfleet.cli.aggregator_cmd import write_dev_certificates
+    from fwdfleet.perturbation import flatten
 
     in_dim, classes, k, lr = 8, 3, 4, 0.5
     bundle = make_classifier_bundle(tmp_path / "bundle", in_dim=in_dim, num_classes=classes, hidden=12, seed=3)

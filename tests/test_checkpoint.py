@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from _aggregator_helpers import ManualClock, flat_params, join_all, make_devices, play_round, tiny_bundle
 
-from aggregator.checkpoint import (
+from fwdfleet.aggregator.checkpoint import (
     LATEST,
     ROUND_JOURNAL,
     CheckpointError,
@@ -18,9 +18,9 @@ from aggregator.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from aggregator.config import AggregatorConfig, OptimizerConfig, PacingConfig, PerturbationConfig, RoundsConfig
-from aggregator.coordinator import Coordinator
-from device_runtime.task import DeviceResult
+from fwdfleet.aggregator.config import AggregatorConfig, OptimizerConfig, PacingConfig, PerturbationConfig, RoundsConfig
+from fwdfleet.aggregator.coordinator import Coordinator
+from fwdfleet.task import DeviceResult
 
 
 def _state(version: int) -> CheckpointState:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from _grpc_fixtures import DEVICE_TOKEN, FLEET_TOKEN, aggregator_config, dataset, make_env, start
 
-from device_runtime.client import ClientError, DeviceClient, DeviceClientConfig, backoff_delay
+from fwdfleet.device_runtime.client import ClientError, DeviceClient, DeviceClientConfig, backoff_delay
 
 
 def client_config(env, port: int, device_id: str, token: str = FLEET_TOKEN, **kw) -> DeviceClientConfig:

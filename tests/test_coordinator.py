@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from _aggregator_helpers import ManualClock, flat_params, join_all, make_devices, play_round, tiny_bundle
 
-from aggregator.config import AggregatorConfig, OptimizerConfig, PerturbationConfig, RoundsConfig
-from aggregator.coordinator import Coordinator, DeviceProfile
-from aggregator.errors import RejectCode, RejectedError
-from device_runtime.perturbation import split
-from device_runtime.task import DeviceResult
+from fwdfleet.aggregator.config import AggregatorConfig, OptimizerConfig, PerturbationConfig, RoundsConfig
+from fwdfleet.aggregator.coordinator import Coordinator, DeviceProfile
+from fwdfleet.aggregator.errors import RejectCode, RejectedError
+from fwdfleet.perturbation import split
+from fwdfleet.task import DeviceResult
 
 
 def _config(**sections) -> AggregatorConfig:

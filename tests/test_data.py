@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from _tiny_bundles import make_classifier_bundle, make_text_bundle
 
-from device_runtime.data import ArrayDataset, load_dataset, load_idx, read_data, synthetic_batch
-from device_runtime.session import BundleSession
+from fwdfleet.device_runtime.data import ArrayDataset, load_dataset, load_idx, read_data, synthetic_batch
+from fwdfleet.device_runtime.session import BundleSession
 from fwdfleet.errors import DataError
 
 AG_NEWS = Path("/work/shared/data/ag_news_test.csv")

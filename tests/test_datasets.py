@@ -5,8 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fleet.datasets import DatasetConfig, load_split, subset
 from fwdfleet.errors import DataError
+from fwdfleet.fleet.datasets import DatasetConfig, load_split, subset
 
 AG_NEWS = Path(__file__).resolve().parents[2] / "shared" / "data" / "ag_news_test.csv"
 

@@ -11,7 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device_runtime.downloads import CorruptDownload, UnsafeBundle, extract_bundle, read_trainables, resume_download
+from fwdfleet.device_runtime.downloads import (
+    CorruptDownload,
+    UnsafeBundle,
+    extract_bundle,
+    read_trainables,
+    resume_download,
+)
 from fwdfleet.protocol.serde import DownloadChunk
 
 

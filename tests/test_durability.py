@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from _grpc_fixtures import FLEET_TOKEN, call, channel, dataset, make_env
 
-from device_runtime.estimator import estimate
-from device_runtime.session import BundleSession
+from fwdfleet.device_runtime.estimator import estimate
+from fwdfleet.device_runtime.session import BundleSession
 from fwdfleet.protocol import bearer_metadata, rpc, serde
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from _tiny_bundles import make_classifier_bundle
 
-from aggregator.config import config_from_dict
-from fleet.datasets import DatasetConfig, load_split
-from fleet.emulate import ComputePool, EmulationSettings, RoundRecord, emulate, in_job_order
-from fleet.partition import PartitionConfig, partition
-from fleet.profiles import EmulatedProfile, preset
+from fwdfleet.aggregator.config import config_from_dict
+from fwdfleet.fleet.datasets import DatasetConfig, load_split
+from fwdfleet.fleet.emulate import ComputePool, EmulationSettings, RoundRecord, emulate, in_job_order
+from fwdfleet.fleet.partition import PartitionConfig, partition
+from fwdfleet.fleet.profiles import EmulatedProfile, preset
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # fork() in a threaded process
 
@@ -58,7 +58,7 @@ def test_identical_across_worker_counts(bundle, digits):
 
 
 def test_pool_results_come_back_in_job_order(bundle, digits):
-    from device_runtime.task import RoundTask
+    from fwdfleet.task import RoundTask
 
     shards = partition(digits.train.labels, PartitionConfig("iid", 5, seed=1))
     jobs = [(i, RoundTask(0, 0, 99, i, 4, batch_size=8, data_seed=i)) for i in (3, 0, 4, 1, 2)]
@@ -116,9 +116,9 @@ def test_settings_validate():
 
 def test_discriminative_sampling_is_guided_by_the_last_update(bundle, digits):
     """With candidate_ratio > 1 a virtual device scores its pool against w_t - w_{t-1}, as a real one does."""
-    from device_runtime.sampling import guide_from_versions, select_indices
-    from device_runtime.task import RoundTask
-    from fleet.emulate import DeviceCompute
+    from fwdfleet.device_runtime.sampling import guide_from_versions, select_indices
+    from fwdfleet.fleet.emulate import DeviceCompute
+    from fwdfleet.task import RoundTask
 
     shards = partition(digits.train.labels, PartitionConfig("iid", 2, seed=0))
     compute = DeviceCompute(str(bundle.path), digits.train, shards, threads=1)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from _tiny_bundles import make_classifier_bundle, numpy_directional_derivative, numpy_loss
 
-from device_runtime.estimator import (
+from fwdfleet.bundle import TensorSpec
+from fwdfleet.device_runtime.estimator import (
     EstimatorWorkspace,
     accumulate_update,
     dense_gradient,
@@ -17,11 +18,10 @@ from device_runtime.estimator import (
     load_flat_trainables,
     uplink_bytes,
 )
-from device_runtime.perturbation import PerturbationSpec, flatten, perturbation, split
-from device_runtime.sampling import select_indices
-from device_runtime.session import BundleSession, SessionOptions
-from device_runtime.task import DeviceResult, RoundTask
-from fwdfleet.bundle import TensorSpec
+from fwdfleet.device_runtime.sampling import select_indices
+from fwdfleet.device_runtime.session import BundleSession, SessionOptions
+from fwdfleet.perturbation import PerturbationSpec, flatten, perturbation, split
+from fwdfleet.task import DeviceResult, RoundTask
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +191,7 @@ def _small_workspace() -> tuple[EstimatorWorkspace, np.ndarray, tuple[TensorSpec
 
 
 def test_rademacher_points_are_exactly_the_formula_and_reuse_the_signs(monkeypatch) -> None:
-    import device_runtime.estimator as estimator_module
+    import fwdfleet.device_runtime.estimator as estimator_module
 
     ws, w0, _ = _small_workspace()
     n = w0.size

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fleet.config import load_fleet_config
 from fwdfleet.cli.aggregator_cmd import build_configs
 from fwdfleet.cli.main import build_parser, main
+from fwdfleet.fleet.config import load_fleet_config
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

@@ -16,14 +16,15 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from aggregator.config import AggregatorConfig, OptimizerConfig, PacingConfig, PerturbationConfig, RoundsConfig  # noqa: E402
 from benchmarks.baselines import fedavg_backprop, linear_probe  # noqa: E402
-from device_runtime.data import RawData, dataset_for_bundle  # noqa: E402
-from device_runtime.session import BundleSession, SessionOptions  # noqa: E402
-from fleet.datasets import DatasetConfig, load_split  # noqa: E402
-from fleet.emulate import EmulationSettings, Evaluator, emulate  # noqa: E402
-from fleet.partition import PartitionConfig, partition  # noqa: E402
-from fleet.probe_init import (  # noqa: E402
+from fwdfleet.aggregator.config import AggregatorConfig, OptimizerConfig, PacingConfig, PerturbationConfig, RoundsConfig  # noqa: E402
+from fwdfleet.bundle import Bundle, load_bundle  # noqa: E402
+from fwdfleet.device_runtime.data import RawData, dataset_for_bundle  # noqa: E402
+from fwdfleet.device_runtime.session import BundleSession, SessionOptions  # noqa: E402
+from fwdfleet.fleet.datasets import DatasetConfig, load_split  # noqa: E402
+from fwdfleet.fleet.emulate import EmulationSettings, Evaluator, emulate  # noqa: E402
+from fwdfleet.fleet.partition import PartitionConfig, partition  # noqa: E402
+from fwdfleet.fleet.probe_init import (  # noqa: E402
     ClassStats,
     centroid_head,
     class_stats,
@@ -31,8 +32,7 @@ from fleet.probe_init import (  # noqa: E402
     probe_init,
     stats_wire_bytes,
 )
-from fleet.profiles import PRESETS  # noqa: E402
-from fwdfleet.bundle import Bundle, load_bundle  # noqa: E402
+from fwdfleet.fleet.profiles import PRESETS  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not DATA.is_file(), reason=f"{DATA} (AG News) not present")
 
@@ -86,7 +86,7 @@ def tiny_cls_bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
 
     from transformers import AutoModel
 
-    from export.seq_cls import SeqClsExport, export_seq_cls
+    from fwdfleet.export.seq_cls import SeqClsExport, export_seq_cls
 
     base = tmp_path_factory.mktemp("fwdllm-smoke")
     # the pretrained MiniLM cut to its first layer: pretrained features at a sixth of the cost
@@ -145,7 +145,7 @@ def test_forward_only_head_init_then_scalar_rounds_learn(tiny_cls_bundle: Bundle
 
 
 def test_fedavg_backprop_learns_digits(tmp_path: Path) -> None:
-    from export.mlp import MLPConfig, export_mlp
+    from fwdfleet.export.mlp import MLPConfig, export_mlp
 
     export_mlp(MLPConfig(layer_sizes=(64, 32, 10)), tmp_path / "mlp")
     bundle = load_bundle(tmp_path / "mlp")

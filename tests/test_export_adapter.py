@@ -16,19 +16,19 @@ import pytest
 import torch
 from _export_fixtures import TORCH_BLOCKER, minilm_folder, tiny_bert_folder
 
-from device_runtime.data import ArrayDataset
-from device_runtime.session import BundleSession, SessionOptions
-from device_runtime.train import LocalTrainConfig, train_local
-from export.adapters import ACTIVATIONS, AdapterSettings, BottleneckAdapter, inject_adapters
-from export.hf import ENCODER_METHODS, PEFT_METHODS
-from export.onnx_graph import GraphOptions
-from export.quantize import quantize_bundle_graph
-from export.rebuild import torch_twin_from_bundle
-from export.seq_cls import SeqClsExport, export_seq_cls
 from fwdfleet.bundle import Bundle, load_bundle
 from fwdfleet.cli import export_cmd
 from fwdfleet.cli.main import main
+from fwdfleet.device_runtime.data import ArrayDataset
+from fwdfleet.device_runtime.session import BundleSession, SessionOptions
+from fwdfleet.device_runtime.train import LocalTrainConfig, train_local
 from fwdfleet.errors import ExportError
+from fwdfleet.export.adapters import ACTIVATIONS, AdapterSettings, BottleneckAdapter, inject_adapters
+from fwdfleet.export.hf import ENCODER_METHODS, PEFT_METHODS
+from fwdfleet.export.onnx_graph import GraphOptions
+from fwdfleet.export.quantize import quantize_bundle_graph
+from fwdfleet.export.rebuild import torch_twin_from_bundle
+from fwdfleet.export.seq_cls import SeqClsExport, export_seq_cls
 
 # fp32 parity tolerance between onnxruntime and torch (observed differences are ~1e-7)
 ATOL, RTOL = 1e-4, 1e-4
@@ -141,9 +141,9 @@ def test_bundle_runs_and_estimates_where_torch_cannot_be_imported(adapter_bundle
     script = TORCH_BLOCKER + f"""
 import json, sys, numpy as np
 from tokenizers import Tokenizer
-from device_runtime.estimator import estimate
-from device_runtime.session import BundleSession
-from device_runtime.task import RoundTask
+from fwdfleet.device_runtime.estimator import estimate
+from fwdfleet.device_runtime.session import BundleSession
+from fwdfleet.task import RoundTask
 from fwdfleet.bundle import load_bundle
 b = load_bundle({str(adapter_bundle.path)!r})
 tok = Tokenizer.from_file(str(b.path / "tokenizer" / "tokenizer.json"))

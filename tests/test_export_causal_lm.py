@@ -16,10 +16,10 @@ import pytest
 import torch
 from _export_fixtures import TORCH_BLOCKER, tiny_gpt2_folder, tiny_llama_folder
 
-from export.causal_lm import CausalLmExport, export_causal_lm
-from export.hf import LoraSettings
-from export.rebuild import torch_twin_from_bundle
 from fwdfleet.bundle import Bundle
+from fwdfleet.export.causal_lm import CausalLmExport, export_causal_lm
+from fwdfleet.export.hf import LoraSettings
+from fwdfleet.export.rebuild import torch_twin_from_bundle
 
 # fp32 parity tolerance between onnxruntime and torch (observed differences are ~1e-6)
 ATOL, RTOL = 1e-4, 1e-4

@@ -10,10 +10,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from export.ff_mlp import HEADS, FFMLPConfig, export_ff_mlp, trainable_specs
 from fwdfleet.bundle import load_bundle
 from fwdfleet.cli.export_ff_cmd import register_ff
 from fwdfleet.errors import ExportError
+from fwdfleet.export.ff_mlp import HEADS, FFMLPConfig, export_ff_mlp, trainable_specs
 
 # fp32 graphs vs the torch twin on the same random weights: both do the same float32 ops in a
 # possibly different order, so they agree to a few ulps; 1e-5 absolute + 1e-4 relative is tight.
@@ -34,7 +34,7 @@ def _session(bundle, graph: str) -> ort.InferenceSession:
 @pytest.mark.parametrize("score_layers", ["all_but_first", "all"])
 def test_onnxruntime_matches_torch_twin(tmp_path, heads, score_layers):
     torch = pytest.importorskip("torch", reason="the torch twin needs the export extra")
-    from export.ff_mlp import torch_twin
+    from fwdfleet.export.ff_mlp import torch_twin
 
     config = FFMLPConfig(**SMALL, heads=heads, score_layers=score_layers)
     bundle = load_bundle(export_ff_mlp(config, tmp_path / "b"))

@@ -6,9 +6,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from export.mlp import MLPConfig, export_mlp, torch_twin
 from fwdfleet.bundle import load_bundle
 from fwdfleet.cli.main import main
+from fwdfleet.export.mlp import MLPConfig, export_mlp, torch_twin
 
 torch = pytest.importorskip("torch")
 

@@ -17,14 +17,14 @@ import pytest
 import torch
 from _export_fixtures import TORCH_BLOCKER, minilm_folder, tiny_bert_folder
 
-from export.hf import LoraSettings
-from export.onnx_graph import GraphOptions
-from export.quantize import quantize_bundle_graph
-from export.rebuild import torch_twin_from_bundle
-from export.seq_cls import SeqClsExport, export_seq_cls
 from fwdfleet.bundle import Bundle, load_bundle, write_bundle
 from fwdfleet.cli.main import main
 from fwdfleet.errors import BundleError
+from fwdfleet.export.hf import LoraSettings
+from fwdfleet.export.onnx_graph import GraphOptions
+from fwdfleet.export.quantize import quantize_bundle_graph
+from fwdfleet.export.rebuild import torch_twin_from_bundle
+from fwdfleet.export.seq_cls import SeqClsExport, export_seq_cls
 
 # fp32 parity tolerance between onnxruntime and torch (observed differences are ~1e-6)
 ATOL, RTOL = 1e-4, 1e-4
@@ -194,7 +194,7 @@ def test_graph_over_the_protobuf_limit_is_written_with_one_external_data_file(
     bert_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The >2 GB path on a tiny model: lower the limit so that its weights must go to external data.
-    import export.onnx_graph as onnx_graph
+    import fwdfleet.export.onnx_graph as onnx_graph
 
     monkeypatch.setattr(onnx_graph, "TWO_GB", 1)
     monkeypatch.setattr(onnx_graph, "EXTERNAL_DATA_MARGIN", 0)

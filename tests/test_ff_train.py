@@ -6,15 +6,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from device_runtime.ff import FFLayout, NumpyLayers, OnnxLayers, label_scores
-from device_runtime.ff_objectives import (
+from fwdfleet.bundle import load_bundle
+from fwdfleet.device_runtime.ff import FFLayout, NumpyLayers, OnnxLayers, label_scores
+from fwdfleet.device_runtime.ff_objectives import (
     LayerShape,
     layer_forward,
     layer_gradients,
     negative_labels,
     objective_value,
 )
-from device_runtime.ff_train import (
+from fwdfleet.device_runtime.ff_train import (
     AdamState,
     FFTrainConfig,
     LayerBatch,
@@ -24,9 +25,8 @@ from device_runtime.ff_train import (
     train_ff,
     train_layer_step,
 )
-from export.ff_mlp import FFMLPConfig, export_ff_mlp
-from fwdfleet.bundle import load_bundle
 from fwdfleet.errors import BundleError, DataError
+from fwdfleet.export.ff_mlp import FFMLPConfig, export_ff_mlp
 
 HEAD_OF = {"hinton": "none", "symmetric": "none", "sff": "class-goodness", "pon": "softmax"}
 
@@ -167,8 +167,8 @@ def test_train_layers_selects_which_layers_change(bundles, digits):
 
 def test_perturbed_derivatives_match_the_closed_form_gradient(bundles, digits):
     """d_k from perturbed inference of the layer's ONNX graph ~ <closed-form gradient, z_k>."""
-    from device_runtime.ff_train import layer_specs
-    from device_runtime.perturbation import flatten, perturbation
+    from fwdfleet.device_runtime.ff_train import layer_specs
+    from fwdfleet.perturbation import flatten, perturbation
 
     xtr, ytr, _, _ = digits
     bundle = bundles["softmax"]

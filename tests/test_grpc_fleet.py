@@ -9,20 +9,20 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from aggregator.config import config_from_dict
-from fleet.datasets import DatasetConfig, load_split
-from fleet.emulate import EmulationSettings
-from fleet.grpc_fleet import GrpcFleet, GrpcOptions, emulate_grpc, parse_client_stats
-from fleet.partition import PartitionConfig, partition
-from fleet.profiles import preset
-from fleet.report import write_report
+from fwdfleet.aggregator.config import config_from_dict
 from fwdfleet.bundle import load_bundle
+from fwdfleet.fleet.datasets import DatasetConfig, load_split
+from fwdfleet.fleet.emulate import EmulationSettings
+from fwdfleet.fleet.grpc_fleet import GrpcFleet, GrpcOptions, emulate_grpc, parse_client_stats
+from fwdfleet.fleet.partition import PartitionConfig, partition
+from fwdfleet.fleet.profiles import preset
+from fwdfleet.fleet.report import write_report
 
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
     pytest.importorskip("torch", reason="exporting the MLP bundle needs torch (the export extra)")
-    from export.mlp import MLPConfig, export_mlp
+    from fwdfleet.export.mlp import MLPConfig, export_mlp
 
     return load_bundle(export_mlp(MLPConfig(layer_sizes=(64, 16, 10)), tmp_path_factory.mktemp("mlp") / "bundle"))
 
@@ -102,8 +102,8 @@ def test_parse_client_stats():
 
 
 def test_run_fleet_over_grpc_writes_the_report(bundle, tmp_path):
-    from fleet.config import load_fleet_config
-    from fleet.run import run_fleet
+    from fwdfleet.fleet.config import load_fleet_config
+    from fwdfleet.fleet.run import run_fleet
 
     cfg = load_fleet_config(None, [
         "fleet.transport=grpc", "fleet.devices=3", "fleet.rounds=2", "fleet.eval_every=1",
@@ -124,8 +124,8 @@ def test_run_fleet_over_grpc_writes_the_report(bundle, tmp_path):
 
 
 def test_fleet_config_transport_and_backend_are_validated():
-    from fleet.config import load_fleet_config
     from fwdfleet.errors import ConfigError
+    from fwdfleet.fleet.config import load_fleet_config
 
     assert load_fleet_config(None, ["fleet.transport=grpc"]).fleet.transport == "grpc"
     assert load_fleet_config(None, ["fleet.backend=ray"]).fleet.backend == "ray"

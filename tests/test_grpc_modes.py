@@ -21,18 +21,18 @@ import pytest
 from _grpc_fixtures import FLEET_TOKEN, call, channel, dataset, make_env, start
 from _tiny_bundles import make_classifier_bundle
 
-from aggregator.config import config_from_dict
-from aggregator.coordinator import Coordinator
-from device_runtime.client import DeviceClient, DeviceClientConfig
-from device_runtime.data import ArrayDataset
-from device_runtime.estimator import dense_gradient, estimate
-from device_runtime.ff_train import FFTrainConfig, train_ff
-from device_runtime.perturbation import flatten, split
-from device_runtime.session import BundleSession
-from device_runtime.task import DeviceProfile, DeviceResult, RoundTask
+from fwdfleet.aggregator.config import config_from_dict
+from fwdfleet.aggregator.coordinator import Coordinator
 from fwdfleet.bundle import load_bundle
+from fwdfleet.device_runtime.client import DeviceClient, DeviceClientConfig
+from fwdfleet.device_runtime.data import ArrayDataset
+from fwdfleet.device_runtime.estimator import dense_gradient, estimate
+from fwdfleet.device_runtime.ff_train import FFTrainConfig, train_ff
+from fwdfleet.device_runtime.session import BundleSession
+from fwdfleet.perturbation import flatten, split
 from fwdfleet.protocol import rpc, serde
 from fwdfleet.protocol.v1 import fleet_pb2 as pb  # raw messages: what a broken client sends
+from fwdfleet.task import DeviceProfile, DeviceResult, RoundTask
 
 PROFILE = serde.DeviceProfile(platform="test", ram_mb=512)
 DEVICES = ("a", "b")
@@ -235,7 +235,7 @@ def test_device_clients_train_in_the_aggregators_mode(env, mode: str) -> None:
 
 
 def test_fedavg_of_forward_forward_layers_trained_on_devices(env, tmp_path: Path) -> None:
-    from export.ff_mlp import FFMLPConfig, export_ff_mlp
+    from fwdfleet.export.ff_mlp import FFMLPConfig, export_ff_mlp
 
     bundle = load_bundle(export_ff_mlp(FFMLPConfig(layers=(8, 16, 16), num_classes=3), tmp_path / "ff"))
     ff_env = dataclasses.replace(env, bundle=bundle)

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from _grpc_fixtures import DEVICE_TOKEN, FLEET_TOKEN, aggregator_config, call, channel, dataset, make_env, start
 
-from device_runtime.estimator import estimate
-from device_runtime.session import BundleSession
-from device_runtime.task import DeviceResult, RoundTask
+from fwdfleet.device_runtime.estimator import estimate
+from fwdfleet.device_runtime.session import BundleSession
 from fwdfleet.protocol import rpc, serde, server_codec
 from fwdfleet.protocol.v1 import fleet_pb2 as pb  # raw messages: what a broken or hostile client sends
+from fwdfleet.task import DeviceResult, RoundTask
 
 PROFILE = serde.DeviceProfile(platform="test", ram_mb=512)
 
@@ -218,7 +218,7 @@ def test_uplink_per_round_is_under_1kb_at_k64() -> None:
 def test_status_gen_certs_and_add_token_commands(env, tmp_path: Path, capsys) -> None:
     import json
 
-    from aggregator.auth import TokenAllowList
+    from fwdfleet.aggregator.auth import TokenAllowList
     from fwdfleet.cli.main import main
 
     assert main(["aggregator", "gen-certs", "--out", str(tmp_path / "c"), "--host", "agg.lan"]) == 0
@@ -248,7 +248,7 @@ def test_status_gen_certs_and_add_token_commands(env, tmp_path: Path, capsys) ->
 
 
 def test_server_refuses_to_start_without_tls_or_tokens(env) -> None:
-    from aggregator.server import ServerConfig
+    from fwdfleet.aggregator.server import ServerConfig
 
     with pytest.raises(ValueError, match="tls_cert"):
         ServerConfig(port=0)

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from _tiny_bundles import make_classifier_bundle
 
-from device_runtime.data import ArrayDataset
-from device_runtime.session import BundleSession, SessionOptions
-from device_runtime.train import LocalTrainConfig, derive_seed, evaluate, train_local
 from fwdfleet.bundle import load_bundle
+from fwdfleet.device_runtime.data import ArrayDataset
+from fwdfleet.device_runtime.session import BundleSession, SessionOptions
+from fwdfleet.device_runtime.train import LocalTrainConfig, derive_seed, evaluate, train_local
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from _tiny_bundles import make_classifier_bundle
 
-from device_runtime.bench import benchmark, format_table
-from device_runtime.memory import RuntimeOptions, measure_memory, peak_rss_kb
 from fwdfleet.cli.main import main
+from fwdfleet.device_runtime.bench import benchmark, format_table
+from fwdfleet.device_runtime.memory import RuntimeOptions, measure_memory, peak_rss_kb
 from fwdfleet.errors import ConfigError
 
 

@@ -7,8 +7,8 @@ import itertools
 import numpy as np
 import pytest
 
-from aggregator.config import OptimizerConfig
-from aggregator.optim import Optimizer, learning_rate
+from fwdfleet.aggregator.config import OptimizerConfig
+from fwdfleet.aggregator.optim import Optimizer, learning_rate
 
 
 def test_sgd_step_is_exact() -> None:

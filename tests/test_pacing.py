@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from _aggregator_helpers import ManualClock, flat_params, join_all, make_devices, play_round, tiny_bundle
 
-from aggregator.config import AggregatorConfig, OptimizerConfig, PacingConfig, PerturbationConfig, RoundsConfig
-from aggregator.coordinator import Coordinator
-from aggregator.pacing import Pacer
-from aggregator.reconstruct import NoiseStats
+from fwdfleet.aggregator.config import AggregatorConfig, OptimizerConfig, PacingConfig, PerturbationConfig, RoundsConfig
+from fwdfleet.aggregator.coordinator import Coordinator
+from fwdfleet.aggregator.pacing import Pacer
+from fwdfleet.aggregator.reconstruct import NoiseStats
 
 
 def _noise(ratio: float, pairs: int = 40, units: int = 10) -> NoiseStats:

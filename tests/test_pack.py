@@ -14,8 +14,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _grpc_fixtures import DEVICE_TOKEN, aggregator_config, make_env, start
 
-from aggregator.auth import TokenAllowList
-from device_runtime.kit import (
+from fwdfleet.aggregator.auth import TokenAllowList
+from fwdfleet.bundle import load_bundle
+from fwdfleet.cli.main import main
+from fwdfleet.device_runtime.kit import (
     KIT_FILE,
     KitError,
     build_wheel,
@@ -23,8 +25,6 @@ from device_runtime.kit import (
     run_kit,
     source_tree,
 )
-from fwdfleet.bundle import load_bundle
-from fwdfleet.cli.main import main
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,10 @@ def test_wheel_holds_the_device_side_and_declares_its_dependencies(wheel):
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
         metadata = next(zf.read(n).decode() for n in names if n.endswith(".dist-info/METADATA"))
-    assert {"device_runtime/kit.py", "device_runtime/client.py", "fwdfleet/bundle.py"} <= names
+    assert {"fwdfleet/device_runtime/kit.py", "fwdfleet/device_runtime/client.py", "fwdfleet/bundle.py"} <= names
+    # every package installs under the fwdfleet import namespace: no top-level export/fleet/pff
+    top_level = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert top_level == {"fwdfleet"}, top_level
     requires = [line for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
     for dep in ("numpy", "onnxruntime", "grpcio", "protobuf"):
         assert any(line.split()[1].startswith(dep) and "extra ==" not in line for line in requires), dep

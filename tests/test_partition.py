@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fleet.partition import PartitionConfig, label_histogram, partition, plot_label_distribution
+from fwdfleet.fleet.partition import PartitionConfig, label_histogram, partition, plot_label_distribution
 
 LABELS = np.repeat(np.arange(10), 60)
 

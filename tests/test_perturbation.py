@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from device_runtime.perturbation import PerturbationSpec, perturbation, philox4x32, random_words, split
 from fwdfleet.bundle import TensorSpec
+from fwdfleet.perturbation import PerturbationSpec, perturbation, philox4x32, random_words, split
 
 # Random123 known-answer tests for philox4x32-10: (counter, key) -> output
 KAT = [

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from device_runtime.perturbation import perturbation, random_words
-from device_runtime.perturbation_fast import (
+from fwdfleet.perturbation import perturbation, random_words
+from fwdfleet.perturbation_fast import (
     bit_lanes,
     from_lane_order,
     sign_table,

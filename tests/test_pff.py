@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device_runtime.ff import FFLayout
+from fwdfleet.device_runtime.ff import FFLayout
 from fwdfleet.errors import ConfigError
-from pff.config import NodeData, PFFConfig
-from pff.run import PFFRun, run_pff
-from pff.schedule import Schedule, Task, dependencies, makespan, simulate
-from pff.store import ParameterStore, StoreClient, StoreServer
-from pff.wire import StoreError, TaskRecord
+from fwdfleet.pff.config import NodeData, PFFConfig
+from fwdfleet.pff.run import PFFRun, run_pff
+from fwdfleet.pff.schedule import Schedule, Task, dependencies, makespan, simulate
+from fwdfleet.pff.store import ParameterStore, StoreClient, StoreServer
+from fwdfleet.pff.wire import StoreError, TaskRecord
 
 # ---------------------------------------------------------------- schedule
 
@@ -215,7 +215,7 @@ def test_federated_ring_uses_every_shard_and_matches_sequential(sequential: dict
 
 
 def test_shards_partition_the_training_set() -> None:
-    from pff.config import shard
+    from fwdfleet.pff.config import shard
 
     data = NodeData(np.zeros((101, 2), np.float32), np.arange(101) % 10, np.arange(101))
     parts = [shard(data, k, 3, seed=7) for k in range(3)]
@@ -271,7 +271,7 @@ def test_cli_json_and_timeline(tmp_path: Path, capsys: pytest.CaptureFixture[str
 
 
 def _tiny() -> tuple[FFLayout, dict[int, dict[str, np.ndarray]], NodeData]:
-    from export.ff_mlp import FFMLPConfig, initial_trainables
+    from fwdfleet.export.ff_mlp import FFMLPConfig, initial_trainables
 
     layout = FFLayout(sizes=(20, 16, 16, 16), num_classes=4)
     init = initial_trainables(FFMLPConfig(layers=(20, 16, 16, 16), num_classes=4))
@@ -283,8 +283,8 @@ def _tiny() -> tuple[FFLayout, dict[int, dict[str, np.ndarray]], NodeData]:
 
 @pytest.mark.parametrize("negatives", ["fixed", "random", "adaptive"])
 def test_layer_inputs_negatives_and_cache(negatives: str) -> None:
-    from device_runtime.ff_objectives import layer_forward
-    from pff.chapter import ActivationCache, layer_inputs
+    from fwdfleet.device_runtime.ff_objectives import layer_forward
+    from fwdfleet.pff.chapter import ActivationCache, layer_inputs
 
     layout, params, data = _tiny()
     cfg = PFFConfig(layers=(20, 16, 16, 16), negatives=negatives).train_config()  # type: ignore[arg-type]
@@ -310,7 +310,7 @@ def test_layer_inputs_negatives_and_cache(negatives: str) -> None:
 
 
 def test_train_chapter_is_deterministic_and_changes_only_its_layer() -> None:
-    from pff.chapter import train_chapter
+    from fwdfleet.pff.chapter import train_chapter
 
     layout, params, data = _tiny()
     cfg = PFFConfig(layers=(20, 16, 16, 16)).train_config()
@@ -325,8 +325,8 @@ def test_train_chapter_is_deterministic_and_changes_only_its_layer() -> None:
 
 
 def test_progress_display_shows_each_node() -> None:
-    from pff.run import _Display
-    from pff.wire import Progress
+    from fwdfleet.pff.run import _Display
+    from fwdfleet.pff.wire import Progress
 
     display = _Display(2)
     try:
@@ -367,7 +367,7 @@ def test_speedup_benchmark_repeats_modes_and_takes_the_median(capsys: pytest.Cap
 def test_train_chapter_hands_adam_state_on_when_given() -> None:
     """A ring's next part can continue the previous part's Adam state (benchmarks/pff_ring_adam.py):
     the step counts go on, and the result differs from restarting Adam."""
-    from pff.chapter import train_chapter
+    from fwdfleet.pff.chapter import train_chapter
 
     layout, params, data = _tiny()
     cfg = PFFConfig(layers=(20, 16, 16, 16)).train_config()
@@ -401,8 +401,8 @@ def test_ring_adam_benchmark_reproduces_the_nodes_ring(capsys: pytest.CaptureFix
 
 
 def test_adam_state_travels_with_the_parameters_and_back() -> None:
-    from device_runtime.ff_train import AdamState
-    from pff.chapter import split_adam_state, with_adam_state
+    from fwdfleet.device_runtime.ff_train import AdamState
+    from fwdfleet.pff.chapter import split_adam_state, with_adam_state
 
     params = {"layers.0.weight": np.ones((3, 2), np.float32), "layers.0.bias": np.zeros(2, np.float32)}
     state = AdamState(t={k: 7 for k in params}, m={k: v + 0.5 for k, v in params.items()},
@@ -420,7 +420,7 @@ def test_adam_state_travels_with_the_parameters_and_back() -> None:
 
 
 def test_a_ring_part_continues_adam_from_its_predecessor_and_the_last_part_publishes_no_state() -> None:
-    from pff.chapter import continues_adam, hands_adam_on
+    from fwdfleet.pff.chapter import continues_adam, hands_adam_on
 
     ring = [t for t in PFFConfig(mode="federated", nodes=3, layers=(64, 8, 8), epochs=2, splits=2).schedule().tasks()
             if t.layer == 1 and t.chapter == 1]
@@ -435,7 +435,7 @@ def test_lr_schedule_sets_each_chapters_rate_and_the_nodes_follow_it(capsys: pyt
     as in benchmarks/pff_ring_adam.py's in-process run."""
     import sys
 
-    from device_runtime.lr_schedule import round_lr
+    from fwdfleet.device_runtime.lr_schedule import round_lr
 
     config = PFFConfig(layers=(20, 16), epochs=4, splits=4, lr=0.01, lr_schedule="cosine")
     assert [config.train_config(c).lr for c in range(4)] == [round_lr(0.01, c, 4, "cosine") for c in range(4)]

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from fleet.profiles import EmulatedProfile, SimulatedClock, assign_profiles, preset
+from fwdfleet.fleet.profiles import EmulatedProfile, SimulatedClock, assign_profiles, preset
 
 
 def test_round_seconds_adds_latency_transfer_and_scaled_compute():

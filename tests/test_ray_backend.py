@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 from _tiny_bundles import make_classifier_bundle
 
-from aggregator.config import config_from_dict
-from device_runtime.task import RoundTask
-from fleet.datasets import DatasetConfig, load_split
-from fleet.emulate import ComputePool, EmulationSettings, emulate
-from fleet.partition import PartitionConfig, partition
-from fleet.profiles import EmulatedProfile
+from fwdfleet.aggregator.config import config_from_dict
+from fwdfleet.fleet.datasets import DatasetConfig, load_split
+from fwdfleet.fleet.emulate import ComputePool, EmulationSettings, emulate
+from fwdfleet.fleet.partition import PartitionConfig, partition
+from fwdfleet.fleet.profiles import EmulatedProfile
+from fwdfleet.task import RoundTask
 
 ray = pytest.importorskip("ray", reason="the Ray backend needs the optional ray package (pip install 'fwdfleet[ray]')")
 
@@ -27,7 +27,7 @@ def local_ray():
 
 
 def test_ray_pool_matches_in_process_pool_and_runs_a_fleet(local_ray, tmp_path):
-    from fleet.ray_backend import RayComputePool
+    from fwdfleet.fleet.ray_backend import RayComputePool
 
     data = load_split(DatasetConfig(name="digits"))
     bundle = make_classifier_bundle(tmp_path / "bundle", in_dim=64, num_classes=10, hidden=16)

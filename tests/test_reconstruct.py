@@ -8,9 +8,9 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from aggregator.config import RobustConfig
-from aggregator.reconstruct import Accumulator, Contribution, accumulate, reconstruct
-from device_runtime.perturbation import perturbation
+from fwdfleet.aggregator.config import RobustConfig
+from fwdfleet.aggregator.reconstruct import Accumulator, Contribution, accumulate, reconstruct
+from fwdfleet.perturbation import perturbation
 
 SEED = 0xDEADBEEF12345
 
@@ -180,7 +180,7 @@ def test_fast_path_equals_reference_path(n: int, ks: list[int], dtype: type[np.f
 
 
 def test_fast_path_spans_several_segments(monkeypatch: pytest.MonkeyPatch) -> None:
-    import aggregator.bitsum as bitsum
+    import fwdfleet.aggregator.bitsum as bitsum
 
     monkeypatch.setattr(bitsum, "SEGMENT", 256)
     monkeypatch.setattr(bitsum, "TARGET_BLOCKS", 16)  # several generator calls per chunk too
@@ -221,7 +221,7 @@ def test_gaussian_ignores_the_fast_flag() -> None:
 
 
 def test_fast_path_memory_is_independent_of_the_number_of_devices() -> None:
-    from aggregator.bitsum import TARGET_BLOCKS
+    from fwdfleet.aggregator.bitsum import TARGET_BLOCKS
 
     def peak(num_devices: int) -> int:
         contribs = _contribs(num_devices, 16, shared=False, rng=np.random.default_rng(15))

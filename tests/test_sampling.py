@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from device_runtime.perturbation import perturbation, perturbation_chunks, perturbation_slice, random_words
-from device_runtime.sampling import cosine_scores, guide_from_versions, select_indices
-from device_runtime.task import RoundTask
 from fwdfleet.bundle import TensorSpec
+from fwdfleet.device_runtime.sampling import cosine_scores, guide_from_versions, select_indices
 from fwdfleet.errors import ConfigError
+from fwdfleet.perturbation import perturbation, perturbation_chunks, perturbation_slice, random_words
+from fwdfleet.task import RoundTask
 
 N = 257
 
@@ -79,7 +79,7 @@ def test_chunks_are_bit_identical_to_the_whole_vector(distribution, chunk) -> No
 
 
 def test_rademacher_words_in_block_chunks_and_scaled_signs(monkeypatch) -> None:
-    import device_runtime.perturbation as sampling
+    import fwdfleet.perturbation as sampling
 
     monkeypatch.setattr(sampling, "WORD_BLOCKS", 3)  # 12 words per Philox call: many calls
     n = 1_000
@@ -101,9 +101,9 @@ def test_a_gradient_guide_selects_directions_with_larger_derivatives(tmp_path) -
     the gradient than without sampling (the mechanism the benchmark measures)."""
     from _tiny_bundles import make_classifier_bundle
 
-    from device_runtime.estimator import accumulate_update, estimate
-    from device_runtime.perturbation import flatten
-    from device_runtime.session import BundleSession, SessionOptions
+    from fwdfleet.device_runtime.estimator import accumulate_update, estimate
+    from fwdfleet.device_runtime.session import BundleSession, SessionOptions
+    from fwdfleet.perturbation import flatten
 
     bundle = make_classifier_bundle(tmp_path / "b", in_dim=16, num_classes=3, seed=1)
     session = BundleSession(bundle, SessionOptions(intra_op_threads=1))
@@ -129,7 +129,7 @@ def test_a_gradient_guide_selects_directions_with_larger_derivatives(tmp_path) -
 
 
 def _numeric_gradient(session, w: np.ndarray, batch, h: float = 1e-3) -> np.ndarray:
-    from device_runtime.perturbation import split
+    from fwdfleet.perturbation import split
 
     probe = w.copy()
     runner = session.bind(split(probe, session.trainable_specs), batch)

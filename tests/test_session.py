@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from _tiny_bundles import make_classifier_bundle, numpy_loss
 
-from device_runtime.session import BundleSession, SessionOptions, available_providers
 from fwdfleet.bundle import load_bundle
+from fwdfleet.device_runtime.session import BundleSession, SessionOptions, available_providers
 from fwdfleet.errors import BundleError, ConfigError, DataError
 
 
@@ -130,6 +130,6 @@ def test_device_runtime_imports_without_torch() -> None:
 def test_freed_memory_is_released_after_loading() -> None:
     import sys
 
-    from device_runtime.session import release_freed_memory
+    from fwdfleet.device_runtime.session import release_freed_memory
 
     assert release_freed_memory() is sys.platform.startswith("linux")

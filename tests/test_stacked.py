@@ -12,17 +12,17 @@ pytest.importorskip("torch")
 
 from _export_fixtures import tiny_bert_folder
 
-from device_runtime.data import synthetic_batch
-from device_runtime.estimator import estimate
-from device_runtime.session import BundleSession, SessionOptions
-from device_runtime.task import RoundTask
-from export.hf import LoraSettings
-from export.mlp import MLPConfig, export_mlp
-from export.seq_cls import SeqClsExport, export_seq_cls
-from export.stack import STACKED_GRAPH, StackSettings, add_stacked_graph
 from fwdfleet.bundle import load_bundle
 from fwdfleet.cli.main import main
+from fwdfleet.device_runtime.data import synthetic_batch
+from fwdfleet.device_runtime.estimator import estimate
+from fwdfleet.device_runtime.session import BundleSession, SessionOptions
 from fwdfleet.errors import DataError, ExportError
+from fwdfleet.export.hf import LoraSettings
+from fwdfleet.export.mlp import MLPConfig, export_mlp
+from fwdfleet.export.seq_cls import SeqClsExport, export_seq_cls
+from fwdfleet.export.stack import STACKED_GRAPH, StackSettings, add_stacked_graph
+from fwdfleet.task import RoundTask
 
 
 def _task(**kw: object) -> RoundTask:
@@ -89,8 +89,8 @@ def test_stack_settings_are_validated() -> None:
 def test_local_training_on_a_stacked_graph_matches_the_plain_graph(tmp_path: Path) -> None:
     from sklearn import datasets
 
-    from device_runtime.data import ArrayDataset
-    from device_runtime.train import LocalTrainConfig, train_local
+    from fwdfleet.device_runtime.data import ArrayDataset
+    from fwdfleet.device_runtime.train import LocalTrainConfig, train_local
 
     d = datasets.load_digits()
     data = ArrayDataset({"x": (d.data / 16.0).astype(np.float32), "labels": d.target.astype(np.int64)})

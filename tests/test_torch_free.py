@@ -42,7 +42,7 @@ def _run(code: str) -> subprocess.CompletedProcess[str]:
 
 
 
-@pytest.mark.parametrize("package", ["device_runtime", "aggregator", "fwdfleet", "fwdfleet.cli"])
+@pytest.mark.parametrize("package", ["fwdfleet.device_runtime", "fwdfleet.aggregator", "fwdfleet", "fwdfleet.cli"])
 def test_every_module_imports_without_torch(package):
     path = package.replace(".", "/")
     modules = [f"{package}.{m.name}" for m in pkgutil.iter_modules([str(ROOT / path)])]
@@ -68,9 +68,9 @@ def test_perturbed_step_on_a_bundle_without_torch(tmp_path):
         import sys, numpy as np
         sys.path.insert(0, {str(ROOT / "tests")!r})
         from _tiny_bundles import make_classifier_bundle
-        from device_runtime.session import BundleSession
-        from device_runtime.estimator import estimate
-        from device_runtime.task import RoundTask
+        from fwdfleet.device_runtime.session import BundleSession
+        from fwdfleet.device_runtime.estimator import estimate
+        from fwdfleet.task import RoundTask
         b = make_classifier_bundle({str(tmp_path / "b")!r}, in_dim=8, num_classes=3)
         s = BundleSession(b)
         rng = np.random.default_rng(0)

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from _aggregator_helpers import ManualClock, flat_params, join_all, make_devices, tiny_bundle
 
-from aggregator.config import AggregatorConfig, PerturbationConfig, RoundsConfig, ValidationConfig
-from aggregator.coordinator import Coordinator
-from aggregator.errors import RejectCode, RejectedError
-from aggregator.validation import Issued, build_result, check_vector, fingerprint
-from device_runtime.task import DeviceResult
+from fwdfleet.aggregator.config import AggregatorConfig, PerturbationConfig, RoundsConfig, ValidationConfig
+from fwdfleet.aggregator.coordinator import Coordinator
+from fwdfleet.aggregator.errors import RejectCode, RejectedError
+from fwdfleet.aggregator.validation import Issued, build_result, check_vector, fingerprint
+from fwdfleet.task import DeviceResult
 
 
 @pytest.fixture

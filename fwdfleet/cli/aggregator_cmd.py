@@ -94,8 +94,8 @@ def read_token(token: str | None, token_file: str | None) -> str | None:
 
 def build_configs(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
     """(AggregatorConfig, ServerConfig, server table) from the TOML file, overrides and flags."""
-    from aggregator.config import apply_overrides, config_from_dict
-    from aggregator.server import ServerConfig
+    from fwdfleet.aggregator.config import apply_overrides, config_from_dict
+    from fwdfleet.aggregator.server import ServerConfig
 
     data: dict[str, Any] = {}
     source = "command line"
@@ -120,8 +120,8 @@ def build_configs(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from aggregator.coordinator import Coordinator
-    from aggregator.server import INSECURE_WARNING, serve
+    from fwdfleet.aggregator.coordinator import Coordinator
+    from fwdfleet.aggregator.server import INSECURE_WARNING, serve
     from fwdfleet.bundle import load_bundle
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -259,7 +259,7 @@ def _gen_certs(args: argparse.Namespace) -> int:
 
 
 def _add_token(args: argparse.Namespace) -> int:
-    from aggregator.auth import append_token, new_token
+    from fwdfleet.aggregator.auth import append_token, new_token
 
     token = new_token()
     append_token(args.tokens_file, token, args.name, args.device)

@@ -26,8 +26,8 @@ def register(sub: Any) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from fleet.demo import demo_config
-    from fleet.run import run_fleet
+    from fwdfleet.fleet.demo import demo_config
+    from fwdfleet.fleet.run import run_fleet
 
     overrides = list(args.overrides) + ([f'fleet.out_dir="{args.out}"'] if args.out else [])
     cfg = demo_config(overrides)

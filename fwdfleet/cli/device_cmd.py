@@ -14,7 +14,7 @@ from fwdfleet.errors import ConfigError
 
 
 def register(sub: Any) -> None:
-    from device_runtime.memory import add_runtime_args  # standard library only: cheap at start-up
+    from fwdfleet.device_runtime.memory import add_runtime_args  # standard library only: cheap at start-up
 
     p = sub.add_parser("device", help="train, measure and benchmark on this device", description=__doc__)
     dsub = p.add_subparsers(dest="device_command", metavar="ACTION", required=True)
@@ -111,10 +111,10 @@ def _positive(args: argparse.Namespace, *names: str) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from device_runtime.data import load_dataset
-    from device_runtime.session import BundleSession, SessionOptions
-    from device_runtime.train import LocalTrainConfig, train_local
     from fwdfleet.bundle import load_bundle
+    from fwdfleet.device_runtime.data import load_dataset
+    from fwdfleet.device_runtime.session import BundleSession, SessionOptions
+    from fwdfleet.device_runtime.train import LocalTrainConfig, train_local
 
     try:
         config = LocalTrainConfig(
@@ -161,7 +161,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _runtime_options(args: argparse.Namespace) -> Any:
-    from device_runtime.memory import RuntimeOptions
+    from fwdfleet.device_runtime.memory import RuntimeOptions
 
     try:
         return RuntimeOptions.from_args(args)
@@ -170,8 +170,8 @@ def _runtime_options(args: argparse.Namespace) -> Any:
 
 
 def _memory(args: argparse.Namespace) -> int:
-    from device_runtime.memory import MODES, measure_memory
     from fwdfleet.bundle import load_bundle
+    from fwdfleet.device_runtime.memory import MODES, measure_memory
 
     _positive(args, "batch_size", "sequence_length", "k")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -212,8 +212,8 @@ def _memory(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from device_runtime.bench import benchmark, format_table, local_providers, to_json
     from fwdfleet.bundle import load_bundle
+    from fwdfleet.device_runtime.bench import benchmark, format_table, local_providers, to_json
 
     _positive(args, "count", "train_count", "k", "batch_size", "sequence_length")
     if args.warmup < 0 or args.duration < 0:
@@ -237,8 +237,8 @@ def _bench(args: argparse.Namespace) -> int:
 def _providers(args: argparse.Namespace) -> int:
     import onnxruntime as ort
 
-    from device_runtime.bench import REMOTE_PROVIDERS
-    from device_runtime.session import available_providers
+    from fwdfleet.device_runtime.bench import REMOTE_PROVIDERS
+    from fwdfleet.device_runtime.session import available_providers
 
     have = available_providers()
     if args.json:

@@ -92,10 +92,10 @@ def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any],
 
 
 def _run(args: argparse.Namespace) -> int:
-    from device_runtime.client import ClientStats, DeviceClient, DeviceClientConfig, describe
-    from device_runtime.data import load_dataset
-    from device_runtime.session import SessionOptions, provider_name
     from fwdfleet.cli.aggregator_cmd import read_token
+    from fwdfleet.device_runtime.client import ClientStats, DeviceClient, DeviceClientConfig, describe
+    from fwdfleet.device_runtime.data import load_dataset
+    from fwdfleet.device_runtime.session import SessionOptions, provider_name
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -132,11 +132,11 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
-    from export.hf import require_export_extra
+    from fwdfleet.export.hf import require_export_extra
 
     require_export_extra()
-    from export.hf import LoraSettings
-    from export.onnx_graph import GraphOptions
+    from fwdfleet.export.hf import LoraSettings
+    from fwdfleet.export.onnx_graph import GraphOptions
 
     targets = tuple(t.strip() for t in args.target_modules.split(",")) if args.target_modules else None
     return {
@@ -166,7 +166,7 @@ def _report(args: argparse.Namespace, summary: dict[str, Any]) -> int:
 
 def _run_seq_cls(args: argparse.Namespace) -> int:
     opts = _options(args)
-    from export.seq_cls import SeqClsExport, export_seq_cls
+    from fwdfleet.export.seq_cls import SeqClsExport, export_seq_cls
 
     if args.labels:
         labels = tuple(x.strip() for x in args.labels.split(",") if x.strip())
@@ -180,7 +180,7 @@ def _run_seq_cls(args: argparse.Namespace) -> int:
 
 
 def _adapter_settings(args: argparse.Namespace) -> Any:
-    from export.adapters import AdapterSettings
+    from fwdfleet.export.adapters import AdapterSettings
 
     given = [f"--adapter-{n}" for n in ("size", "layers", "activation")
              if getattr(args, f"adapter_{n}") is not None]
@@ -201,14 +201,14 @@ def _adapter_settings(args: argparse.Namespace) -> Any:
 
 def _run_causal_lm(args: argparse.Namespace) -> int:
     opts = _options(args)
-    from export.causal_lm import CausalLmExport, export_causal_lm
+    from fwdfleet.export.causal_lm import CausalLmExport, export_causal_lm
 
     cfg = CausalLmExport(source=Path(args.model), **opts)
     return _report(args, export_causal_lm(cfg, Path(args.out), overwrite=args.overwrite).summary())
 
 
 def _run_mlp(args: argparse.Namespace) -> int:
-    from export.mlp import MLPConfig, export_mlp
+    from fwdfleet.export.mlp import MLPConfig, export_mlp
 
     try:
         sizes = tuple(int(v) for v in args.layers.split(","))
@@ -225,10 +225,10 @@ def _run_mlp(args: argparse.Namespace) -> int:
 
 
 def _run_stack(args: argparse.Namespace) -> int:
-    from export.hf import require_export_extra
+    from fwdfleet.export.hf import require_export_extra
 
     require_export_extra()
-    from export.stack import StackSettings, add_stacked_graph
+    from fwdfleet.export.stack import StackSettings, add_stacked_graph
 
     settings = StackSettings(points=args.points, batch_size=args.batch_size,
                              sequence_length=args.sequence_length, opset=args.opset)  # fmt: skip

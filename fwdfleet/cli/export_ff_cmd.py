@@ -71,7 +71,7 @@ def _parse_batch(text: str) -> int | None:
 
 
 def run_export_ff(args: argparse.Namespace) -> int:
-    from export.ff_mlp import FFMLPConfig, export_ff_mlp  # numpy only; onnx is imported when exporting
+    from fwdfleet.export.ff_mlp import FFMLPConfig, export_ff_mlp  # numpy only; onnx is imported when exporting
 
     if args.quantize != "none":
         raise ExportError("--quantize int8: a Forward-Forward MLP has no frozen weights (every weight is "

@@ -23,9 +23,9 @@ def register(sub: Any) -> None:
 
 
 def _emulate(args: argparse.Namespace) -> int:
-    from fleet.config import load_fleet_config
-    from fleet.run import run_fleet
     from fwdfleet.cli.demo_cmd import print_summary
+    from fwdfleet.fleet.config import load_fleet_config
+    from fwdfleet.fleet.run import run_fleet
 
     cfg = load_fleet_config(args.config, args.overrides)
     summary = run_fleet(cfg, progress=not args.json, log=(lambda _m: None) if args.json else print)

@@ -2,7 +2,7 @@
 
 Copy the kit to a phone or a board (``android_harness/adb_run.sh`` pushes it with adb), install
 with the kit's ``scripts/termux_setup.sh`` or ``scripts/pi_setup.sh``, then run the device with
-``python -m device_runtime.kit KIT``. See :mod:`device_runtime.kit` for the layout.
+``python -m fwdfleet.device_runtime.kit KIT``. See :mod:`device_runtime.kit` for the layout.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def _token(args: argparse.Namespace) -> str | None:
             raise ConfigError(f"--token-file {args.token_file} is empty")
         return token
     if args.new_token:
-        from aggregator.auth import append_token, new_token
+        from fwdfleet.aggregator.auth import append_token, new_token
 
         token = new_token()
         append_token(args.new_token, token, args.device_id, args.device_id)
@@ -72,9 +72,9 @@ def _token(args: argparse.Namespace) -> str | None:
 
 
 def _pack(args: argparse.Namespace) -> int:
-    from device_runtime.client import DeviceClientConfig
-    from device_runtime.kit import build_wheel, pack_kit, source_tree
     from fwdfleet.bundle import load_bundle
+    from fwdfleet.device_runtime.client import DeviceClientConfig
+    from fwdfleet.device_runtime.kit import build_wheel, pack_kit, source_tree
 
     if args.ca and not Path(args.ca).is_file():
         raise ConfigError(f"--ca {args.ca} is not a file")
@@ -121,7 +121,7 @@ def _pack(args: argparse.Namespace) -> int:
     for rel in sorted(m.files):
         print(f"  {rel}")
     print("on the device: bash scripts/termux_setup.sh . (Termux) or bash scripts/pi_setup.sh . (aarch64 Linux),")
-    print("then: python -m device_runtime.kit . --rounds 10")
+    print("then: python -m fwdfleet.device_runtime.kit . --rounds 10")
     return 0
 
 

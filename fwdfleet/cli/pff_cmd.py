@@ -11,7 +11,7 @@ import argparse
 import json
 from typing import Any
 
-from device_runtime.lr_schedule import LR_SCHEDULES
+from fwdfleet.device_runtime.lr_schedule import LR_SCHEDULES
 from fwdfleet.errors import ConfigError
 
 
@@ -65,8 +65,8 @@ def _layers(args: argparse.Namespace) -> tuple[int, ...]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pff.config import PFFConfig
-    from pff.run import run_pff
+    from fwdfleet.pff.config import PFFConfig
+    from fwdfleet.pff.run import run_pff
 
     nodes = 1 if args.mode == "sequential" else args.nodes
     config = PFFConfig(mode=args.mode, nodes=nodes, layers=_layers(args), epochs=args.epochs, splits=args.splits,
@@ -76,7 +76,7 @@ def _run(args: argparse.Namespace) -> int:
                        lr_schedule=args.lr_schedule)
     result = run_pff(config, args.workdir, progress=not args.json)
     if args.timeline:
-        from pff.plot import plot_timeline
+        from fwdfleet.pff.plot import plot_timeline
 
         plot_timeline(result.timeline, args.timeline, num_nodes=nodes, restarts=result.restarts,
                       title=f"PFF {args.mode}, {nodes} node(s), layers {','.join(map(str, config.layers))}, "

@@ -3,7 +3,7 @@
 * ``proto/fwdfleet/v1/fleet.proto``: the source of truth;
 * :mod:`fwdfleet.protocol.v1`: the generated stubs (``scripts/gen_proto.py``; never edit them);
 * :mod:`fwdfleet.protocol.serde`: the only module that touches generated classes; it converts
-  wire messages to the domain dataclasses (:class:`device_runtime.task.RoundTask`, ...) and back.
+  wire messages to the domain dataclasses (:class:`fwdfleet.task.RoundTask`, ...) and back.
 """
 
 PROTOCOL_VERSION = 1

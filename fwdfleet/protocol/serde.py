@@ -28,11 +28,11 @@ import numpy as np
 from google.protobuf.message import DecodeError as _PbDecodeError
 from google.protobuf.message import Message
 
-from device_runtime.task import DeviceProfile, DeviceResult, RoundTask
 from fwdfleet.errors import FwdfleetError
 from fwdfleet.protocol import PROTOCOL_VERSION
 from fwdfleet.protocol.f32 import f32_bytes, sha256_hex
 from fwdfleet.protocol.v1 import fleet_pb2 as pb
+from fwdfleet.task import DeviceProfile, DeviceResult, RoundTask
 
 __all__ = [
     "DecodeError",

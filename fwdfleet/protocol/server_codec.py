@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from device_runtime.task import DeviceProfile, DeviceResult
 from fwdfleet.protocol import PROTOCOL_VERSION
 from fwdfleet.protocol.f32 import f32_array, sha256_hex
 from fwdfleet.protocol.serde import (
@@ -35,6 +34,7 @@ from fwdfleet.protocol.serde import (
     upload_mode_from_proto,
 )
 from fwdfleet.protocol.v1 import fleet_pb2 as pb
+from fwdfleet.task import DeviceProfile, DeviceResult
 
 
 @dataclass(frozen=True)

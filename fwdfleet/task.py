@@ -7,7 +7,7 @@ protobuf classes.
 
 A result is a few bytes per perturbation: the pairs ``(k, d_k)`` where ``d_k`` is the
 directional derivative estimate along ``z_k`` (regenerated from ``(round_seed, device_index,
-k)`` by :mod:`device_runtime.perturbation`), plus counts and loss statistics.
+k)`` by :mod:`fwdfleet.perturbation`), plus counts and loss statistics.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from device_runtime.perturbation import DISTRIBUTIONS, Distribution
+from fwdfleet.perturbation import DISTRIBUTIONS, Distribution
 
 Difference = Literal["central", "forward"]
 DIFFERENCES: tuple[Difference, ...] = ("central", "forward")

@@ -1,9 +1,9 @@
 """Many Rademacher perturbations at once, as bit lanes: the fast path for summing ``d_k z_k``.
 
-Same stream as :mod:`device_runtime.perturbation` (the one generator: this module only batches
+Same stream as :mod:`fwdfleet.perturbation` (the one generator: this module only batches
 the counters of many ``(device, k)`` pairs into one call of its
-:func:`~device_runtime.perturbation.philox4x32`; ``tests/test_reconstruct.py`` pins it to
-:func:`~device_runtime.perturbation.random_words` and :func:`~device_runtime.perturbation.perturbation`).
+:func:`~fwdfleet.perturbation.philox4x32`; ``tests/test_reconstruct.py`` pins it to
+:func:`~fwdfleet.perturbation.random_words` and :func:`~fwdfleet.perturbation.perturbation`).
 
 A Rademacher element is one bit (``1`` means ``-1``). A weighted sum of ``R`` perturbations,
 ``sum_i d_i z_i``, takes at each element one of ``2**R`` values: ``T[v] = sum_i d_i (1 - 2 v_i)``
@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
-from device_runtime.perturbation import philox4x32
+from fwdfleet.perturbation import philox4x32
 
 LANE_WIDTHS = (8, 16)
 _LANE_DTYPES: dict[int, type[np.unsignedinteger]] = {8: np.uint8, 16: np.uint16}
