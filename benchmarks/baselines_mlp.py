@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fwdfleet.device_runtime.lr_schedule import LR_SCHEDULES, LrSchedule, round_lr
+from fwdfleet.lr_schedule import LR_SCHEDULES, LrSchedule, round_lr
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class BackpropSettings:
     eval_every: int = 1
     seed: int = 0
     threads: int = 1  # torch intra-op threads (0: leave torch's setting alone)
-    lr_schedule: LrSchedule = "constant"  # per-round local lr, as FedFwd's (device_runtime.lr_schedule.round_lr)
+    lr_schedule: LrSchedule = "constant"  # per-round local lr, as FedFwd's (fwdfleet.lr_schedule.round_lr)
     final_lr_ratio: float = 0.0
 
     def __post_init__(self) -> None:

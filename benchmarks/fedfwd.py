@@ -41,11 +41,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fwdfleet.bundle import load_bundle
 from fwdfleet.device_runtime.ff_train import FFTrainConfig
-from fwdfleet.device_runtime.lr_schedule import LR_SCHEDULES, LrSchedule
 from fwdfleet.export.ff_mlp import FFMLPConfig, export_ff_mlp
 from fwdfleet.fleet.datasets import DatasetConfig, load_split
 from fwdfleet.fleet.fedfwd import FedFwdSettings, run_fedfwd
 from fwdfleet.fleet.partition import PartitionConfig, Scheme, partition
+from fwdfleet.lr_schedule import LR_SCHEDULES, LrSchedule
 
 HEAD_OF = {"hinton": "none", "symmetric": "none", "sff": "class-goodness", "pon": "softmax"}
 NEGATIVES = {"hinton": "random", "symmetric": "adaptive", "sff": "adaptive", "pon": "adaptive"}
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bp-lr", type=float, default=1e-3, help="backprop Adam lr (default: %(default)s)")
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
                    help="per-round local lr schedule, the same for FF (closed form) and backprop "
-                        "(device_runtime.lr_schedule.round_lr; default: %(default)s)")
+                        "(fwdfleet.lr_schedule.round_lr; default: %(default)s)")
     p.add_argument("--final-lr-ratio", type=float, default=0.0,
                    help="linear/cosine: the lr decays towards this fraction of the first round's "
                         "(default: %(default)s)")

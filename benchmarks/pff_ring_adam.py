@@ -31,7 +31,7 @@ from typing import Any
 from fwdfleet.bundle import load_bundle
 from fwdfleet.device_runtime.ff import FFLayout
 from fwdfleet.device_runtime.ff_train import AdamState, evaluate_ff
-from fwdfleet.device_runtime.lr_schedule import LR_SCHEDULES
+from fwdfleet.lr_schedule import LR_SCHEDULES
 from fwdfleet.pff.chapter import ActivationCache, Params, continues_adam, train_chapter
 from fwdfleet.pff.config import RING_ADAM, PFFConfig, load_data, shard
 from fwdfleet.pff.evaluate import evaluate

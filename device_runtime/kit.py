@@ -43,6 +43,7 @@ from typing import Any
 from fwdfleet import __version__
 from fwdfleet.bundle import Bundle, load_bundle, sha256_file, zip_bundle
 from fwdfleet.device_runtime.client import ClientStats, DeviceClient, DeviceClientConfig, describe
+from fwdfleet.device_runtime.credentials import read_token_file
 from fwdfleet.errors import FwdfleetError
 
 KIT_VERSION = 1
@@ -118,7 +119,7 @@ class Kit:
         m = self.manifest
         values: dict[str, Any] = dict(m.device)
         if m.token_file:
-            values["token"] = (self.path / m.token_file).read_text().strip()
+            values["token"] = read_token_file(self.path / m.token_file)
         if m.root_cert:
             values["root_cert"] = str(self.path / m.root_cert)
         values.update(overrides)

@@ -33,7 +33,7 @@ from fwdfleet.aggregator.records import DeviceProfile
 from fwdfleet.bundle import Bundle
 from fwdfleet.device_runtime.ff import FFLayout, NumpyLayers, OnnxLayers, ScoreLayers
 from fwdfleet.device_runtime.ff_train import AdamState, FFTrainConfig, evaluate_ff, train_ff
-from fwdfleet.device_runtime.lr_schedule import LR_SCHEDULES, LrSchedule, round_lr
+from fwdfleet.lr_schedule import LR_SCHEDULES, LrSchedule, round_lr
 from fwdfleet.perturbation import flatten
 from fwdfleet.protocol import serde
 from fwdfleet.task import DeviceResult

@@ -47,8 +47,8 @@ from fwdfleet.aggregator.auth import append_token, new_token
 from fwdfleet.aggregator.config import AggregatorConfig
 from fwdfleet.aggregator.coordinator import Coordinator
 from fwdfleet.aggregator.server import RunningServer, ServerConfig, serve
+from fwdfleet.aggregator.tls import write_dev_certificates
 from fwdfleet.bundle import Bundle
-from fwdfleet.cli.aggregator_cmd import write_dev_certificates
 from fwdfleet.device_runtime.client import ClientStats
 from fwdfleet.device_runtime.data import RawData
 from fwdfleet.fleet.datasets import subset

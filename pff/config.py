@@ -16,8 +16,8 @@ import numpy as np
 
 from fwdfleet.device_runtime.ff_objectives import NEGATIVES, OBJECTIVE_HEAD, OBJECTIVES, Negatives, Objective
 from fwdfleet.device_runtime.ff_train import FFTrainConfig
-from fwdfleet.device_runtime.lr_schedule import LR_SCHEDULES, LrSchedule, round_lr
 from fwdfleet.errors import ConfigError
+from fwdfleet.lr_schedule import LR_SCHEDULES, LrSchedule, round_lr
 from fwdfleet.pff.schedule import MODES, Mode, Schedule
 
 DATASETS = ("digits", "fashion-mnist")
@@ -51,7 +51,7 @@ class PFFConfig:
     # node restart Adam ("restart"); see docs/results/pff.md
     ring_adam: RingAdam = "hand-on"
     # Adam's learning rate per chapter: constant, or decaying from lr towards 0 over the chapters
-    # (device_runtime.lr_schedule.round_lr, the same in every mode)
+    # (fwdfleet.lr_schedule.round_lr, the same in every mode)
     lr_schedule: LrSchedule = "constant"
 
     def __post_init__(self) -> None:

@@ -15,8 +15,8 @@ from fwdfleet.aggregator.auth import append_token
 from fwdfleet.aggregator.config import config_from_dict
 from fwdfleet.aggregator.coordinator import Coordinator
 from fwdfleet.aggregator.server import RunningServer, ServerConfig, serve
+from fwdfleet.aggregator.tls import write_dev_certificates
 from fwdfleet.bundle import Bundle
-from fwdfleet.cli.aggregator_cmd import write_dev_certificates
 from fwdfleet.device_runtime.data import ArrayDataset
 from fwdfleet.protocol import bearer_metadata, rpc
 

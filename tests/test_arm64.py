@@ -113,13 +113,15 @@ def test_device_stack_imports_on_arm64_without_torch(arm64, tmp_path):
         """
         import importlib, json, pkgutil, platform, sys
         import numpy, onnxruntime, grpc, google.protobuf
-        import fwdfleet.device_runtime
-        mods = sorted(m.name for m in pkgutil.iter_modules(device_runtime.__path__))
+        import fwdfleet, fwdfleet.device_runtime
+        mods = sorted(m.name for m in pkgutil.iter_modules(fwdfleet.device_runtime.__path__))
         for m in mods:
-            importlib.import_module("device_runtime." + m)
-        import fwdfleet.bundle
+            importlib.import_module("fwdfleet.device_runtime." + m)
+        foundation = sorted(m.name for m in pkgutil.iter_modules(fwdfleet.__path__) if not m.ispkg)
+        for m in foundation:
+            importlib.import_module("fwdfleet." + m)
         print(json.dumps({
-            "machine": platform.machine(), "modules": mods, "torch": "torch" in sys.modules,
+            "machine": platform.machine(), "modules": mods, "foundation": foundation, "torch": "torch" in sys.modules,
             "providers": onnxruntime.get_available_providers(), "ort": onnxruntime.__version__,
             "numpy": numpy.__version__, "grpc": grpc.__version__,
         }))
@@ -130,7 +132,8 @@ def test_device_stack_imports_on_arm64_without_torch(arm64, tmp_path):
     assert info["machine"] == "aarch64"
     assert info["torch"] is False
     assert "CPUExecutionProvider" in info["providers"]
-    assert {"perturbation", "task", "session", "estimator"} <= set(info["modules"])
+    assert {"session", "estimator"} <= set(info["modules"])
+    assert {"perturbation", "task", "bundle"} <= set(info["foundation"])
 
 
 def test_perturbations_match_x86_bit_for_bit(arm64, tmp_path, record_property):
@@ -295,7 +298,7 @@ def test_emulated_arm_device_trains_against_x86_aggregator(arm64, tmp_path):
     from _tiny_bundles import make_classifier_bundle
 
     from fwdfleet.aggregator.auth import append_token
-    from fwdfleet.cli.aggregator_cmd import write_dev_certificates
+    from fwdfleet.aggregator.tls import write_dev_certificates
     from fwdfleet.perturbation import flatten
 
     in_dim, classes, k, lr = 8, 3, 4, 0.5

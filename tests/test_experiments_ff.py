@@ -20,11 +20,11 @@ if str(ROOT) not in sys.path:
 from fwdfleet.aggregator.config import AggregatorConfig  # noqa: E402
 from fwdfleet.bundle import load_bundle  # noqa: E402
 from fwdfleet.device_runtime.ff_train import FFTrainConfig  # noqa: E402
-from fwdfleet.device_runtime.lr_schedule import round_lr  # noqa: E402
 from fwdfleet.export.ff_mlp import FFMLPConfig, export_ff_mlp  # noqa: E402
 from fwdfleet.fleet.datasets import DatasetConfig, load_split  # noqa: E402
 from fwdfleet.fleet.fedfwd import FedFwdSettings, fedavg_config, run_fedfwd  # noqa: E402
 from fwdfleet.fleet.partition import PartitionConfig, partition  # noqa: E402
+from fwdfleet.lr_schedule import round_lr  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 CHANCE = 0.1

@@ -435,7 +435,7 @@ def test_lr_schedule_sets_each_chapters_rate_and_the_nodes_follow_it(capsys: pyt
     as in benchmarks/pff_ring_adam.py's in-process run."""
     import sys
 
-    from fwdfleet.device_runtime.lr_schedule import round_lr
+    from fwdfleet.lr_schedule import round_lr
 
     config = PFFConfig(layers=(20, 16), epochs=4, splits=4, lr=0.01, lr_schedule="cosine")
     assert [config.train_config(c).lr for c in range(4)] == [round_lr(0.01, c, 4, "cosine") for c in range(4)]

@@ -14,16 +14,12 @@ works like any other override.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import ipaddress
 import json
 import logging
-import os
 import signal
 import sys
 import threading
 import tomllib
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,18 +71,6 @@ def _add_connection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ca", help="PEM of the CA that signed the server certificate (default: system roots)")
     p.add_argument("--server-name", help="TLS name to verify when --address is not the certificate's name")
     p.add_argument("--insecure", action="store_true", help="plaintext connection (local development)")
-
-
-def read_token(token: str | None, token_file: str | None) -> str | None:
-    """The token from a flag, a file, or ``$FWDFLEET_TOKEN`` (in that order)."""
-    if token:
-        return token
-    if token_file:
-        try:
-            return Path(token_file).read_text().strip() or None
-        except OSError as e:
-            raise ConfigError(f"cannot read the token file {token_file}: {e}") from e
-    return os.environ.get("FWDFLEET_TOKEN") or None
 
 
 # ---------------------------------------------------------------------------------------- serve
@@ -179,6 +163,8 @@ def fetch_status(address: str, *, token: str | None, ca: str | None, insecure: b
 
 
 def _status(args: argparse.Namespace) -> int:
+    from fwdfleet.device_runtime.credentials import read_token
+
     status = fetch_status(args.address, token=read_token(args.token, args.token_file), ca=args.ca,
                           insecure=args.insecure, server_name=args.server_name)
     body = json.loads(status.status_json)
@@ -196,60 +182,9 @@ def _status(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------- certificates
 
 
-def write_dev_certificates(out: str | Path, hosts: Sequence[str] = (), days: int = 30) -> dict[str, Path]:
-    """A self-signed CA (``ca.pem``) and a server certificate/key it signed, for development and tests."""
-    try:
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
-        from cryptography.hazmat.primitives.asymmetric import ec
-        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-    except ImportError as e:
-        raise ConfigError(
-            "gen-certs needs the cryptography package (pip install 'fwdfleet[dev]'), or make them with openssl: "
-            "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout server.key "
-            "-out server.pem -days 30 -subj /CN=localhost -addext subjectAltName=DNS:localhost,IP:127.0.0.1"
-        ) from e
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fwdfleet development CA")])
-    ca_cert = (
-        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                     content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                     key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    names: list[x509.GeneralName] = []
-    for host in ("localhost", "127.0.0.1", *hosts):
-        try:
-            names.append(x509.IPAddress(ipaddress.ip_address(host)))
-        except ValueError:
-            names.append(x509.DNSName(host))
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-        .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    paths = {"ca": out / "ca.pem", "cert": out / "server.pem", "key": out / "server.key"}
-    paths["ca"].write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    paths["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths["key"].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                               serialization.NoEncryption()))
-    paths["key"].chmod(0o600)
-    return paths
-
-
 def _gen_certs(args: argparse.Namespace) -> int:
+    from fwdfleet.aggregator.tls import write_dev_certificates
+
     if args.days < 1:
         raise ConfigError(f"--days must be >= 1, got {args.days}")
     paths = write_dev_certificates(args.out, args.host, args.days)

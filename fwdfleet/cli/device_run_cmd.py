@@ -92,8 +92,8 @@ def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any],
 
 
 def _run(args: argparse.Namespace) -> int:
-    from fwdfleet.cli.aggregator_cmd import read_token
     from fwdfleet.device_runtime.client import ClientStats, DeviceClient, DeviceClientConfig, describe
+    from fwdfleet.device_runtime.credentials import read_token
     from fwdfleet.device_runtime.data import load_dataset
     from fwdfleet.device_runtime.session import SessionOptions, provider_name
 

@@ -54,13 +54,9 @@ def _token(args: argparse.Namespace) -> str | None:
     if args.token:
         return str(args.token)
     if args.token_file:
-        try:
-            token = Path(args.token_file).read_text().strip()
-        except OSError as e:
-            raise ConfigError(f"cannot read --token-file {args.token_file}: {e}") from e
-        if not token:
-            raise ConfigError(f"--token-file {args.token_file} is empty")
-        return token
+        from fwdfleet.device_runtime.credentials import read_token_file
+
+        return read_token_file(args.token_file)
     if args.new_token:
         from fwdfleet.aggregator.auth import append_token, new_token
 

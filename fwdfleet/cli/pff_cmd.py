@@ -11,8 +11,8 @@ import argparse
 import json
 from typing import Any
 
-from fwdfleet.device_runtime.lr_schedule import LR_SCHEDULES
 from fwdfleet.errors import ConfigError
+from fwdfleet.lr_schedule import LR_SCHEDULES
 
 
 def register(sub: Any) -> None:
