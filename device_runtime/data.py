@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import json
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -396,13 +397,30 @@ def load_dataset(
     return dataset_for_bundle(read_data(path, split=split, label_column=label_column), bundle, graph)
 
 
+def vocabulary_size(bundle: Bundle) -> int | None:
+    """The token-id range of ``bundle``'s text inputs: its tokenizer's vocabulary, else
+    ``settings["vocab_size"]``; None when neither says."""
+    tok = bundle.manifest.tokenizer
+    for rel in tok.files if tok is not None else ():
+        path = bundle.path / rel
+        try:
+            if path.name == "tokenizer.json":
+                return len(json.loads(path.read_text(encoding="utf-8"))["model"]["vocab"])
+            if path.name == "vocab.txt":
+                with path.open(encoding="utf-8") as f:
+                    return sum(1 for _ in f)
+        except (OSError, KeyError, TypeError, ValueError):
+            continue
+    vocab = bundle.manifest.settings.get("vocab_size")
+    return int(vocab) if isinstance(vocab, int) else None
+
+
 def synthetic_batch(
     bundle: Bundle, batch_size: int, *, graph: str = "model", sequence_length: int = 128, seed: int = 0
 ) -> Batch:
     """A random batch of the right names, dtypes and shapes (for memory and speed measurements)."""
     rng = np.random.default_rng(seed)
-    vocab = bundle.manifest.settings.get("vocab_size", 1000)
-    high = max(6, min(int(vocab) if isinstance(vocab, int) else 1000, 1000))
+    high = max(6, min(vocabulary_size(bundle) or 1000, 1000))
     classes = num_classes(bundle, graph) or 2
     out: Batch = {}
     for t in bundle.manifest.graph(graph).data_inputs:

@@ -11,6 +11,9 @@ counts file-backed pages too, so weights memory-mapped from external data count 
 * ``torch`` (only where torch and the export extra are installed): the bundle's torch twin
   (``export.rebuild.torch_twin_from_bundle``), forward + backward + AdamW step on the same
   batch. torch is imported inside that subprocess only; the device runtime never imports it.
+* ``torch-ckpt``: the same step with gradient checkpointing on every Hugging Face model inside
+  the twin (activations recomputed in the backward pass instead of kept): backprop's best case
+  for memory.
 
 Every worker also records the peak after each stage (interpreter, numpy, onnxruntime or torch,
 our modules, session or model built), so the import baseline is reported apart from the work.
@@ -38,7 +41,8 @@ from typing import TYPE_CHECKING, Any, cast
 if TYPE_CHECKING:  # the worker measures its imports: onnxruntime is imported where it is used
     from fwdfleet.device_runtime.session import GraphOptimization, SessionOptions
 
-MODES = ("inference", "train", "torch")
+MODES = ("inference", "train", "torch", "torch-ckpt")
+TORCH_MODES = ("torch", "torch-ckpt")
 GRAPH_OPTIMIZATIONS = ("disable", "basic", "extended", "all")
 
 
@@ -156,10 +160,15 @@ class MemoryReport:
     def torch_over_train(self) -> float | None:
         return self._ratio("torch", "train")
 
+    @property
+    def torch_ckpt_over_train(self) -> float | None:
+        return self._ratio("torch-ckpt", "train")
+
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["train_over_inference"] = self.train_over_inference
         d["torch_over_train"] = self.torch_over_train
+        d["torch_ckpt_over_train"] = self.torch_ckpt_over_train
         return d
 
 
@@ -216,29 +225,14 @@ def measure_memory(
 # ------------------------------------------------------------------------------------------ worker
 
 
-def _vocab_size(bundle: Any) -> int | None:
-    """The tokenizer's vocabulary size, from the bundle's tokenizer files (None if unknown)."""
-    tok = bundle.manifest.tokenizer
-    for rel in tok.files if tok is not None else ():
-        path = bundle.path / rel
-        try:
-            if path.name == "tokenizer.json":
-                return len(json.loads(path.read_text())["model"]["vocab"])
-            if path.name == "vocab.txt":
-                return sum(1 for _ in path.open(encoding="utf-8"))
-        except (OSError, KeyError, TypeError, ValueError):
-            continue
-    return None
-
-
 def worker_batch(bundle: Any, batch_size: int, seq: int, graph: str = "model") -> dict[str, Any]:
     """A synthetic batch for ``graph`` whose token ids span the whole vocabulary (see the module doc)."""
     import numpy as np
 
-    from fwdfleet.device_runtime.data import synthetic_batch
+    from fwdfleet.device_runtime.data import synthetic_batch, vocabulary_size
 
     batch = synthetic_batch(bundle, batch_size, graph=graph, sequence_length=seq)
-    vocab = _vocab_size(bundle)
+    vocab = vocabulary_size(bundle)
     if vocab and vocab > 1000 and "input_ids" in batch:
         ids = batch["input_ids"]
         batch["input_ids"] = np.random.default_rng(1).integers(5, vocab, size=ids.shape).astype(ids.dtype)
@@ -275,7 +269,8 @@ def _ort_work(
     return time.perf_counter() - start, f"{int(result.extras['passes'])} forwards + update{copied}"
 
 
-def _torch_work(bundle_path: str, batch_size: int, seq: int, threads: int, stages: dict[str, int]) -> tuple[float, str]:
+def _torch_work(bundle_path: str, batch_size: int, seq: int, threads: int, stages: dict[str, int],
+                checkpointing: bool = False) -> tuple[float, str]:
     import importlib.util
 
     if importlib.util.find_spec("torch") is None:
@@ -294,6 +289,14 @@ def _torch_work(bundle_path: str, batch_size: int, seq: int, threads: int, stage
         torch.set_num_threads(threads)
     bundle = load_bundle(bundle_path)
     model = torch_twin_from_bundle(bundle)
+    if checkpointing:
+        found: list[Any] = [getattr(m, "gradient_checkpointing_enable", None) for m in model.modules()]
+        enables = [f for f in found if callable(f)]
+        if not enables:
+            raise RuntimeError("torch-ckpt needs a Hugging Face model inside the bundle's torch twin")
+        for enable in enables:  # non-reentrant: LoRA inputs need no requires_grad trick on frozen embeddings
+            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()  # Hugging Face checkpoints only in training mode (these models have no dropout at p > 0)
     stages["model built"] = peak_rss_kb()
     batch = {k: torch.from_numpy(v) for k, v in worker_batch(bundle, batch_size, seq).items()}
     params = [p for p in model.parameters() if p.requires_grad]
@@ -303,7 +306,9 @@ def _torch_work(bundle_path: str, batch_size: int, seq: int, threads: int, stage
     stages["forward"] = peak_rss_kb()
     loss.backward()
     opt.step()
-    return time.perf_counter() - start, f"forward + backward + AdamW over {sum(p.numel() for p in params):,} values"
+    how = " with gradient checkpointing" if checkpointing else ""
+    values = sum(p.numel() for p in params)
+    return time.perf_counter() - start, f"forward + backward{how} + AdamW over {values:,} values"
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
@@ -318,8 +323,9 @@ def _main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         opts = RuntimeOptions.from_args(a)
-        if a.mode == "torch":
-            seconds, note = _torch_work(a.bundle, a.batch_size, a.sequence_length, a.threads, stages)
+        if a.mode in TORCH_MODES:
+            seconds, note = _torch_work(a.bundle, a.batch_size, a.sequence_length, a.threads, stages,
+                                        checkpointing=a.mode == "torch-ckpt")
         else:
             import numpy  # noqa: F401  (counted in the baseline, as a device always has it loaded)
 

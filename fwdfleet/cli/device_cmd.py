@@ -63,7 +63,9 @@ def register(sub: Any) -> None:
     m.add_argument("--sequence-length", type=int, default=128)
     m.add_argument("--k", type=int, default=4, help="perturbations in the training step (default 4)")
     add_runtime_args(m)
-    m.add_argument("--modes", default="inference,train,torch", help="comma-separated subset of the modes")
+    m.add_argument("--modes", default="inference,train,torch",
+                   help="comma-separated subset of inference, train, torch, torch-ckpt (torch backprop with "
+                   "gradient checkpointing) (default: %(default)s)")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=_memory)
 
@@ -208,6 +210,8 @@ def _memory(args: argparse.Namespace) -> int:
         print(f"training step / inference peak: {ratio:.3f}x")
     if report.torch_over_train is not None:
         print(f"torch backprop / training step peak: {report.torch_over_train:.2f}x")
+    if report.torch_ckpt_over_train is not None:
+        print(f"torch backprop with checkpointing / training step peak: {report.torch_ckpt_over_train:.2f}x")
     return 0
 
 
