@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fwdfleet.aggregator.config import config_from_dict
 from fwdfleet.bundle import Bundle, load_bundle
-from fwdfleet.export.mlp import MLPConfig, export_mlp
+from fwdfleet.export.onnx_mlp import MLPConfig, export_mlp
 from fwdfleet.fleet.datasets import DatasetConfig, SplitData, load_split
 from fwdfleet.fleet.emulate import EmulationSettings, emulate
 from fwdfleet.fleet.partition import PartitionConfig, partition

@@ -100,7 +100,7 @@ class Run:
 
 
 def export_bundle(folder: Path, data: SplitData, seed: int) -> Bundle:
-    from fwdfleet.export.mlp import MLPConfig, export_mlp  # torch: only to build the bundle once
+    from fwdfleet.export.onnx_mlp import MLPConfig, export_mlp
 
     if data.train.features is None:
         raise ValueError("the digits data has no feature matrix")

@@ -66,7 +66,7 @@ def digits() -> tuple[ArrayDataset, ArrayDataset]:
 
 
 def make_bundle(folder: Path) -> Path:
-    from fwdfleet.export.mlp import MLPConfig, export_mlp
+    from fwdfleet.export.onnx_mlp import MLPConfig, export_mlp
 
     return export_mlp(MLPConfig(layer_sizes=(64, 32, 10)), folder / "mlp")
 

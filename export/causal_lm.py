@@ -12,7 +12,6 @@ next-token cross-entropy of each sample over the positions whose target is not p
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,9 +33,9 @@ from fwdfleet.export.hf import (
     load_pretrained,
     peft_record,
 )
-from fwdfleet.export.onnx_graph import ExportResult, GraphOptions, TrainablesAsInputs, write_kind_bundle
+from fwdfleet.export.kinds import ExportResult
+from fwdfleet.export.onnx_graph import GraphOptions, TracedKind, TracedModel, TrainablesAsInputs
 
-KIND = "causal_lm_lora"
 DATA_INPUTS = ("input_ids", "attention_mask")
 
 
@@ -101,36 +100,47 @@ def example_batch(batch: int, seq: int, vocab: int, pad_id: int, seed: int) -> d
     return {"input_ids": ids, "attention_mask": mask}
 
 
+class CausalLmKind(TracedKind):
+    name = "causal_lm_lora"
+    config_type = CausalLmExport
+
+    def prepare(self, config: CausalLmExport) -> TracedModel:
+        folder, hf_config = check_model_folder(config.source)
+        model_type = str(hf_config["model_type"])
+        check_family(model_type, CAUSAL_LM_FAMILIES, "causal language modelling", "causal-lm")
+        tokenizer = load_fast_tokenizer(folder)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        tokenizer.padding_side = "right"
+        max_pos = hf_config.get("max_position_embeddings", hf_config.get("n_positions"))
+        if isinstance(max_pos, int) and config.max_length > max_pos:
+            raise ExportError(f"--max-length {config.max_length} exceeds the model's {max_pos} positions")
+        peft = peft_record(config.method, config.lora, CAUSAL_LM_FAMILIES[model_type])
+        settings: dict[str, Any] = {
+            "source": str(folder), "model_type": model_type, "random_init": config.random_init,
+            "seed": config.seed, "peft": peft, "max_length": config.max_length,
+            "pad_token_id": int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else 0,
+        }
+        model, names = build_model(settings)
+        initial = {n: p.detach().numpy().copy() for n, p in model.named_parameters() if n in names}
+        vocab = int(hf_config["vocab_size"])
+        pad_id = min(int(settings["pad_token_id"]), vocab - 1)
+        b, s = config.graph.batch_dim(), config.graph.sequence_dim()
+        return TracedModel(
+            wrapper=TrainablesAsInputs(model, names, DATA_INPUTS), initial=initial,
+            data_specs={"input_ids": ((b, s), "int64"), "attention_mask": ((b, s), "int64")},
+            output_specs={"logits": ((b, s, vocab), "float32"), "loss": ((b,), "float32")},
+            make_batch=lambda bb, ss, seed: example_batch(bb, ss, vocab, pad_id, seed),
+            max_length=config.max_length, tokenizer=tokenizer, labels=(), settings=settings,
+        )
+
+    def rebuild(self, settings: Mapping[str, Any]) -> tuple[nn.Module, tuple[str, ...]]:
+        return build_model(settings)
+
+
+KIND = CausalLmKind()
+
+
 def export_causal_lm(cfg: CausalLmExport, out: Path, *, overwrite: bool = False) -> ExportResult:
     """Export the causal LM described by ``cfg`` as a bundle in ``out``."""
-    start = time.perf_counter()
-    folder, hf_config = check_model_folder(cfg.source)
-    model_type = str(hf_config["model_type"])
-    check_family(model_type, CAUSAL_LM_FAMILIES, "causal language modelling", "causal-lm")
-    tokenizer = load_fast_tokenizer(folder)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    tokenizer.padding_side = "right"
-    max_pos = hf_config.get("max_position_embeddings", hf_config.get("n_positions"))
-    if isinstance(max_pos, int) and cfg.max_length > max_pos:
-        raise ExportError(f"--max-length {cfg.max_length} exceeds the model's {max_pos} positions")
-    peft = peft_record(cfg.method, cfg.lora, CAUSAL_LM_FAMILIES[model_type])
-    settings: dict[str, Any] = {
-        "source": str(folder), "model_type": model_type, "random_init": cfg.random_init, "seed": cfg.seed,
-        "peft": peft, "max_length": cfg.max_length,
-        "pad_token_id": int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else 0,
-    }
-    model, names = build_model(settings)
-    initial = {n: p.detach().numpy().copy() for n, p in model.named_parameters() if n in names}
-    vocab = int(hf_config["vocab_size"])
-    pad_id = min(int(settings["pad_token_id"]), vocab - 1)
-    wrapper = TrainablesAsInputs(model, names, DATA_INPUTS)
-    b, s = cfg.graph.batch_dim(), cfg.graph.sequence_dim()
-    return write_kind_bundle(
-        kind=KIND, wrapper=wrapper, initial=initial, out=out, overwrite=overwrite,
-        data_specs={"input_ids": ((b, s), "int64"), "attention_mask": ((b, s), "int64")},
-        output_specs={"logits": ((b, s, vocab), "float32"), "loss": ((b,), "float32")},
-        make_batch=lambda bb, ss, seed: example_batch(bb, ss, vocab, pad_id, seed),
-        max_length=cfg.max_length, graph=cfg.graph, quantize=cfg.quantize, verify=cfg.verify,
-        tokenizer=tokenizer, labels=(), settings=settings, seed=cfg.seed, start=start,
-    )
+    return KIND.export(cfg, out, overwrite=overwrite)

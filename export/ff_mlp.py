@@ -46,15 +46,16 @@ record everything needed to rebuild the network (:func:`torch_twin`) or to train
 from __future__ import annotations
 
 import math
-import shutil
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from fwdfleet.bundle import MANIFEST_FILE, Bundle, BundleManifest, GraphSpec, TensorSpec, write_bundle
+from fwdfleet.bundle import Bundle, GraphSpec, TensorSpec
 from fwdfleet.errors import ExportError
+from fwdfleet.export.kinds import Built, ExportKind, ManifestExtras, Sample, perturbed
 
 Head = Literal["none", "softmax", "class-goodness"]
 HEADS: tuple[Head, ...] = ("none", "softmax", "class-goodness")
@@ -302,37 +303,104 @@ def _model_graph(config: FFMLPConfig) -> tuple[Any, GraphSpec]:
     return model, GraphSpec("model", "model.onnx", inputs, outputs, tuple(t.name for t in specs))
 
 
+def ff_layer(config: FFMLPConfig, values: Mapping[str, np.ndarray], i: int,
+             x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Layer ``i``'s (h, goodness, head_logits) on ``x`` in float64 numpy (graph ``layer_i``'s reference)."""
+    c = config
+    inp = np.asarray(x, np.float64)
+
+    def w(name: str) -> np.ndarray:
+        return np.asarray(values[name], np.float64)
+
+    xn = inp / np.sqrt((inp * inp).mean(axis=1, keepdims=True) + c.norm_eps)
+    h = np.maximum(xn @ w(f"layers.{i}.weight").T + w(f"layers.{i}.bias"), 0.0)
+    goodness = (h * h).mean(axis=1)
+    if c.heads == "none":
+        return h, goodness, None
+    z = h @ w(f"heads.{i}.weight").T + w(f"heads.{i}.bias")
+    if c.heads == "softmax":
+        return h, goodness, z
+    z = z.reshape(-1, c.num_classes, c.head_units_per_class)
+    return h, goodness, (z * z).mean(axis=2)
+
+
+def ff_logits(config: FFMLPConfig, values: Mapping[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+    """Graph ``model``'s logits on raw ``x`` in float64 numpy (its reference; see the module doc)."""
+    c = config
+    x = np.asarray(x, np.float64)
+    n, nc = x.shape[0], c.num_classes
+    if c.heads == "none":  # row (n, c): sample n with label c embedded
+        rows = np.repeat(x[:, None, :], nc, axis=1)
+        rows[:, :, :nc] = np.eye(nc) * c.label_scale
+        h = rows.reshape(n * nc, -1)
+    else:
+        h = x.copy()
+        h[:, :nc] = c.label_scale / nc
+    total = np.zeros((n, nc))
+    for i in range(c.num_layers):
+        h, goodness, head = ff_layer(c, values, i, h)
+        if i in c.scored_layers():
+            total = total + (goodness.reshape(n, nc) if head is None else head)
+    return total
+
+
+class FFMLPKind(ExportKind[FFMLPConfig]):
+    name = "ff_mlp"
+    config_type = FFMLPConfig
+
+    def build(self, config: FFMLPConfig, work: Path) -> Built:
+        import onnx
+
+        graphs: list[GraphSpec] = []
+        for model, spec in [_model_graph(config), *(_layer_graph(config, i) for i in range(config.num_layers))]:
+            onnx.save(model, str(work / spec.file))
+            graphs.append(spec)
+        return Built(tuple(graphs), initial_trainables(config), config.opset)
+
+    def samples(self, config: FFMLPConfig, built: Built) -> Sequence[Sample]:
+        """Graph ``model`` on raw inputs, and each layer graph on inputs of its width."""
+        rng = np.random.default_rng(config.seed + 1)
+        n = config.batch or 3
+        values = perturbed(built.initial, 0.05, config.seed + 2)
+        out = [Sample("model", {"x": rng.standard_normal((n, config.layers[0])).astype(np.float32),
+                                "labels": rng.integers(0, config.num_classes, n).astype(np.int64), **values})]
+        for g in built.graphs[1:]:
+            i = int(g.name.removeprefix("layer_"))
+            x = rng.standard_normal((n, config.layers[i])).astype(np.float32)
+            out.append(Sample(g.name, {"x": x, **{k: values[k] for k in g.trainables}}))
+        return out
+
+    def reference(self, config: FFMLPConfig, built: Built, sample: Sample) -> Sequence[np.ndarray]:
+        f = sample.feeds
+        if sample.graph == "model":
+            logits = ff_logits(config, f, f["x"])
+            m = logits.max(axis=1, keepdims=True)
+            logp = logits - m - np.log(np.exp(logits - m).sum(axis=1, keepdims=True))
+            return [logits, -logp[np.arange(len(logits)), f["labels"]]]
+        h, goodness, head = ff_layer(config, f, int(sample.graph.removeprefix("layer_")), f["x"])
+        return [h, goodness] if head is None else [h, goodness, head]
+
+    def manifest_extras(self, config: FFMLPConfig, built: Built) -> ManifestExtras:
+        return ManifestExtras(labels=tuple(str(c) for c in range(config.num_classes)), settings=config.settings())
+
+    def torch_twin(self, bundle: Bundle) -> Any:
+        return torch_twin(bundle)
+
+
+KIND = FFMLPKind()
+
+
 def export_ff_mlp(config: FFMLPConfig, out_dir: str | Path, *, overwrite: bool = False) -> Path:
     """Write the bundle (``model.onnx``, ``layer_i.onnx``, trainables, manifest) into ``out_dir``.
 
     ``overwrite`` replaces an existing *bundle* folder; any other non-empty folder is refused.
     """
     try:
-        import onnx
+        import onnx  # noqa: F401
     except ModuleNotFoundError as e:
-        raise ExportError(
-            "exporting needs the `onnx` package: install the export extra (pip install 'fwdfleet[export]')"
-        ) from e
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        if not (overwrite and (out / MANIFEST_FILE).is_file()):
-            hint = "pass --overwrite to replace it" if (out / MANIFEST_FILE).is_file() else "choose a new folder"
-            raise ExportError(f"output folder {out} is not empty; {hint}")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    graphs: list[GraphSpec] = []
-    for model, spec in [_model_graph(config), *(_layer_graph(config, i) for i in range(config.num_layers))]:
-        onnx.save(model, str(out / spec.file))
-        graphs.append(spec)
-    manifest = BundleManifest(
-        kind="ff_mlp",
-        trainables=trainable_specs(config),
-        graphs=tuple(graphs),
-        labels=tuple(str(c) for c in range(config.num_classes)),
-        opset=config.opset,
-        settings=config.settings(),
-    )
-    return write_bundle(out, manifest, initial_trainables(config))
+        raise ExportError("writing an ff_mlp bundle needs the `onnx` package, a dependency of fwdfleet: "
+                          "pip install 'onnx>=1.16' (or reinstall fwdfleet)") from e
+    return KIND.export(config, out_dir, overwrite=overwrite).bundle.path
 
 
 def torch_twin(bundle: Bundle) -> Any:

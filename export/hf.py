@@ -11,7 +11,6 @@ install when they are missing (:func:`require_export_extra`).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -21,12 +20,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fwdfleet.errors import ExportError
+from fwdfleet.export.kinds import EXPORT_EXTRA_HINT, TORCH_EXPORT_MODULES, require_modules
 
 if TYPE_CHECKING:
     from fwdfleet.export.adapters import AdapterSettings
 
-INSTALL_HINT = "pip install torch==2.13.0 && pip install 'fwdfleet[export]'"
-EXPORT_MODULES = ("torch", "transformers", "peft", "onnx", "onnxscript")
 
 # model_type -> default LoRA target modules. A registry, not an if-chain: adding a family that
 # exports cleanly is one line here (and a tiny-config test).
@@ -58,13 +56,7 @@ TOKENIZER_DIR = "tokenizer"
 
 def require_export_extra() -> None:
     """Raise a one-line ExportError naming the install command if the export extra is missing."""
-    for name in EXPORT_MODULES:
-        try:
-            found = importlib.util.find_spec(name) is not None
-        except (ImportError, ValueError):
-            found = False
-        if not found:
-            raise ExportError(f"export needs {name!r}, which is not installed: {INSTALL_HINT}")
+    require_modules(TORCH_EXPORT_MODULES, EXPORT_EXTRA_HINT)
 
 
 def check_model_folder(folder: str | Path) -> tuple[Path, dict[str, Any]]:

@@ -10,8 +10,9 @@ Exporter choice (torch 2.13 here): ``dynamo`` is the default. The legacy TorchSc
 exports faster (MiniLM: ~2 s against ~15 s) but bakes shape-dependent Python arithmetic into
 constants: a tiny GPT-2 traced at (2, 12) returned logits off by 0.26 at (3, 20) with padding,
 silently. ``torch.export`` keeps those shapes symbolic and matched torch at every shape we
-tried. Every export is checked against torch at a shape other than the traced one
-(:func:`check_parity`), so a mis-traced graph fails the export instead of reaching a device.
+tried. Every export is checked against torch at a shape other than the traced one (the parity
+check of :func:`fwdfleet.export.kinds.export_bundle`, with :class:`TracedKind` as the
+reference), so a mis-traced graph fails the export instead of reaching a device.
 
 Graphs under 2 GB are written as one ``model.onnx``; larger ones as ``model.onnx`` plus exactly
 one ``model.onnx.data`` (the exporters otherwise leave one file per tensor, or a data file
@@ -20,36 +21,24 @@ beside a small graph).
 
 from __future__ import annotations
 
-import shutil
 import tempfile
-import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import onnx
 import torch
 from torch import nn
 
-from fwdfleet.bundle import (
-    MANIFEST_FILE,
-    Bundle,
-    BundleManifest,
-    GraphSpec,
-    TensorSpec,
-    TokenizerSpec,
-    load_bundle,
-    write_bundle,
-)
-from fwdfleet.errors import ExportError
+from fwdfleet.bundle import Bundle, GraphSpec, TensorSpec, TokenizerSpec
+from fwdfleet.errors import BundleError, ExportError
+from fwdfleet.export.kinds import Built, ExportKind, ManifestExtras, Sample, perturbed, save_model
 
 Exporter = Literal["dynamo", "legacy"]
 EXPORTERS: tuple[Exporter, ...] = ("dynamo", "legacy")
-TWO_GB = 2 * 1024**3
-EXTERNAL_DATA_MARGIN = 64 * 1024**2  # protobuf's hard limit includes the graph itself
 Dim = int | str
 
 
@@ -189,183 +178,126 @@ def name_dims(model: onnx.ModelProto, shapes: Mapping[str, Sequence[Dim]]) -> No
                 dim.dim_value = int(d)
 
 
-def tensor_bytes(model: onnx.ModelProto) -> int:
-    total = 0
-    for t in model.graph.initializer:
-        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
-        total += int(np.prod(t.dims, dtype=np.int64)) * itemsize
-    return total
-
-
-def save_model(model: onnx.ModelProto, out_file: Path) -> list[Path]:
-    """One file under 2 GB; above, the graph plus exactly one ``<name>.data`` file beside it."""
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    data_file = out_file.with_name(out_file.name + ".data")
-    if data_file.exists():
-        data_file.unlink()
-    if tensor_bytes(model) < TWO_GB - EXTERNAL_DATA_MARGIN:
-        onnx.save_model(model, str(out_file))
-        return [out_file]
-    onnx.save_model(
-        model, str(out_file), save_as_external_data=True, all_tensors_to_one_file=True,
-        location=data_file.name, size_threshold=1024,
-    )
-    return [out_file, data_file]
-
-
-def check_parity(
-    wrapper: TrainablesAsInputs,
-    onnx_file: Path,
-    data: Mapping[str, np.ndarray],
-    trainables: Mapping[str, np.ndarray],
-    outputs: Sequence[str],
-    *,
-    rtol: float = 1e-3,
-    atol: float = 1e-4,
-) -> dict[str, float]:
-    """Run torch and onnxruntime on the same inputs; raise ExportError if any output differs.
-
-    Returns the largest absolute difference per output.
-    """
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
-    got = sess.run(list(outputs), {**data, **trainables})
-    with torch.no_grad():
-        ref = wrapper([torch.from_numpy(data[n]) for n in wrapper.data_names],
-                      [torch.from_numpy(trainables[n]) for n in wrapper.trainable_names])
-    diffs: dict[str, float] = {}
-    for name, g, r in zip(outputs, got, ref, strict=True):
-        r_np = r.numpy()
-        if g.shape != r_np.shape:
-            raise ExportError(f"exported graph gives {name} of shape {g.shape}, torch {r_np.shape}; "
-                              "export with fixed --batch-size/--sequence-length or --exporter dynamo")
-        diffs[name] = float(np.max(np.abs(g - r_np))) if g.size else 0.0
-        if not np.allclose(g, r_np, rtol=rtol, atol=atol):
-            raise ExportError(
-                f"exported graph disagrees with torch on {name} (max abs diff {diffs[name]:.3g}) at "
-                f"shape {tuple(data[wrapper.data_names[0]].shape)}; export with --exporter dynamo or "
-                "fixed --batch-size/--sequence-length"
-            )
-    return diffs
 
 
 @dataclass(frozen=True)
-class ExportResult:
-    """A written bundle and how its export went."""
+class TracedModel:
+    """What a traced kind hands :class:`TracedKind`: the wrapped torch model and its graph's contract.
 
-    bundle: Bundle
-    seconds: float
-    parity: Mapping[str, float]  # max |onnxruntime - torch| per output, at parity_shape
-    parity_shape: tuple[int, ...]
-
-    def summary(self) -> dict[str, Any]:
-        m = self.bundle.manifest
-        files = sorted(p for p in self.bundle.path.rglob("*") if p.is_file())
-        return {
-            "bundle": str(self.bundle.path), "kind": m.kind, "quantization": m.quantization,
-            "opset": m.opset, "exporter": m.settings.get("exporter"),
-            "trainable_tensors": len(m.trainables), "trainable_values": m.num_trainable,
-            "bundle_bytes": sum(p.stat().st_size for p in files), "export_seconds": round(self.seconds, 3),
-            "parity_max_abs_diff": dict(self.parity), "parity_shape": list(self.parity_shape),
-        }
-
-
-def _prepare_out(out: Path, overwrite: bool) -> Path:
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise ExportError(f"{out} already exists and is not empty; pass --overwrite or choose another folder")
-        if not (out / MANIFEST_FILE).is_file():
-            raise ExportError(f"{out} is not a bundle; refusing to overwrite it, choose another folder")
-    partial = out.with_name(out.name + ".partial")
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    return partial
-
-
-def write_kind_bundle(
-    *,
-    kind: str,
-    wrapper: TrainablesAsInputs,
-    initial: Mapping[str, np.ndarray],
-    out: Path,
-    overwrite: bool,
-    data_specs: Mapping[str, tuple[tuple[Dim, ...], str]],
-    output_specs: Mapping[str, tuple[tuple[Dim, ...], str]],
-    make_batch: Callable[[int, int, int], dict[str, np.ndarray]],
-    max_length: int,
-    graph: GraphOptions,
-    quantize: str | None,
-    verify: bool,
-    tokenizer: Any,
-    labels: Sequence[str],
-    settings: Mapping[str, Any],
-    seed: int,
-    start: float,
-) -> ExportResult:
-    """Export the graph, check it against torch, quantize, ship the tokenizer, write the bundle.
-
-    Written into ``<out>.partial`` and renamed at the end, so a failed export leaves no
-    half-written bundle behind.
+    ``data_specs``/``output_specs``: name -> (shape with symbolic dynamic axes, dtype);
+    ``make_batch(batch, sequence, seed)`` draws example data inputs.
     """
-    from fwdfleet.export.hf import save_tokenizer
-    from fwdfleet.export.quantize import manifest_label, quantize_bundle_graph
 
-    out = Path(out)
-    if quantize is not None:
-        manifest_label(quantize)  # validate before the slow part
-    work = _prepare_out(out, overwrite)
-    try:
-        b = graph.batch_size or 2
-        s = graph.sequence_length or min(16, max_length)
-        data = make_batch(b, s, seed)
+    wrapper: TrainablesAsInputs
+    initial: Mapping[str, np.ndarray]
+    data_specs: Mapping[str, tuple[tuple[Dim, ...], str]]
+    output_specs: Mapping[str, tuple[tuple[Dim, ...], str]]
+    make_batch: Callable[[int, int, int], dict[str, np.ndarray]]
+    max_length: int
+    tokenizer: Any
+    labels: tuple[str, ...]
+    settings: Mapping[str, Any]
+
+
+class LossTwin(nn.Module):
+    """Wraps a model whose forward returns (logits, loss, ...) and returns only the loss."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        loss: torch.Tensor = self.model(**inputs)[1]
+        return loss
+
+
+class TracedKind(ExportKind[Any]):
+    """The parts shared by kinds traced from a Hugging Face model with torch (``seq_cls_lora``,
+    ``causal_lm_lora``): build = trace at a small shape; samples = another shape with non-zero
+    trainables; reference = the torch model itself. A subclass supplies :meth:`prepare` (the
+    wrapped model) and :meth:`rebuild` (the model from ``manifest.settings``). Its config has
+    ``graph``, ``seed``, ``quantize`` and ``verify``.
+    """
+
+    parity_hint: ClassVar[str] = "export with --exporter dynamo or fixed --batch-size/--sequence-length"
+
+    def prepare(self, config: Any) -> TracedModel:
+        raise NotImplementedError
+
+    def rebuild(self, settings: Mapping[str, Any]) -> tuple[nn.Module, tuple[str, ...]]:
+        raise NotImplementedError
+
+    def build(self, config: Any, work: Path) -> Built:
+        from fwdfleet.export.hf import save_tokenizer
+
+        t = self.prepare(config)
+        g: GraphOptions = config.graph
+        data = t.make_batch(g.batch_size or 2, g.sequence_length or min(16, t.max_length), config.seed)
         export_graph(
-            wrapper, {k: torch.from_numpy(v) for k, v in data.items()},
-            {k: torch.from_numpy(v) for k, v in initial.items()}, work / "model.onnx",
-            data_shapes={k: v[0] for k, v in data_specs.items()},
-            output_shapes={k: v[0] for k, v in output_specs.items()}, options=graph,
+            t.wrapper, {k: torch.from_numpy(v) for k, v in data.items()},
+            {k: torch.from_numpy(v) for k, v in t.initial.items()}, work / "model.onnx",
+            data_shapes={k: v[0] for k, v in t.data_specs.items()},
+            output_shapes={k: v[0] for k, v in t.output_specs.items()}, options=g,
         )
-        parity: dict[str, float] = {}
-        check_shape: tuple[int, ...] = ()
-        if verify:  # at another shape than the traced one, with random non-zero trainables
-            b2 = b if graph.batch_size else b + 1
-            s2 = s if graph.sequence_length else min(max_length, s + 7)
-            check = make_batch(b2, s2, seed + 1)
-            rng = np.random.default_rng(seed + 2)
-            noisy = {k: (v + 0.05 * rng.standard_normal(v.shape)).astype(v.dtype) for k, v in initial.items()}
-            parity = check_parity(wrapper, work / "model.onnx", check, noisy, list(output_specs))
-            check_shape = (b2, s2)
-        if quantize is not None:
-            quantize_bundle_graph(work / "model.onnx", work / "model.q.onnx", quantize)
-            (work / "model.onnx").unlink()
-            for p in work.glob("model.q.onnx*"):
-                p.rename(work / p.name.replace("model.q.onnx", "model.onnx"))
-        tok_files = save_tokenizer(tokenizer, work)
-        padding_side = str(getattr(tokenizer, "padding_side", "right"))
-        trainable_specs = tuple(TensorSpec(n, tuple(v.shape), str(v.dtype)) for n, v in initial.items())
-        manifest = BundleManifest(
-            kind=kind,
-            trainables=trainable_specs,
-            graphs=(GraphSpec(
-                name="model", file="model.onnx",
-                inputs=(*(TensorSpec(n, shape, dt) for n, (shape, dt) in data_specs.items()), *trainable_specs),
-                outputs=tuple(TensorSpec(n, shape, dt) for n, (shape, dt) in output_specs.items()),
-                trainables=tuple(initial),
-            ),),
-            labels=tuple(labels),
-            tokenizer=TokenizerSpec(files=tok_files, max_length=graph.sequence_length or max_length,
-                                    padding_side=padding_side),
-            quantization=manifest_label(quantize),
-            opset=graph.opset,
-            settings={**settings, "exporter": graph.exporter, "quantization_mode": quantize,
-                      "batch_size": graph.batch_size, "sequence_length": graph.sequence_length},
+        trainables = tuple(TensorSpec(n, tuple(v.shape), str(v.dtype)) for n, v in t.initial.items())
+        graph = GraphSpec(
+            name="model", file="model.onnx",
+            inputs=(*(TensorSpec(n, shape, dt) for n, (shape, dt) in t.data_specs.items()), *trainables),
+            outputs=tuple(TensorSpec(n, shape, dt) for n, (shape, dt) in t.output_specs.items()),
+            trainables=tuple(t.initial),
         )
-        write_bundle(work, manifest, initial)
-        if out.exists():
-            shutil.rmtree(out)
-        work.rename(out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    return ExportResult(load_bundle(out), time.perf_counter() - start, parity, check_shape)
+        tokenizer_files = save_tokenizer(t.tokenizer, work)
+        return Built((graph,), t.initial, g.opset, state=(t, tokenizer_files))
+
+    def samples(self, config: Any, built: Built) -> list[Sample]:
+        """One batch at another shape than the traced one, with random non-zero trainables."""
+        t: TracedModel = built.state[0]
+        g: GraphOptions = config.graph
+        b = g.batch_size or 3
+        s = g.sequence_length or min(t.max_length, min(16, t.max_length) + 7)
+        return [Sample("model", {**t.make_batch(b, s, config.seed + 1), **perturbed(t.initial, 0.05, config.seed + 2)})]
+
+    def reference(self, config: Any, built: Built, sample: Sample) -> list[np.ndarray]:
+        t: TracedModel = built.state[0]
+        w = t.wrapper
+        with torch.no_grad():
+            out = w([torch.from_numpy(np.asarray(sample.feeds[n])) for n in w.data_names],
+                    [torch.from_numpy(np.asarray(sample.feeds[n])) for n in w.trainable_names])
+        return [r.numpy() for r in out]
+
+    def manifest_extras(self, config: Any, built: Built) -> ManifestExtras:
+        t: TracedModel = built.state[0]
+        g: GraphOptions = config.graph
+        tokenizer = TokenizerSpec(files=built.state[1], max_length=g.sequence_length or t.max_length,
+                                  padding_side=str(getattr(t.tokenizer, "padding_side", "right")))
+        settings = {**t.settings, "exporter": g.exporter, "quantization_mode": config.quantize,
+                    "batch_size": g.batch_size, "sequence_length": g.sequence_length}
+        return ManifestExtras(labels=t.labels, settings=settings, tokenizer=tokenizer)
+
+    def quantization(self, config: Any) -> str | None:
+        mode: str | None = config.quantize
+        return mode
+
+    def verify(self, config: Any) -> bool:
+        return bool(config.verify)
+
+    def torch_twin(self, bundle: Bundle) -> nn.Module:
+        """:meth:`rebuild` from the manifest, with the bundle's trainable values loaded."""
+        model, _ = self.rebuild(bundle.manifest.settings)
+        twin = LossTwin(model)
+        values = bundle.load_trainables()
+        params: dict[str, Any] = dict(model.named_parameters())
+        missing = sorted(set(values) - set(params))
+        if missing:
+            raise BundleError(f"the rebuilt model has no parameters {missing[:3]}; was the source folder changed?")
+        if {n for n, p in params.items() if p.requires_grad} != set(values):
+            raise BundleError("the rebuilt model's trainable parameters differ from the bundle's; "
+                              "was the source folder or the toolkit version changed?")
+        with torch.no_grad():
+            for name, value in values.items():
+                if tuple(params[name].shape) != value.shape:
+                    raise BundleError(f"trainable {name!r} has shape {value.shape} in the bundle but "
+                                      f"{tuple(params[name].shape)} in the rebuilt model")
+                params[name].copy_(torch.from_numpy(value))
+        twin.eval()
+        return twin

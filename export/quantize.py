@@ -88,7 +88,7 @@ def quantize_bundle_graph(src: Path, dst: Path, mode: str) -> None:
     ``.data`` file.
     """
     check_mode(mode)
-    from fwdfleet.export.onnx_graph import save_model
+    from fwdfleet.export.kinds import save_model
 
     source = onnx.load(str(src))
     with tempfile.TemporaryDirectory(prefix="fwdfleet-quant-") as tmp:
@@ -99,7 +99,7 @@ def quantize_bundle_graph(src: Path, dst: Path, mode: str) -> None:
 
 
 def _quantize(source: onnx.ModelProto, src: Path, dst: Path, mode: str) -> None:
-    from fwdfleet.export.onnx_graph import EXTERNAL_DATA_MARGIN, TWO_GB, save_model, tensor_bytes
+    from fwdfleet.export.kinds import EXTERNAL_DATA_MARGIN, TWO_GB, save_model, tensor_bytes
 
     inputs = _graph_inputs(source)
     float_inputs = {n for n, t in inputs.items() if t in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)}

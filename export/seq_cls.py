@@ -17,7 +17,6 @@ can fit the head forward-only before perturbing anything.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,9 +39,9 @@ from fwdfleet.export.hf import (
     load_pretrained,
     peft_record,
 )
-from fwdfleet.export.onnx_graph import ExportResult, GraphOptions, TrainablesAsInputs, write_kind_bundle
+from fwdfleet.export.kinds import ExportResult
+from fwdfleet.export.onnx_graph import GraphOptions, TracedKind, TracedModel, TrainablesAsInputs
 
-KIND = "seq_cls_lora"
 POOLINGS = ("mean", "cls")
 DATA_INPUTS = ("input_ids", "attention_mask", "labels")
 
@@ -154,26 +153,37 @@ def example_batch(batch: int, seq: int, vocab: int, num_labels: int, seed: int) 
             "labels": rng.integers(0, num_labels, size=(batch,), dtype=np.int64)}
 
 
+class SeqClsKind(TracedKind):
+    name = "seq_cls_lora"
+    config_type = SeqClsExport
+
+    def prepare(self, config: SeqClsExport) -> TracedModel:
+        folder, hf_config = check_model_folder(config.source)
+        check_family(str(hf_config["model_type"]), ENCODER_FAMILIES, "sequence classification", "seq-cls")
+        tokenizer = load_fast_tokenizer(folder)
+        settings = _settings(config, folder, hf_config)
+        model, names = build_model(settings)
+        initial = {n: p.detach().numpy().copy() for n, p in model.named_parameters() if n in names}
+        vocab = int(hf_config["vocab_size"])
+        b, s = config.graph.batch_dim(), config.graph.sequence_dim()
+        n = len(config.labels)
+        return TracedModel(
+            wrapper=TrainablesAsInputs(model, names, DATA_INPUTS), initial=initial,
+            data_specs={"input_ids": ((b, s), "int64"), "attention_mask": ((b, s), "int64"),
+                        "labels": ((b,), "int64")},
+            output_specs={"logits": ((b, n), "float32"), "loss": ((b,), "float32"),
+                          "features": ((b, int(settings["head"]["in_features"])), "float32")},
+            make_batch=lambda bb, ss, seed: example_batch(bb, ss, vocab, n, seed),
+            max_length=config.max_length, tokenizer=tokenizer, labels=config.labels, settings=settings,
+        )
+
+    def rebuild(self, settings: Mapping[str, Any]) -> tuple[nn.Module, tuple[str, ...]]:
+        return build_model(settings)
+
+
+KIND = SeqClsKind()
+
+
 def export_seq_cls(cfg: SeqClsExport, out: Path, *, overwrite: bool = False) -> ExportResult:
     """Export the classifier described by ``cfg`` as a bundle in ``out``."""
-    start = time.perf_counter()
-    folder, hf_config = check_model_folder(cfg.source)
-    check_family(str(hf_config["model_type"]), ENCODER_FAMILIES, "sequence classification", "seq-cls")
-    tokenizer = load_fast_tokenizer(folder)
-    settings = _settings(cfg, folder, hf_config)
-    model, names = build_model(settings)
-    initial = {n: p.detach().numpy().copy() for n, p in model.named_parameters() if n in names}
-    vocab = int(hf_config["vocab_size"])
-    wrapper = TrainablesAsInputs(model, names, DATA_INPUTS)
-    b, s = cfg.graph.batch_dim(), cfg.graph.sequence_dim()
-    hidden = int(settings["head"]["in_features"])
-    return write_kind_bundle(
-        kind=KIND, wrapper=wrapper, initial=initial, out=out, overwrite=overwrite,
-        data_specs={"input_ids": ((b, s), "int64"), "attention_mask": ((b, s), "int64"),
-                    "labels": ((b,), "int64")},
-        output_specs={"logits": ((b, len(cfg.labels)), "float32"), "loss": ((b,), "float32"),
-                      "features": ((b, hidden), "float32")},
-        make_batch=lambda bb, ss, seed: example_batch(bb, ss, vocab, len(cfg.labels), seed),
-        max_length=cfg.max_length, graph=cfg.graph, quantize=cfg.quantize, verify=cfg.verify,
-        tokenizer=tokenizer, labels=cfg.labels, settings=settings, seed=cfg.seed, start=start,
-    )
+    return KIND.export(cfg, out, overwrite=overwrite)

@@ -8,6 +8,7 @@ peak memory per device (inference vs training step, and torch backprop where mea
 from __future__ import annotations
 
 import html
+import importlib.util
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -23,6 +24,14 @@ def write_jsonl(records: Sequence[RoundRecord], path: Path) -> Path:
         for r in records:
             f.write(json.dumps(r.to_json(), sort_keys=True) + "\n")
     return path
+
+
+PLOTS_HINT = "plots need matplotlib: pip install matplotlib (or 'fwdfleet[fleet]')"
+
+
+def can_plot() -> bool:
+    """Whether matplotlib is installed (the fleet extra); without it reports have tables only."""
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def _plt() -> Any:
@@ -94,7 +103,8 @@ def plot_memory(memory: Mapping[str, float | None], path: Path) -> Path:
     return path
 
 
-def write_html(out_dir: Path, title: str, summary: Mapping[str, Any], images: Sequence[Path]) -> Path:
+def write_html(out_dir: Path, title: str, summary: Mapping[str, Any], images: Sequence[Path],
+               note: str = "") -> Path:
     rows = "".join(
         f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in summary.items()
     )
@@ -104,6 +114,7 @@ def write_html(out_dir: Path, title: str, summary: Mapping[str, Any], images: Se
         "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}th{text-align:left;padding-right:1em}"
         "td,th{border-bottom:1px solid #ddd;padding:3px}</style>"
         f"<h1>{html.escape(title)}</h1><table>{rows}</table>{imgs}"
+        + (f"<p>{html.escape(note)}</p>" if note else "") +
         "<p>Rounds as JSON lines: <a href='rounds.jsonl'>rounds.jsonl</a>.</p>"
     )
     path = out_dir / "report.html"
@@ -116,6 +127,8 @@ def write_report(out_dir: Path, title: str, records: Sequence[RoundRecord], summ
     """Write rounds.jsonl, the plots and report.html into ``out_dir``; returns the HTML path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(records, out_dir / "rounds.jsonl")
+    if not can_plot():
+        return write_html(out_dir, title, summary, [], note=PLOTS_HINT)
     images = [*extra_images]
     if records:
         images += [plot_accuracy(records, out_dir / "accuracy.png"), plot_rounds(records, out_dir / "rounds.png")]

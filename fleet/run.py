@@ -23,7 +23,7 @@ from fwdfleet.fleet.datasets import load_split
 from fwdfleet.fleet.emulate import EmulationSettings, Evaluator, RoundRecord, emulate
 from fwdfleet.fleet.partition import label_histogram, partition, plot_label_distribution
 from fwdfleet.fleet.profiles import assign_profiles
-from fwdfleet.fleet.report import write_report
+from fwdfleet.fleet.report import can_plot, write_report
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ def prepare_bundle(cfg: FleetConfig, out_dir: Path, num_features: int, num_class
                    labels: tuple[str, ...]) -> Bundle:
     if cfg.model.bundle:
         return load_bundle(cfg.model.bundle)
-    from fwdfleet.export.mlp import MLPConfig, export_mlp  # the export extra (torch) is needed only here
+    from fwdfleet.export.onnx_mlp import MLPConfig, export_mlp  # onnx.helper: no torch needed
 
     target = out_dir / "bundle"
     if target.exists():
@@ -75,8 +75,9 @@ def run_fleet(cfg: FleetConfig, *, progress: bool = True, log: Callable[[str], N
     log(f"bundle     {bundle.path} ({bundle.manifest.kind}, {bundle.manifest.num_trainable:,} trainable values)")
     shards = partition(data.train.labels, cfg.partition)
     hist = label_histogram(data.train.labels, shards, data.num_classes)
-    labels_png = Path(plot_label_distribution(hist, str(out_dir / "labels.png"),
-                                              f"{cfg.partition.scheme} partition of {cfg.dataset.name}"))
+    labels_png = ([Path(plot_label_distribution(hist, str(out_dir / "labels.png"),
+                                                f"{cfg.partition.scheme} partition of {cfg.dataset.name}"))]
+                  if can_plot() else [])
     profiles = assign_profiles(cfg.fleet.devices, cfg.fleet.profiles, seed=cfg.fleet.seed)
     settings = EmulationSettings(rounds=cfg.fleet.rounds, workers=cfg.fleet.workers,
                                  eval_every=cfg.fleet.eval_every, seed=cfg.fleet.seed,
@@ -136,7 +137,7 @@ def run_fleet(cfg: FleetConfig, *, progress: bool = True, log: Callable[[str], N
     table = {k: v for k, v in summary.to_json().items() if k != "report"}
     table["rounds taken part in, per device (mean)"] = round(participation, 1)
     write_report(out_dir, f"fwdfleet: {cfg.dataset.name}, {cfg.fleet.devices} devices", records, table,
-                 memory, extra_images=[labels_png])
+                 memory, extra_images=labels_png)
     (out_dir / "summary.json").write_text(json.dumps(summary.to_json(), indent=2) + "\n")
     return summary
 

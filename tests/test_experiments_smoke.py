@@ -145,7 +145,7 @@ def test_forward_only_head_init_then_scalar_rounds_learn(tiny_cls_bundle: Bundle
 
 
 def test_fedavg_backprop_learns_digits(tmp_path: Path) -> None:
-    from fwdfleet.export.mlp import MLPConfig, export_mlp
+    from fwdfleet.export.onnx_mlp import MLPConfig, export_mlp
 
     export_mlp(MLPConfig(layer_sizes=(64, 32, 10)), tmp_path / "mlp")
     bundle = load_bundle(tmp_path / "mlp")

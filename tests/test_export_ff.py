@@ -126,9 +126,14 @@ def test_cli_writes_a_bundle_and_prints_json(tmp_path, capsys):
                  "--batch", "8", "--opset", "18", "--out", str(out), "--json"])
     assert code == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["graphs"] == ["model", "layer_0", "layer_1"] and result["batch"] == 8
-    assert result["num_trainable"] == 20 * 16 + 16 + 16 * 16 + 16 + 2 * (16 * 16 + 16)
-    assert load_bundle(out).manifest.settings["heads"] == "class-goodness"
+    assert result["graphs"] == ["model", "layer_0", "layer_1"] and result["parity_shape"] == [8, 20]
+    assert result["trainable_values"] == 20 * 16 + 16 + 16 * 16 + 16 + 2 * (16 * 16 + 16)
+    assert set(result["parity_max_abs_diff"]) == {"logits", "loss", "layer_0.h", "layer_0.goodness",
+                                                  "layer_0.head_logits", "layer_1.h", "layer_1.goodness",
+                                                  "layer_1.head_logits"}
+    assert max(result["parity_max_abs_diff"].values()) < 1e-4
+    manifest = load_bundle(out).manifest
+    assert manifest.settings["heads"] == "class-goodness" and manifest.graph("model").inputs[0].shape == (8, 20)
     with pytest.raises(ExportError, match="--overwrite"):
         _cli(["ff-mlp", "--layers", "20,16", "--num-classes", "4", "--out", str(out)])
     assert _cli(["ff-mlp", "--layers", "20,16", "--num-classes", "4", "--out", str(out), "--overwrite"]) == 0
@@ -162,6 +167,6 @@ def test_config_rejects_quantization_and_export_refuses_non_empty_folder(tmp_pat
 
 
 def test_missing_onnx_says_which_extra_to_install(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "onnx", None)  # as if the export extra were not installed
-    with pytest.raises(ExportError, match=r"fwdfleet\[export\]"):
+    monkeypatch.setitem(sys.modules, "onnx", None)  # as if onnx were not installed
+    with pytest.raises(ExportError, match=r"pip install 'onnx>=1.16'"):
         export_ff_mlp(FFMLPConfig(**SMALL), tmp_path / "b")

@@ -164,6 +164,20 @@ def test_quantized_bundle_keeps_float_trainable_inputs(lora_bundle: Bundle, tmp_
         np.testing.assert_allclose(q_loss, f_loss, atol=tol)
 
 
+def test_quantized_export_states_its_measured_deviation(bert_folder: Path, tmp_path: Path) -> None:
+    graph = GraphOptions(exporter="legacy", batch_size=4, sequence_length=19)
+    cfg = SeqClsExport(source=bert_folder, labels=LABELS, max_length=32, graph=graph, quantize="int8-weight")
+    result = export_seq_cls(cfg, tmp_path / "q")
+    summary = result.summary()
+    assert summary["quantization"] == "int8"
+    assert set(summary["quantized_max_abs_diff"]) == {"logits", "loss", "features"}
+    assert max(summary["parity_max_abs_diff"].values()) < ATOL  # fp32 graph checked strictly before quantizing
+    deviation = result.bundle.manifest.settings["quantized_max_abs_diff"]
+    assert deviation == summary["quantized_max_abs_diff"] and 0 < deviation["loss"] < 0.05
+    model = onnx.load(str(result.bundle.graph_path()))
+    assert any(n.op_type == "MatMulNBits" for n in model.graph.node)
+
+
 def test_bitfit_trains_biases_and_head_with_parity(bert_folder: Path, tmp_path: Path) -> None:
     # also covers the legacy exporter with fixed shapes (fast; shapes cannot be mis-specialised)
     graph = GraphOptions(exporter="legacy", batch_size=4, sequence_length=19, opset=17)
@@ -194,10 +208,10 @@ def test_graph_over_the_protobuf_limit_is_written_with_one_external_data_file(
     bert_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The >2 GB path on a tiny model: lower the limit so that its weights must go to external data.
-    import fwdfleet.export.onnx_graph as onnx_graph
+    import fwdfleet.export.kinds as kinds
 
-    monkeypatch.setattr(onnx_graph, "TWO_GB", 1)
-    monkeypatch.setattr(onnx_graph, "EXTERNAL_DATA_MARGIN", 0)
+    monkeypatch.setattr(kinds, "TWO_GB", 1)
+    monkeypatch.setattr(kinds, "EXTERNAL_DATA_MARGIN", 0)
     graph = GraphOptions(exporter="legacy", batch_size=4, sequence_length=19)
     cfg = SeqClsExport(source=bert_folder, labels=LABELS, max_length=32, graph=graph)
     bundle = export_seq_cls(cfg, tmp_path / "big").bundle

@@ -22,7 +22,7 @@ from fwdfleet.fleet.report import write_report
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
     pytest.importorskip("torch", reason="exporting the MLP bundle needs torch (the export extra)")
-    from fwdfleet.export.mlp import MLPConfig, export_mlp
+    from fwdfleet.export.onnx_mlp import MLPConfig, export_mlp
 
     return load_bundle(export_mlp(MLPConfig(layer_sizes=(64, 16, 10)), tmp_path_factory.mktemp("mlp") / "bundle"))
 

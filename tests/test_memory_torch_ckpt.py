@@ -11,7 +11,7 @@ from fwdfleet.bundle import load_bundle
 from fwdfleet.device_runtime.memory import measure_memory
 from fwdfleet.export.causal_lm import CausalLmExport, export_causal_lm
 from fwdfleet.export.hf import LoraSettings
-from fwdfleet.export.mlp import MLPConfig, export_mlp
+from fwdfleet.export.onnx_mlp import MLPConfig, export_mlp
 
 
 @pytest.fixture(scope="module")

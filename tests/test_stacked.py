@@ -19,7 +19,7 @@ from fwdfleet.device_runtime.estimator import estimate
 from fwdfleet.device_runtime.session import BundleSession, SessionOptions
 from fwdfleet.errors import DataError, ExportError
 from fwdfleet.export.hf import LoraSettings
-from fwdfleet.export.mlp import MLPConfig, export_mlp
+from fwdfleet.export.onnx_mlp import MLPConfig, export_mlp
 from fwdfleet.export.seq_cls import SeqClsExport, export_seq_cls
 from fwdfleet.export.stack import STACKED_GRAPH, StackSettings, add_stacked_graph
 from fwdfleet.task import RoundTask

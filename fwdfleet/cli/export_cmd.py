@@ -1,8 +1,10 @@
-"""``fwdfleet export``: turn a PyTorch model into a bundle a torch-free device can train.
+"""``fwdfleet export``: write a bundle a torch-free device can train.
 
-torch, transformers and peft are imported only when an export runs, so ``fwdfleet --help``
-works on a device install; without the export extra an export fails with one line that says
-what to install.
+Each subcommand names an export kind of the registry (``fwdfleet.export.kinds``) and how to
+build its config from the arguments; :func:`run_export` does the rest for every kind. torch,
+transformers and peft are imported only when a kind that needs them runs, so ``fwdfleet
+--help`` works on a device install; without them an export fails with one line that says what
+to install. ``mlp`` and ``ff-mlp`` need no torch.
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ ADAPTER_ACTIVATIONS = ("relu", "gelu", "tanh")
 
 def register(sub: Any) -> None:
     p = sub.add_parser(
-        "export", help="export a model to a bundle (needs the export extra)",
+        "export", help="export a model to a bundle (seq-cls/causal-lm need the export extra)",
         description="Export a model to a bundle: model.onnx with frozen weights as initializers and "
                     "every trainable tensor as a named graph input, manifest.json, initial trainable "
-                    "values and the tokenizer. Needs: pip install torch==2.13.0 && pip install "
-                    "'fwdfleet[export]'.",
+                    "values and the tokenizer. Every export is checked against a reference before the "
+                    "bundle is written. seq-cls and causal-lm need: pip install torch==2.13.0 && pip "
+                    "install 'fwdfleet[export]'; mlp and ff-mlp need no torch.",
     )
     esub = p.add_subparsers(dest="export_kind", metavar="KIND", required=True)
 
@@ -52,7 +55,7 @@ def register(sub: Any) -> None:
     sc.add_argument("--adapter-activation", choices=ADAPTER_ACTIVATIONS,
                     help="activation between down and up of --method adapter (default relu)")
     _common(sc)
-    sc.set_defaults(func=_run_seq_cls)
+    sc.set_defaults(func=run_export, kind="seq_cls_lora", make_config=_seq_cls_config)
 
     lm = esub.add_parser(
         "causal-lm", help="LoRA causal LM from a local Llama or GPT-2 folder",
@@ -63,20 +66,24 @@ def register(sub: Any) -> None:
     lm.add_argument("--max-length", type=int, default=256, help="tokenizer max length (default 256)")
     _method(lm, LM_METHODS, head=False)
     _common(lm)
-    lm.set_defaults(func=_run_causal_lm)
+    lm.set_defaults(func=run_export, kind="causal_lm_lora", make_config=_causal_lm_config)
 
     mlp = esub.add_parser(
         "mlp", help="a plain MLP classifier, every weight trainable (BAFFLE's small model)",
         description="A tanh MLP classifier with all weights as graph inputs: logits and per-sample loss. "
-                    "Trained from scratch by seeds and scalars (fwdfleet demo uses it).",
+                    "Trained from scratch by seeds and scalars (fwdfleet demo uses it). Needs no torch.",
     )
     mlp.add_argument("--layers", default="64,32,10", help="sizes from input to classes (default 64,32,10)")
     mlp.add_argument("--labels", help="comma-separated class names (default 0..N-1)")
     mlp.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
     mlp.add_argument("--opset", type=int, default=18)
+    mlp.add_argument("--builder", choices=("onnx", "torch"), default="onnx",
+                     help="write the graph with onnx.helper (no torch needed) or trace it with torch; "
+                          "same bundle either way (default onnx)")
     mlp.add_argument("--out", "-o", required=True, help="bundle folder to write (must be new or empty)")
+    mlp.add_argument("--overwrite", action="store_true", help="replace an existing bundle in --out")
     mlp.add_argument("--json", action="store_true")
-    mlp.set_defaults(func=_run_mlp)
+    mlp.set_defaults(func=run_export, kind="mlp", make_config=_mlp_config)
 
     st = esub.add_parser(
         "stack", help="add a stacked graph: several perturbed points per onnxruntime call",
@@ -132,9 +139,6 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
-    from fwdfleet.export.hf import require_export_extra
-
-    require_export_extra()
     from fwdfleet.export.hf import LoraSettings
     from fwdfleet.export.onnx_graph import GraphOptions
 
@@ -150,23 +154,41 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def run_export(args: argparse.Namespace) -> int:
+    """Every kind's export: look the kind up in the registry, build its config, write, report."""
+    from fwdfleet.export.kinds import get_kind
+
+    kind = get_kind(args.kind)  # says what to install when the kind's packages are missing
+    try:
+        config = args.make_config(args)
+    except ValueError as e:  # config dataclasses name the bad field
+        raise ExportError(str(e)) from e
+    result = kind.export(config, Path(args.out), overwrite=args.overwrite)
+    return _report(args, result.summary())
+
+
 def _report(args: argparse.Namespace, summary: dict[str, Any]) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
     q = summary["quantization"] or "fp32"
-    print(f"wrote {summary['kind']} bundle {summary['bundle']} ({q}, {summary['bundle_bytes'] / 1e6:.1f} MB) "
-          f"in {summary['export_seconds']:.1f} s")
+    print(f"wrote {summary['kind']} bundle {summary['bundle']} ({q}, {summary['bundle_bytes'] / 1e6:.1f} MB, "
+          f"graphs {', '.join(summary['graphs'])}) in {summary['export_seconds']:.1f} s")
     print(f"trainable: {summary['trainable_tensors']} tensors, {summary['trainable_values']:,} values")
     if summary["parity_max_abs_diff"]:
         diffs = ", ".join(f"{k} {v:.1e}" for k, v in summary["parity_max_abs_diff"].items())
-        print(f"fp32 parity vs torch at shape {tuple(summary['parity_shape'])}: max |diff| {diffs}")
+        print(f"fp32 parity vs the reference at shape {tuple(summary['parity_shape'])}: max |diff| {diffs}")
+    else:
+        print("parity check skipped (--no-verify)")
+    if summary["quantized_max_abs_diff"]:
+        diffs = ", ".join(f"{k} {v:.1e}" for k, v in summary["quantized_max_abs_diff"].items())
+        print(f"{q} graph vs the fp32 reference: max |diff| {diffs} (measured, not a failure; "
+              "recorded in manifest settings.quantized_max_abs_diff)")
     return 0
 
 
-def _run_seq_cls(args: argparse.Namespace) -> int:
-    opts = _options(args)
-    from fwdfleet.export.seq_cls import SeqClsExport, export_seq_cls
+def _seq_cls_config(args: argparse.Namespace) -> Any:
+    from fwdfleet.export.seq_cls import SeqClsExport
 
     if args.labels:
         labels = tuple(x.strip() for x in args.labels.split(",") if x.strip())
@@ -174,9 +196,8 @@ def _run_seq_cls(args: argparse.Namespace) -> int:
         if args.num_labels < 2:
             raise ExportError(f"--num-labels must be >= 2, got {args.num_labels}")
         labels = tuple(str(i) for i in range(args.num_labels))
-    cfg = SeqClsExport(source=Path(args.model), labels=labels, pooling=args.pooling,
-                       adapter=_adapter_settings(args), **opts)
-    return _report(args, export_seq_cls(cfg, Path(args.out), overwrite=args.overwrite).summary())
+    return SeqClsExport(source=Path(args.model), labels=labels, pooling=args.pooling,
+                        adapter=_adapter_settings(args), **_options(args))
 
 
 def _adapter_settings(args: argparse.Namespace) -> Any:
@@ -199,29 +220,21 @@ def _adapter_settings(args: argparse.Namespace) -> Any:
     )
 
 
-def _run_causal_lm(args: argparse.Namespace) -> int:
-    opts = _options(args)
-    from fwdfleet.export.causal_lm import CausalLmExport, export_causal_lm
+def _causal_lm_config(args: argparse.Namespace) -> Any:
+    from fwdfleet.export.causal_lm import CausalLmExport
 
-    cfg = CausalLmExport(source=Path(args.model), **opts)
-    return _report(args, export_causal_lm(cfg, Path(args.out), overwrite=args.overwrite).summary())
+    return CausalLmExport(source=Path(args.model), **_options(args))
 
 
-def _run_mlp(args: argparse.Namespace) -> int:
-    from fwdfleet.export.mlp import MLPConfig, export_mlp
+def _mlp_config(args: argparse.Namespace) -> Any:
+    from fwdfleet.export.onnx_mlp import MLPConfig
 
     try:
         sizes = tuple(int(v) for v in args.layers.split(","))
-        labels = tuple(x.strip() for x in args.labels.split(",")) if args.labels else ()
-        cfg = MLPConfig(layer_sizes=sizes, labels=labels, seed=args.seed, opset=args.opset)
     except ValueError as e:
-        raise ExportError(f"bad --layers/--labels: {e}") from e
-    out = export_mlp(cfg, args.out)
-    summary = {"kind": "mlp", "bundle": str(out), "layer_sizes": list(sizes),
-               "trainable_values": sum(t.size for t in cfg.trainables)}
-    print(json.dumps(summary, indent=2) if args.json else
-          f"wrote mlp bundle {out} ({summary['trainable_values']:,} trainable values)")
-    return 0
+        raise ExportError(f"--layers must be comma-separated integers like 64,32,10, got {args.layers!r}") from e
+    labels = tuple(x.strip() for x in args.labels.split(",")) if args.labels else ()
+    return MLPConfig(layer_sizes=sizes, labels=labels, seed=args.seed, opset=args.opset, builder=args.builder)
 
 
 def _run_stack(args: argparse.Namespace) -> int:

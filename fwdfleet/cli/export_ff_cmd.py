@@ -1,17 +1,16 @@
 """``fwdfleet export ff-mlp``: write a Forward-Forward MLP bundle (graph ``model`` + one graph per layer).
 
-``fwdfleet.cli.export_cmd`` calls :func:`register_ff` with its subparsers. The export itself
-(``export.ff_mlp``) needs the ``onnx`` package of the export extra, imported only when the
-command runs; torch is not needed to export an FF MLP (only to build its torch twin).
+``fwdfleet.cli.export_cmd`` calls :func:`register_ff` with its subparsers; the export runs
+through its :func:`~fwdfleet.cli.export_cmd.run_export` like every kind's. torch is not needed
+to export an FF MLP (only to build its torch twin).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import time
 from typing import Any
 
+from fwdfleet.cli.export_cmd import run_export
 from fwdfleet.errors import ExportError
 
 _HEADS = ("none", "softmax", "class-goodness")
@@ -49,7 +48,7 @@ def register_ff(export_subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", required=True, help="output bundle folder (must be new or empty)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle in --out")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.set_defaults(func=run_export_ff)
+    p.set_defaults(func=run_export, kind="ff_mlp", make_config=_config)
     return p
 
 
@@ -70,47 +69,18 @@ def _parse_batch(text: str) -> int | None:
         raise ExportError(f"--batch must be a positive integer or 'dynamic', got {text!r}") from e
 
 
-def run_export_ff(args: argparse.Namespace) -> int:
-    from fwdfleet.export.ff_mlp import FFMLPConfig, export_ff_mlp  # numpy only; onnx is imported when exporting
+def _config(args: argparse.Namespace) -> Any:
+    from fwdfleet.export.ff_mlp import FFMLPConfig
 
-    if args.quantize != "none":
-        raise ExportError("--quantize int8: a Forward-Forward MLP has no frozen weights (every weight is "
-                          "trainable and fed as a graph input), so quantization does not apply; drop --quantize")
-    try:
-        config = FFMLPConfig(
-            layers=_parse_layers(args.layers),
-            num_classes=args.num_classes,
-            heads=args.heads,
-            head_units_per_class=args.head_units_per_class,
-            label_scale=args.label_scale,
-            score_layers=args.score_layers,
-            batch=_parse_batch(args.batch),
-            opset=args.opset,
-            seed=args.seed,
-        )
-    except ValueError as e:
-        raise ExportError(str(e)) from e
-    start = time.perf_counter()
-    path = export_ff_mlp(config, args.out, overwrite=args.overwrite)
-    seconds = time.perf_counter() - start
-    from fwdfleet.bundle import load_bundle
-
-    bundle = load_bundle(path)
-    m = bundle.manifest
-    result: dict[str, Any] = {
-        "path": str(path),
-        "kind": m.kind,
-        "layers": list(config.layers),
-        "heads": config.heads,
-        "num_trainable": m.num_trainable,
-        "graphs": [g.name for g in m.graphs],
-        "opset": config.opset,
-        "batch": config.batch if config.batch is not None else "dynamic",
-        "seconds": round(seconds, 3),
-    }
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(f"wrote ff_mlp bundle {path}: layers {args.layers}, heads {config.heads}, "
-              f"{m.num_trainable:,} trainable values, graphs {', '.join(result['graphs'])} ({seconds:.2f} s)")
-    return 0
+    return FFMLPConfig(
+        layers=_parse_layers(args.layers),
+        num_classes=args.num_classes,
+        heads=args.heads,
+        head_units_per_class=args.head_units_per_class,
+        label_scale=args.label_scale,
+        score_layers=args.score_layers,
+        batch=_parse_batch(args.batch),
+        opset=args.opset,
+        seed=args.seed,
+        quantization=None if args.quantize == "none" else args.quantize,
+    )
