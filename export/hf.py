@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from fwdfleet.errors import ExportError
 from fwdfleet.export.kinds import EXPORT_EXTRA_HINT, TORCH_EXPORT_MODULES, require_modules
+from fwdfleet.export.gguf import from_pretrained_args, gguf_architecture, is_gguf, quiet_dequantization
 
 if TYPE_CHECKING:
     from fwdfleet.export.adapters import AdapterSettings
@@ -60,8 +61,18 @@ def require_export_extra() -> None:
 
 
 def check_model_folder(folder: str | Path) -> tuple[Path, dict[str, Any]]:
-    """Return the folder and its ``config.json`` after checking it is a Hugging Face model folder."""
+    """Return the folder and its ``config.json`` after checking it is a Hugging Face model folder.
+
+    A ``.gguf`` file (:mod:`fwdfleet.export.gguf`) is accepted too: its header is checked and its
+    configuration read the way transformers reads it."""
     path = Path(folder).expanduser()
+    if is_gguf(path):
+        gguf_architecture(path)
+        try:
+            config = _transformers().AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        except (OSError, ValueError, KeyError) as e:
+            raise ExportError(f"cannot read the model configuration of {path}: {str(e).splitlines()[0]}") from e
+        return path.resolve(), config.to_dict()
     if not path.exists():
         raise ExportError(f"model folder not found: {path}; pass a local folder written by save_pretrained")
     if not path.is_dir():
@@ -114,8 +125,9 @@ def load_pretrained(folder: Path, *, causal: bool, random_init: bool, seed: int)
 
     tf = _transformers()
     auto = tf.AutoModelForCausalLM if causal else tf.AutoModel
+    location, gguf = from_pretrained_args(folder)
     try:
-        config = tf.AutoConfig.from_pretrained(folder, local_files_only=True)
+        config = tf.AutoConfig.from_pretrained(location, local_files_only=True, **gguf)
         config._attn_implementation = "eager"
         if causal:
             config.use_cache = False
@@ -123,15 +135,16 @@ def load_pretrained(folder: Path, *, causal: bool, random_init: bool, seed: int)
             torch.manual_seed(seed)
             model = auto.from_config(config, attn_implementation="eager", torch_dtype=torch.float32)
         else:
-            if not has_weights(folder):
+            if not gguf and not has_weights(folder):
                 raise ExportError(
                     f"{folder} has config.json but no weights ({' or '.join(WEIGHT_FILES[::2])}); "
                     "pass --random-init to export randomly initialised weights"
                 )
-            model = auto.from_pretrained(
-                folder, config=config, local_files_only=True, attn_implementation="eager",
-                torch_dtype=torch.float32,
-            )
+            with quiet_dequantization(folder):
+                model = auto.from_pretrained(
+                    location, config=config, local_files_only=True, attn_implementation="eager",
+                    torch_dtype=torch.float32, **gguf,
+                )
     except ExportError:
         raise
     except (OSError, ValueError, KeyError) as e:
@@ -143,8 +156,9 @@ def load_pretrained(folder: Path, *, causal: bool, random_init: bool, seed: int)
 def load_fast_tokenizer(folder: Path) -> Any:
     """The folder's fast (``tokenizers``-backed) tokenizer; sentencepiece models are converted."""
     tf = _transformers()
+    location, gguf = from_pretrained_args(folder)
     try:
-        tok = tf.AutoTokenizer.from_pretrained(folder, local_files_only=True, use_fast=True)
+        tok = tf.AutoTokenizer.from_pretrained(location, local_files_only=True, use_fast=True, **gguf)
     except (OSError, ValueError, KeyError, TypeError, ImportError) as e:
         raise ExportError(
             f"cannot load a tokenizer from {folder} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "

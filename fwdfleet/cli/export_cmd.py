@@ -58,11 +58,12 @@ def register(sub: Any) -> None:
     sc.set_defaults(func=run_export, kind="seq_cls_lora", make_config=_seq_cls_config)
 
     lm = esub.add_parser(
-        "causal-lm", help="LoRA causal LM from a local Llama or GPT-2 folder",
+        "causal-lm", help="LoRA causal LM from a local Llama or GPT-2 folder or a .gguf file",
         description="LoRA causal language model; per-sample mean next-token loss with padding masked. "
-                    "A folder with config.json and a tokenizer but no weights exports with --random-init.",
+                    "A folder with config.json and a tokenizer but no weights exports with --random-init. "
+                    "A .gguf file (llama.cpp) is dequantized to float32 and exported like a folder.",
     )
-    lm.add_argument("model", help="local Hugging Face Llama or GPT-2 folder")
+    lm.add_argument("model", help="local Hugging Face Llama or GPT-2 folder, or a Llama/GPT-2 .gguf file")
     lm.add_argument("--max-length", type=int, default=256, help="tokenizer max length (default 256)")
     _method(lm, LM_METHODS, head=False)
     _common(lm)
