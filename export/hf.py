@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fwdfleet.errors import ExportError
-from fwdfleet.export.kinds import EXPORT_EXTRA_HINT, TORCH_EXPORT_MODULES, require_modules
 from fwdfleet.export.gguf import from_pretrained_args, gguf_architecture, is_gguf, quiet_dequantization
+from fwdfleet.export.kinds import EXPORT_EXTRA_HINT, TORCH_EXPORT_MODULES, require_modules
 
 if TYPE_CHECKING:
     from fwdfleet.export.adapters import AdapterSettings
