@@ -1,20 +1,21 @@
 """Rebuild the update from seeds and scalars: ``g = mean over devices and k of d_k z_k``.
 
-The aggregator never receives a perturbation: it regenerates ``z_k`` with
-:func:`fwdfleet.perturbation.perturbation` (the one generator, imported) and accumulates
-``d_k z_k`` in place into one buffer, one perturbation at a time, so memory is O(trainable
-parameters) whatever the number of devices. (With shared seeds the round's few distinct
-perturbations are held together, up to ``GRAM_BUDGET`` values, for their exact Gram matrix.)
+The aggregator never receives a perturbation: it regenerates ``z_k`` from the seeds and forms
+the sum with :func:`fwdfleet.perturbation.sums.add_weighted_perturbations`, the same sum the
+device's update uses, into one buffer, so memory is O(trainable parameters) whatever the number
+of devices. (With shared seeds the round's few distinct perturbations are held together, up to
+``GRAM_BUDGET`` values, for their exact Gram matrix.)
 
 * **Per-device seeds**: device ``i`` evaluated ``z(round_seed, i, k)``; each device's vector
-  ``g_i = sum_k d_ik z_ik`` is built in one scratch buffer, added to the total, and its squared
-  norm kept for the noise estimate (:class:`Accumulator`). Rademacher rounds take the bit-domain
-  path of :mod:`aggregator.bitsum` (a table look-up per 16 perturbations instead of 16 float
-  multiply-adds, optionally over threads, same result for any thread count); ``fast=False``
-  keeps the plain per-perturbation path, the reference the fast one is tested against.
+  ``g_i = sum_k d_ik z_ik`` is added to the total and its squared norm kept for the noise
+  estimate (:class:`Accumulator`). Rademacher rounds take the sum's bit-domain path
+  (``"lanes"``: a table look-up per 16 perturbations instead of 16 float multiply-adds,
+  optionally over threads, same result for any thread count); ``fast=False`` keeps the plain
+  per-perturbation path (``"pairs"``), the reference the fast one is tested against.
 * **Shared seeds**: every device evaluated ``z(round_seed, 0, k)``, so the total is
-  ``sum_k (sum_i d_ik) z_k``: K regenerations for the whole fleet. Robust per-seed statistics
-  (median, trimmed mean) replace the inner sum by ``count_k * stat_i(d_ik)``.
+  ``sum_k (sum_i d_ik) z_k``: K regenerations for the whole fleet, one term of the same sum.
+  Robust per-seed statistics (median, trimmed mean) replace the inner sum by
+  ``count_k * stat_i(d_ik)``.
 * **Clipping** (either mode) scales each device's derivative vector to L2 norm <= ``clip``.
 
 Contributions are processed in device-index order, so the result does not depend on the order
@@ -30,9 +31,9 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from fwdfleet.aggregator.bitsum import sum_rademacher
 from fwdfleet.aggregator.config import RobustConfig
 from fwdfleet.perturbation import Distribution, perturbation
+from fwdfleet.perturbation.sums import SumMethod, WeightedSeeds, add_weighted_perturbations
 
 GRAM_BUDGET = 1 << 24  # elements of the (m, n) matrix used for the exact shared-seed Gram matrix
 
@@ -114,41 +115,32 @@ def _clipped(d: npt.NDArray[np.float64], robust: RobustConfig) -> npt.NDArray[np
     return d
 
 
-def _fill_block(block: npt.NDArray[np.float32], round_seed: int, device: int, ks: Sequence[int],
-                distribution: Distribution) -> npt.NDArray[np.float32]:
-    rows = block[: len(ks)]
-    for r, k in enumerate(ks):
-        perturbation(round_seed, device, k, block.shape[1], distribution, out=rows[r])
-    return rows
+@dataclass(frozen=True, slots=True)
+class _DeviceTerm:
+    """A contribution as a term of the sum, its derivatives clipped when read (never all held at once)."""
 
+    contribution: Contribution
+    robust: RobustConfig
 
-def _axpy(y: FloatArray, a: float, x: npt.NDArray[np.float32], tmp: FloatArray) -> None:
-    """``y += a * x`` in place (a loop of these beats OpenBLAS's small-row gemv several times)."""
-    np.multiply(x, y.dtype.type(a), out=tmp)
-    y += tmp
+    @property
+    def device(self) -> int:
+        return self.contribution.device_index
+
+    @property
+    def indices(self) -> tuple[int, ...]:
+        return self.contribution.indices
+
+    @property
+    def weights(self) -> npt.NDArray[np.float64]:
+        return _clipped(np.asarray(self.contribution.derivatives, dtype=np.float64), self.robust)
 
 
 def _accumulate_per_device(acc: Accumulator, contribs: Sequence[Contribution], round_seed: int,
-                           distribution: Distribution, robust: RobustConfig) -> None:
-    z = np.empty(acc.n, dtype=np.float32)
-    g = np.empty(acc.n, dtype=acc.total.dtype)
-    tmp = np.empty(acc.n, dtype=acc.total.dtype)
-    for c in contribs:
-        d = _clipped(np.asarray(c.derivatives, dtype=np.float64), robust)
-        g.fill(0)
-        for k, dk in zip(c.indices, d, strict=True):
-            perturbation(round_seed, c.device_index, k, acc.n, distribution, out=z)
-            _axpy(g, float(dk), z, tmp)
-        acc.total += g
-        acc.add_unit(len(c.indices), _sqnorm(g))
-
-
-def _accumulate_per_device_bits(acc: Accumulator, contribs: Sequence[Contribution], round_seed: int,
-                                robust: RobustConfig, threads: int | None) -> None:
-    acc.total += sum_rademacher(
-        contribs, n=acc.n, round_seed=round_seed, dtype=acc.total.dtype.type,
-        coefficients=lambda c: _clipped(np.asarray(c.derivatives, dtype=np.float64), robust),
-        add_unit=acc.add_unit, threads=threads)
+                           distribution: Distribution, robust: RobustConfig, method: SumMethod,
+                           threads: int | None) -> None:
+    terms = [_DeviceTerm(c, robust) for c in contribs]
+    add_weighted_perturbations(acc.total, terms, round_seed=round_seed, distribution=distribution, method=method,
+                               on_term=acc.add_unit, threads=threads)
 
 
 def _seed_statistic(values: npt.NDArray[np.float64], robust: RobustConfig) -> float:
@@ -162,7 +154,8 @@ def _seed_statistic(values: npt.NDArray[np.float64], robust: RobustConfig) -> fl
 
 
 def _accumulate_shared(acc: Accumulator, contribs: Sequence[Contribution], round_seed: int,
-                       distribution: Distribution, robust: RobustConfig) -> None:
+                       distribution: Distribution, robust: RobustConfig, method: SumMethod,
+                       threads: int | None) -> None:
     ks = sorted({k for c in contribs for k in c.indices})
     pos = {k: j for j, k in enumerate(ks)}
     m = len(ks)
@@ -176,24 +169,21 @@ def _accumulate_shared(acc: Accumulator, contribs: Sequence[Contribution], round
         for j, v in zip(idx, d, strict=True):
             per_seed[j].append(float(v))
     coef = np.array([len(v) * _seed_statistic(np.asarray(v), robust) for v in per_seed], dtype=np.float64)
+    add_weighted_perturbations(acc.total, [WeightedSeeds(0, tuple(ks), coef)], round_seed=round_seed,
+                               distribution=distribution, method=method, threads=threads)
     # Gram matrix of the shared perturbations for the per-device norms: exact when it fits,
-    # else its diagonal (off-diagonal terms are O(sqrt(n)) against n).
-    tmp = np.empty(acc.n, dtype=acc.total.dtype)
+    # else its diagonal (off-diagonal terms are O(sqrt(n)) against n; a Rademacher z has |z|**2 = n).
     if m * acc.n <= GRAM_BUDGET:
         z = np.empty((m, acc.n), dtype=np.float32)
-        _fill_block(z, round_seed, 0, ks, distribution)
-        for j in range(m):
-            _axpy(acc.total, float(coef[j]), z[j], tmp)
+        for j, k in enumerate(ks):
+            perturbation(round_seed, 0, k, acc.n, distribution, out=z[j])
         gram = (z @ z.T).astype(np.float64)
         del z
+    elif distribution == "rademacher":
+        gram = np.diag(np.full(m, float(acc.n)))
     else:
-        row = np.empty((1, acc.n), dtype=np.float32)
-        diag = np.empty(m, dtype=np.float64)
-        for j, k in enumerate(ks):
-            z1 = _fill_block(row, round_seed, 0, (k,), distribution)[0]
-            _axpy(acc.total, float(coef[j]), z1, tmp)
-            diag[j] = _sqnorm(z1)
-        gram = np.diag(diag)
+        row = np.empty(acc.n, dtype=np.float32)
+        gram = np.diag([_sqnorm(perturbation(round_seed, 0, k, acc.n, distribution, out=row)) for k in ks])
     for idx, d in dense_d:
         sq = float(d @ gram[np.ix_(idx, idx)] @ d)
         acc.add_unit(len(idx), sq)
@@ -205,19 +195,18 @@ def accumulate(acc: Accumulator, contributions: Iterable[Contribution], *, round
                robust: RobustConfig | None = None, fast: bool = True, threads: int | None = None) -> None:
     """Add contributions (one request's worth) to ``acc``, in device-index order.
 
-    ``fast`` picks the bit-domain path for per-device Rademacher seeds (``threads`` workers,
-    default :data:`aggregator.bitsum.DEFAULT_THREADS`; the result does not depend on them).
+    ``fast`` picks the bit-domain sum for Rademacher seeds (``threads`` workers, default
+    :data:`fwdfleet.perturbation.sums.DEFAULT_THREADS`; the result does not depend on them).
     """
     robust = robust or RobustConfig()
     contribs = sorted((c for c in contributions if c.indices), key=lambda c: c.device_index)
     if not contribs:
         return
+    method: SumMethod = "lanes" if fast and distribution == "rademacher" else "pairs"
     if shared_seeds:
-        _accumulate_shared(acc, contribs, round_seed, distribution, robust)
-    elif fast and distribution == "rademacher":
-        _accumulate_per_device_bits(acc, contribs, round_seed, robust, threads)
+        _accumulate_shared(acc, contribs, round_seed, distribution, robust, method, threads)
     else:
-        _accumulate_per_device(acc, contribs, round_seed, distribution, robust)
+        _accumulate_per_device(acc, contribs, round_seed, distribution, robust, method, threads)
 
 
 def reconstruct(contributions: Iterable[Contribution], *, n: int, round_seed: int,

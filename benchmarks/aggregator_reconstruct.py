@@ -4,7 +4,7 @@
    1,000 x 16 for 100k parameters), with per-device seeds (D * K regenerated perturbations) and
    with shared seeds (K regenerated perturbations). Per-device seeds are timed three ways in the
    same run: the per-perturbation float path (``fast=False``, the reference: unpack, convert,
-   multiply-add every perturbation), the bit-domain path of ``aggregator/bitsum.py`` on one
+   multiply-add every perturbation), the bit-domain ("lanes") sum of ``fwdfleet/perturbation/sums.py`` on one
    thread, and on ``--threads`` threads; the speed-ups are ratios of those timings, and the
    largest difference between the paths' results is printed. Memory: the peak of numpy
    allocations traced by tracemalloc (a separate run) and the process's peak RSS growth.

@@ -50,12 +50,12 @@ from fwdfleet.perturbation import (
     Distribution,
     F32Array,
     U32Array,
-    chunk_ranges,
     expand_rademacher,
     perturbation_chunks,
     rademacher_words,
     split,
 )
+from fwdfleet.perturbation.sums import WeightedSeeds, add_weighted_perturbations
 from fwdfleet.task import DeviceResult, RoundTask
 
 
@@ -372,24 +372,18 @@ def accumulate_pairs(
     """``out += scale * sum_k d_k z_k`` over ``(k, d_k)`` pairs, regenerating each ``z_k`` from
     ``(round_seed, device, k)`` chunk by chunk (``buffer.size`` values at a time, default one chunk).
 
-    With ``out=None`` a zero vector is started. Every element gets the same float32 operations in
-    the same order as with whole vectors."""
+    With ``out=None`` a zero vector is started. The one sum of both sides
+    (:func:`fwdfleet.perturbation.sums.add_weighted_perturbations`) in its ``"pairs"`` form: every
+    element gets ``out += float32(scale * d_k) * z_k`` in ``k`` order, the same float32 operations
+    as with whole vectors, so any port of the device reproduces its update bit for bit."""
     acc = np.zeros(n, dtype=np.float32) if out is None else out
     if acc.shape != (n,) or acc.dtype != np.float32:
         raise ValueError(f"out must be a float32 vector of shape ({n},), got {acc.dtype}{list(acc.shape)}")
-    z = buffer if buffer is not None else np.empty(max(1, min(n, CHUNK_ELEMENTS)), dtype=np.float32)
-    factors = [(k, np.float32(scale * d)) for k, d in pairs]
-    if distribution == "rademacher":
-        words = np.empty((n + 31) // 32, dtype=np.uint32)
-        for k, factor in factors:
-            rademacher_words(round_seed, device, k, n, out=words)
-            for start, stop in chunk_ranges(n, z.size):
-                acc[start:stop] += expand_rademacher(words, start, stop, z, float(factor))  # factor * z, exactly
-        return acc
-    for k, factor in factors:  # per element, the same additions in the same k order as whole vectors
-        for start, zc in perturbation_chunks(round_seed, device, k, n, distribution, z):
-            zc *= factor
-            acc[start : start + zc.size] += zc
+    listed = [(int(k), float(d)) for k, d in pairs]
+    weights = np.array([scale * d for _, d in listed], dtype=np.float64)
+    term = WeightedSeeds(device, tuple(k for k, _ in listed), weights)
+    add_weighted_perturbations(acc, [term], round_seed=round_seed, distribution=distribution, method="pairs",
+                               buffer=buffer)
     return acc
 
 

@@ -1,4 +1,4 @@
-"""Golden vectors pin the perturbation generator (spec in device_runtime/perturbation.py).
+"""Golden vectors pin the perturbation generator (spec in fwdfleet/perturbation/__init__.py).
 
 A port (Kotlin, C, another numpy) checks itself against these values: the Philox4x32-10
 known-answer vectors come from Random123's kat_vectors; the stream and sign vectors are this

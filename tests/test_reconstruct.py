@@ -145,7 +145,7 @@ def test_memory_is_independent_of_the_number_of_devices(shared: bool) -> None:
     assert large < small + 2 * 1024 * 1024, (small, large)
 
 
-# --- the bit-domain fast path (aggregator/bitsum.py, device_runtime/perturbation_fast.py) ---
+# --- the bit-domain fast path (fwdfleet/perturbation/sums.py, "lanes") ---
 
 
 def _ragged(rng: np.random.Generator, num_devices: int, ks: list[int], scale: float = 1.0) -> list[Contribution]:
@@ -180,10 +180,10 @@ def test_fast_path_equals_reference_path(n: int, ks: list[int], dtype: type[np.f
 
 
 def test_fast_path_spans_several_segments(monkeypatch: pytest.MonkeyPatch) -> None:
-    import fwdfleet.aggregator.bitsum as bitsum
+    import fwdfleet.perturbation.sums as sums
 
-    monkeypatch.setattr(bitsum, "SEGMENT", 256)
-    monkeypatch.setattr(bitsum, "TARGET_BLOCKS", 16)  # several generator calls per chunk too
+    monkeypatch.setattr(sums, "SEGMENT", 256)
+    monkeypatch.setattr(sums, "TARGET_BLOCKS", 16)  # several generator calls per chunk too
     n = 1000  # segments of 256, 256, 256, 232
     contribs = _ragged(np.random.default_rng(11), 20, [16, 5])
     fast = reconstruct(contribs, n=n, round_seed=SEED, fast=True, threads=1, dtype=np.float64)
@@ -221,7 +221,7 @@ def test_gaussian_ignores_the_fast_flag() -> None:
 
 
 def test_fast_path_memory_is_independent_of_the_number_of_devices() -> None:
-    from fwdfleet.aggregator.bitsum import TARGET_BLOCKS
+    from fwdfleet.perturbation.sums import TARGET_BLOCKS
 
     def peak(num_devices: int) -> int:
         contribs = _contribs(num_devices, 16, shared=False, rng=np.random.default_rng(15))

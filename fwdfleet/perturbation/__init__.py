@@ -25,14 +25,27 @@ Spec (version 1)
   ``1e-6`` relative (float32 rounding hides almost all of it); the integer stream is exact.
 * The flat vector covers the trainable tensors in the manifest's canonical order, each
   flattened in C order (:func:`split`).
+
+This package
+------------
+* here: the generator as both sides run it. The counter layout is written once
+  (:func:`stream_words`, many ``(device, k)`` streams in one Philox call; :func:`random_words` is
+  its one-stream case), Rademacher signs are expanded from a byte-to-eight-values table
+  (:func:`byte_sign_table`) and, for sums over many perturbations, gathered into bit lanes
+  (:func:`bit_lanes`, :func:`lane_table`);
+* :mod:`fwdfleet.perturbation.sums`: the one sum of ``d_k z_k``, for the device's update and the
+  aggregator's reconstruction;
+* :mod:`fwdfleet.perturbation.reference`: the spec above written plainly, element by element in
+  Python integers: the oracle the tests hold this implementation to (and a port may read).
 """
 
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -55,6 +68,9 @@ WORD_BLOCKS = 1 << 14  # Philox blocks generated at a time: bounds the uint64 te
 
 U32Array = npt.NDArray[np.uint32]
 F32Array = npt.NDArray[np.float32]
+FloatArray = npt.NDArray[np.floating]
+LaneArray = npt.NDArray[np.unsignedinteger]
+FArray = TypeVar("FArray", npt.NDArray[np.float32], npt.NDArray[np.float64], npt.NDArray[np.floating])
 
 
 def philox4x32(counters: npt.NDArray[np.uint64], key: tuple[int, int], rounds: int = 10) -> U32Array:
@@ -95,24 +111,43 @@ def _check_u32(name: str, value: int) -> int:
     return value
 
 
-def random_words(round_seed: int, device: int, k: int, n_words: int, start_word: int = 0) -> U32Array:
-    """Words ``start_word .. start_word + n_words - 1`` of the stream for ``(round_seed, device, k)``."""
+def _check_seed(round_seed: int) -> int:
     if not 0 <= round_seed < 1 << 64:
         raise ValueError(f"round_seed must be an unsigned 64-bit integer, got {round_seed}")
-    _check_u32("device", device)
-    _check_u32("k", k)
-    if n_words <= 0:
-        return np.zeros(0, dtype=np.uint32)
+    return round_seed
+
+
+def stream_words(round_seed: int, coords: Sequence[tuple[int, int]], n_words: int, start_word: int = 0) -> U32Array:
+    """Words ``start_word .. start_word + n_words - 1`` of the stream of every ``(device, k)`` in
+    ``coords``, as a ``(len(coords), n_words)`` array: the spec's counter layout, the only place it
+    is written. All streams of a round share the Philox key, so one call covers them all."""
+    _check_seed(round_seed)
+    m = len(coords)
+    if n_words <= 0 or m == 0:
+        return np.zeros((m, max(n_words, 0)), dtype=np.uint32)
+    dk = np.asarray(coords, dtype=np.int64).reshape(m, 2)
+    if dk.min() < 0 or dk.max() >= _U32:
+        raise ValueError("device and k must be unsigned 32-bit integers")
     first_block, last_block = start_word // 4, (start_word + n_words - 1) // 4
     blocks = np.arange(first_block, last_block + 1, dtype=np.uint64)
-    counters = np.empty((blocks.size, 4), dtype=np.uint64)
-    counters[:, 0] = blocks & _MASK32
-    counters[:, 1] = blocks >> np.uint64(32)
-    counters[:, 2] = k
-    counters[:, 3] = device
-    words = philox4x32(counters, (round_seed & 0xFFFFFFFF, round_seed >> 32)).reshape(-1)
+    nb = blocks.size
+    counters = np.empty((m, nb, 4), dtype=np.uint64)
+    counters[:, :, 0] = blocks & _MASK32  # (block low, block high, k, device)
+    counters[:, :, 1] = blocks >> _S32
+    counters[:, :, 2] = dk[:, 1:2].astype(np.uint64)
+    counters[:, :, 3] = dk[:, 0:1].astype(np.uint64)
+    words = philox4x32(counters.reshape(m * nb, 4), (round_seed & 0xFFFFFFFF, round_seed >> 32))
     offset = start_word - 4 * first_block
-    return words[offset : offset + n_words]
+    return words.reshape(m, 4 * nb)[:, offset : offset + n_words]
+
+
+def random_words(round_seed: int, device: int, k: int, n_words: int, start_word: int = 0) -> U32Array:
+    """Words ``start_word .. start_word + n_words - 1`` of the stream for ``(round_seed, device, k)``."""
+    _check_seed(round_seed)
+    _check_u32("device", device)
+    _check_u32("k", k)
+    words: U32Array = stream_words(round_seed, [(device, k)], n_words, start_word)[0]
+    return words
 
 
 def perturbation(
@@ -128,8 +163,7 @@ def perturbation(
 
     Generated :data:`CHUNK_ELEMENTS` at a time (:func:`perturbation_slice`), so the generator's
     temporaries stay chunk-sized whatever ``n`` is."""
-    if not 0 <= round_seed < 1 << 64:
-        raise ValueError(f"round_seed must be an unsigned 64-bit integer, got {round_seed}")
+    _check_seed(round_seed)
     _check_u32("device", device)
     _check_u32("k", k)
     if distribution not in DISTRIBUTIONS:
@@ -147,7 +181,6 @@ def perturbation(
 # Elements start .. stop - 1 of a perturbation, bit for bit the same as the whole vector's (the
 # spec is per element): the estimator forms perturbed points and updates chunk by chunk, so z
 # never has to exist as a whole vector and the generator's temporaries stay chunk-sized.
-
 
 
 def rademacher_words(round_seed: int, device: int, k: int, n: int, out: U32Array | None = None) -> U32Array:
@@ -173,37 +206,47 @@ def sign_bits(words: U32Array, start: int, stop: int) -> npt.NDArray[np.bool_]:
     return bits[start - 32 * first : stop - 32 * first].view(np.bool_)
 
 
+BYTE_SIGNS = np.where(
+    np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little").view(np.bool_), -1.0, 1.0)
+"""``(256, 8)`` float64: row ``b`` is the eight values of ``z`` whose sign bits are the stream byte
+``b`` (bit ``j`` for element ``j``; a set bit is -1). Both sign tables below are made from it."""
+BYTE_SIGNS.flags.writeable = False
+
+
+def byte_sign_table(scale: float, dtype: type[np.floating] = np.float32) -> FloatArray:
+    """``(256, 8)``: ``scale * z`` for the eight elements of each stream byte (``BYTE_SIGNS`` scaled,
+    exactly ``+-scale`` rounded to ``dtype``). Read-only, cached per ``(scale, dtype)``."""
+    return _byte_sign_table(float(scale), np.dtype(dtype).name)
+
+
 @functools.lru_cache(maxsize=16)
-def sign_table(scale: float) -> F32Array:
-    """``(256, 8)`` float32: row ``b`` is ``scale * z`` for the eight elements whose signs are the
-    stream byte ``b`` (bit ``j`` for element ``j``; a set bit is -1). Read-only, cached per scale."""
-    s = np.float32(scale)
-    bits = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little").view(np.bool_)
-    table = np.where(bits, -s, s).astype(np.float32)
+def _byte_sign_table(scale: float, dtype: str) -> FloatArray:
+    table: FloatArray = (BYTE_SIGNS * scale).astype(dtype)
     table.flags.writeable = False
     return table
 
 
-def expand_rademacher(words: U32Array, start: int, stop: int, out: F32Array, scale: float = 1.0) -> F32Array:
+def expand_rademacher(words: U32Array, start: int, stop: int, out: FArray, scale: float = 1.0) -> FArray:
     """``scale * z`` for elements ``start .. stop - 1`` of the Rademacher ``z`` whose stream words are
     ``words`` (as from :func:`rademacher_words`), written into ``out[: stop - start]`` (returned).
 
-    Exactly ``+scale`` or ``-scale`` in float32, the same as ``scale * z``. Whole bytes of signs
-    are expanded by one gather from :func:`sign_table` (eight values per byte, one pass over
-    ``out``: twice as fast as unpacking bits and scaling them); the at most seven elements before
-    the first and after the last byte boundary from their bits."""
+    Exactly ``+scale`` or ``-scale`` rounded to ``out``'s dtype (float32 or float64), the same as
+    ``scale * z``. Whole bytes of signs are expanded by one gather from :func:`byte_sign_table`
+    (eight values per byte, one pass over ``out``: twice as fast as unpacking bits and scaling
+    them); the at most seven elements before the first and after the last byte boundary from
+    their bits."""
     m = max(0, stop - start)
-    if out.ndim != 1 or out.dtype != np.float32 or not out.flags.c_contiguous or out.size < m:
-        raise ValueError(f"out must be a contiguous float32 vector of >= {m} values")
+    if out.ndim != 1 or out.dtype not in (np.float32, np.float64) or not out.flags.c_contiguous or out.size < m:
+        raise ValueError(f"out must be a contiguous float32 or float64 vector of >= {m} values")
     z = out[:m]
     if m == 0:
         return z
-    table = sign_table(float(scale))
+    table = byte_sign_table(float(scale), out.dtype.type)
     body_start = min(stop, -(-start // 8) * 8)  # the first byte boundary at or after start
     body_stop = max(body_start, stop // 8 * 8)
     for a, b in ((start, body_start), (body_stop, stop)):  # partial bytes
         if b > a:
-            z[a - start : b - start] = table[0, 0] * np.where(sign_bits(words, a, b), np.float32(-1), np.float32(1))
+            z[a - start : b - start] = np.where(sign_bits(words, a, b), -table[0, 0], table[0, 0])
     if body_stop > body_start:
         signs = words.astype("<u4", copy=False).view(np.uint8)[body_start // 8 : body_stop // 8]
         body = z[body_start - start : body_stop - start].reshape(-1, 8)
@@ -268,7 +311,6 @@ def perturbation_chunks(
         yield start, perturbation_slice(round_seed, device, k, start, stop, distribution, buffer)
 
 
-
 def split(flat: F32Array, specs: Sequence[TensorSpec]) -> dict[str, F32Array]:
     """Views of ``flat`` shaped as the trainable tensors, in canonical order."""
     total = sum(t.size for t in specs)
@@ -313,3 +355,109 @@ class PerturbationSpec:
         buf = np.empty(self.n, dtype=np.float32)
         for k in indices:
             yield k, self.z(k, out=buf)
+
+
+# ------------------------------------------------------------------- bit lanes
+# Many Rademacher perturbations at once: the fast path of a sum of d_k z_k
+# (:mod:`fwdfleet.perturbation.sums`).
+#
+# A Rademacher element is one bit (1 means -1). A weighted sum of R perturbations,
+# sum_i d_i z_i, takes at each element one of 2**R values: T[v] = sum_i d_i (1 - 2 v_i) where v_i
+# is the element's bit in perturbation i. So instead of R float multiply-adds per element it costs
+# one table look-up (:func:`lane_table`), once the R bits of every element are gathered into one
+# R-bit integer, its *lane*. :func:`bit_lanes` gathers them with a bit-matrix transpose done in
+# place on the words (log2 R delta swaps, no per-bit unpacking).
+#
+# Lane layout: the transpose leaves the lanes of R rows of W words as an (R, Q) array,
+# Q = 32 W / R, whose entry (r, q) is element R q + r (all elements are there, permuted). Sums can
+# stay in that layout; :func:`from_lane_order` puts a vector back in element order. Elements past
+# n (the tail of the last word) are real stream bits: callers zero their positions
+# (:func:`tail_positions`).
+
+LANE_WIDTHS = (8, 16)
+_LANE_DTYPES: dict[int, type[np.unsignedinteger]] = {8: np.uint8, 16: np.uint16}
+# delta swap j: mask of the bits whose position has bit j clear, repeated over the word
+_SWAP_MASKS = {8: np.uint64(0x00FF00FF00FF00FF), 4: np.uint64(0x0F0F0F0F0F0F0F0F),
+               2: np.uint64(0x3333333333333333), 1: np.uint64(0x5555555555555555)}
+
+
+def bit_lanes(words: U32Array, width: int) -> LaneArray:
+    """Transpose ``(..., width, W)`` words in place into lanes ``(..., width, 32 W / width)``.
+
+    Afterwards lane ``(r, q)`` holds, in bit ``i``, the stream bit of row ``i`` for element
+    ``width * q + r``. ``words`` must be C-contiguous uint32 with ``W`` even (two words are
+    swapped at once as one uint64: no swap moves a bit across a word boundary); the result is
+    a view of it.
+    """
+    if width not in LANE_WIDTHS:
+        raise ValueError(f"width must be one of {LANE_WIDTHS}, got {width}")
+    if (words.dtype != np.uint32 or not words.flags.c_contiguous or words.ndim < 2
+            or words.shape[-2] != width or words.shape[-1] % 2):
+        raise ValueError(f"words must be a C-contiguous uint32 array of shape (..., {width}, W), W even")
+    if sys.byteorder != "little":
+        raise RuntimeError("bit lanes assume a little-endian machine")
+    lead, n_pairs = words.shape[:-2], words.shape[-1] // 2
+    pairs = words.view(np.uint64)
+    tmp = np.empty((*lead, width // 2, n_pairs), dtype=np.uint64)
+    j = width // 2
+    while j:
+        # rows i and i + j (bit j of i clear) exchange the bits at positions with bit j set / clear
+        x = pairs.reshape(*lead, width // (2 * j), 2, j, n_pairs)
+        a, b = x[..., 0, :, :], x[..., 1, :, :]
+        t = tmp.reshape(*lead, width // (2 * j), j, n_pairs)
+        shift = np.uint64(j)
+        np.right_shift(a, shift, out=t)
+        t ^= b
+        t &= _SWAP_MASKS[j]
+        b ^= t
+        t <<= shift
+        a ^= t
+        j //= 2
+    return words.view(_LANE_DTYPES[width])
+
+
+def from_lane_order(lanes_major: FloatArray, n: int, width: int) -> FloatArray:
+    """Element-order copy of a vector kept in lane layout (``(width, Q)`` or flat ``width * Q``)."""
+    flat = np.asarray(lanes_major).reshape(width, -1)
+    if flat.size < n:
+        raise ValueError(f"lane-layout vector holds {flat.size} values, fewer than n={n}")
+    out: FloatArray = np.ascontiguousarray(flat.T).reshape(-1)[:n]
+    return out
+
+
+def tail_positions(n_words: int, n: int, width: int) -> npt.NDArray[np.intp]:
+    """Flat lane-layout positions of elements ``n .. 32 n_words - 1`` (past the vector's end)."""
+    if not 0 <= 32 * n_words - n < 128:
+        raise ValueError(f"{n_words} words do not cover the {n} elements (plus < 128: whole Philox blocks)")
+    q_count = 32 * n_words // width
+    elems = np.arange(n, 32 * n_words, dtype=np.intp)
+    pos: npt.NDArray[np.intp] = (elems % width) * q_count + elems // width
+    return pos
+
+
+def lane_table(coefficients: npt.NDArray[np.float64], width: int, dtype: type[np.floating],
+               out: FloatArray | None = None) -> FloatArray:
+    """``T[v] = sum_i c_i (1 - 2 bit_i(v))`` for every ``width``-bit lane value ``v`` (``c`` zero-padded).
+
+    The sums over each byte of the lane are exact in float64 and rounded once to ``dtype``; a
+    16-bit table adds its two byte tables in ``dtype`` (``v = hi * 256 + lo``): at most two
+    roundings per entry, against ``K`` for a running float32 sum of ``K`` products.
+    """
+    if width not in LANE_WIDTHS:
+        raise ValueError(f"width must be one of {LANE_WIDTHS}, got {width}")
+    if coefficients.size > width:
+        raise ValueError(f"at most {width} coefficients per lane table, got {coefficients.size}")
+    if out is None:
+        out = np.empty(1 << width, dtype=dtype)
+    elif out.shape != (1 << width,) or out.dtype != dtype:
+        raise ValueError(f"out must be a {np.dtype(dtype).name} array of shape ({1 << width},)")
+    c = coefficients
+    if c.size < width:
+        c = np.zeros(width, dtype=np.float64)
+        c[: coefficients.size] = coefficients
+    byte_tab = (BYTE_SIGNS @ c.reshape(-1, 8).T).astype(dtype)  # (256, width // 8)
+    if width == 8:
+        out[:] = byte_tab[:, 0]
+    else:
+        np.add(byte_tab[:, 1, None], byte_tab[None, :, 0], out=out.reshape(256, 256))
+    return out
