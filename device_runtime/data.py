@@ -262,7 +262,8 @@ def num_classes(bundle: Bundle, graph: str = "model") -> int | None:
     return None
 
 
-def _load_tokenizer(bundle: Bundle) -> Any:
+def load_tokenizer(bundle: Bundle) -> Any:
+    """The bundle's ``tokenizer.json`` as a ``tokenizers.Tokenizer`` (the text extra), or a DataError saying why not."""
     spec = bundle.manifest.tokenizer
     if spec is None:
         raise DataError(f"bundle {bundle.path} takes token ids but ships no tokenizer; re-export it with one")
@@ -278,6 +279,65 @@ def _load_tokenizer(bundle: Bundle) -> Any:
     return Tokenizer.from_file(str(bundle.path / files[0]))
 
 
+TEXT_SLOT = "{text}"
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """A prompt around each text (prompted classification): ``template`` holds one ``{text}`` slot
+    and ends where the answer (a label word) follows.
+
+    Texts are cut, never the template, so that the rendered prompt fits ``max_length`` tokens and
+    its answer cue stays at the end; the prompt is tokenized as one string, as the model reads it.
+    """
+
+    template: str
+
+    def __post_init__(self) -> None:
+        if self.template.count(TEXT_SLOT) != 1:
+            raise DataError(f"a prompt template needs exactly one {TEXT_SLOT} slot, got {self.template!r}")
+
+    def render(self, text: str) -> str:
+        return self.template.replace(TEXT_SLOT, text)
+
+    def encode(self, tokenizer: Any, texts: Sequence[str], max_length: int) -> list[list[int]]:
+        """Token ids of each rendered prompt, at most ``max_length`` long.
+
+        ``tokenizer`` is a ``tokenizers.Tokenizer`` (or a transformers fast tokenizer, whose
+        ``backend_tokenizer`` is used); its own padding and truncation settings are ignored."""
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_str(getattr(tokenizer, "backend_tokenizer", tokenizer).to_str())
+        tok.no_padding()
+        tok.no_truncation()
+        empty = len(tok.encode(self.render("")).ids)
+        if empty >= max_length:
+            raise DataError(f"the prompt template alone takes {empty} tokens; the bundle's sequence length is "
+                            f"{max_length}: export with a longer --max-length or shorten the template")
+        out = []
+        for text in texts:
+            ids = tok.encode(self.render(text)).ids
+            if len(ids) > max_length:  # cut the text at a token boundary, then re-tokenize the whole
+                offsets = tok.encode(text, add_special_tokens=False).offsets
+                keep = max(0, len(offsets) - (len(ids) - max_length))
+                while True:
+                    ids = tok.encode(self.render(text[: offsets[keep - 1][1]] if keep else "")).ids
+                    if len(ids) <= max_length or keep == 0:
+                        break
+                    keep -= 1
+            out.append(ids)
+        return out
+
+
+def pad_right(rows: Sequence[Sequence[int]], width: int, pad_id: int) -> Batch:
+    """``input_ids`` and ``attention_mask`` (len(rows), width) of token-id rows padded on the right."""
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)], mask[i, : len(r)] = r, 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
 class TextDataset(_Examples):
     """Texts tokenized per batch with the bundle's tokenizer (padding to the longest in the batch)."""
 
@@ -291,12 +351,17 @@ class TextDataset(_Examples):
         pad_id: int = 0,
         padding_side: str = "right",
         pad_to_max_length: bool = False,
+        prompt: PromptTemplate | None = None,
     ) -> None:
         if labels is not None and len(labels) != len(texts):
             raise DataError(f"{len(texts)} texts but {len(labels)} labels")
+        if prompt is not None and padding_side != "right":
+            raise DataError("prompted classification reads the answer after the last real token: pad on the right")
         self.texts = tuple(texts)
         self.labels = labels
         self.max_length = max_length
+        self.prompt = prompt
+        self._pad = (pad_id, max_length if pad_to_max_length else 0)
         self._tok = tokenizer
         self._tok.enable_truncation(max_length=max_length)
         self._tok.enable_padding(
@@ -307,11 +372,17 @@ class TextDataset(_Examples):
         return len(self.texts)
 
     def take(self, indices: npt.NDArray[np.int64]) -> Batch:
-        encodings = self._tok.encode_batch([self.texts[int(i)] for i in indices])
-        out: Batch = {
-            "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
-            "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
-        }
+        texts = [self.texts[int(i)] for i in indices]
+        if self.prompt is not None:
+            rows = self.prompt.encode(self._tok, texts, self.max_length)
+            pad_id, fixed = self._pad
+            out: Batch = pad_right(rows, max(fixed, max(len(r) for r in rows)), pad_id)
+        else:
+            encodings = self._tok.encode_batch(texts)
+            out = {
+                "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
+                "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
+            }
         if self.labels is not None:
             out["labels"] = np.ascontiguousarray(self.labels[indices])
         return out
@@ -323,7 +394,7 @@ class TextDataset(_Examples):
             new = object.__new__(TextDataset)
             new.texts = tuple(self.texts[int(i)] for i in idx)
             new.labels = None if self.labels is None else self.labels[idx]
-            new.max_length, new._tok = self.max_length, self._tok
+            new.max_length, new._tok, new.prompt, new._pad = self.max_length, self._tok, self.prompt, self._pad
             return new
 
         return part(keep), part(held)
@@ -358,12 +429,13 @@ def dataset_for_bundle(raw: RawData, bundle: Bundle, graph: str = "model") -> Ar
         if "labels" in names:
             _check_labels(labels, classes, raw.source)
         tok_spec = bundle.manifest.tokenizer
-        tokenizer = _load_tokenizer(bundle)
+        tokenizer = load_tokenizer(bundle)
         pad_id = bundle.manifest.settings.get("pad_token_id")
         if not isinstance(pad_id, int):
             found = [tokenizer.token_to_id(t) for t in ("[PAD]", "<pad>", "<|endoftext|>")]
             pad_id = next((i for i in found if i is not None), 0)
-        assert tok_spec is not None  # _load_tokenizer checked it
+        assert tok_spec is not None  # load_tokenizer checked it
+        template = bundle.manifest.settings.get("template")
         return TextDataset(
             raw.texts,
             labels if "labels" in names else None,
@@ -371,6 +443,7 @@ def dataset_for_bundle(raw: RawData, bundle: Bundle, graph: str = "model") -> Ar
             tok_spec.max_length,
             pad_id=int(pad_id),
             padding_side=tok_spec.padding_side,
+            prompt=PromptTemplate(template) if isinstance(template, str) and template else None,
         )
     if "x" in names:
         if raw.features is None:

@@ -5,9 +5,20 @@ Trainable: the LoRA A/B matrices (and/or the biases, BitFit), named as in
 A folder with ``config.json`` and a tokenizer but no weights exports with ``random_init``
 (seeded): that is how tests and memory studies use tiny or TinyLlama-shaped random models.
 
-Graph ``model``: inputs ``input_ids``, ``attention_mask`` (batch, sequence) int64 and every
-trainable; outputs ``logits`` (batch, sequence, vocab) and ``loss`` (batch,): the mean
-next-token cross-entropy of each sample over the positions whose target is not padding.
+The objective (``CausalLmExport.objective``) decides the graph ``model``; every variant takes
+``input_ids``, ``attention_mask`` (batch, sequence) int64 and every trainable:
+
+* ``lm``: outputs ``logits`` (batch, sequence, vocab) and ``loss`` (batch,): the mean next-token
+  cross-entropy of each sample over the positions whose target is not padding;
+* ``response`` (instruction tuning): one more input ``loss_mask`` (batch, sequence) int64, 1 on
+  the response's tokens; the loss averages only over targets that are response tokens, so the
+  prompt is context, never a target;
+* ``prompted-cls`` (prompted classification, as MeZO poses tasks): one more input ``labels``
+  (batch,); the text is rendered into ``template`` (its ``{text}`` slot) and the class is the
+  label word that follows the rendered template. The LM head runs at that one position only: the
+  outputs are ``logits`` (batch, classes), the label words' scores, ``loss`` (batch,), the
+  cross-entropy over them, and ``next_token_logits`` (batch, vocab) for generation. Accuracy
+  takes one forward.
 """
 
 from __future__ import annotations
@@ -15,12 +26,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
 
+from fwdfleet.device_runtime.data import TEXT_SLOT, PromptTemplate, pad_right
 from fwdfleet.errors import ExportError
 from fwdfleet.export.hf import (
     CAUSAL_LM_FAMILIES,
@@ -36,7 +48,14 @@ from fwdfleet.export.hf import (
 from fwdfleet.export.kinds import ExportResult
 from fwdfleet.export.onnx_graph import GraphOptions, TracedKind, TracedModel, TrainablesAsInputs
 
-DATA_INPUTS = ("input_ids", "attention_mask")
+Objective = Literal["lm", "response", "prompted-cls"]
+OBJECTIVES: tuple[Objective, ...] = ("lm", "response", "prompted-cls")
+# fixed texts rendered into the template for the export-time parity check of prompted-cls bundles
+PARITY_TEXTS = (
+    "Stocks rallied on Wall Street after the central bank held interest rates steady.",
+    "The home side scored twice in the second half to win the cup final.",
+    "A new chip promises faster phones with longer battery life.",
+)
 
 
 @dataclass(frozen=True)
@@ -52,8 +71,26 @@ class CausalLmExport:
     seed: int = 0
     random_init: bool = False
     verify: bool = True
+    objective: Objective = "lm"
+    template: str = ""  # prompted-cls: the prompt around the text, with one {text} slot
+    label_words: tuple[str, ...] = ()  # prompted-cls: one word per class, each a single token
+    labels: tuple[str, ...] = ()  # prompted-cls: class names (default: the label words, stripped)
 
     def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ExportError(f"CausalLmExport.objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.objective == "prompted-cls":
+            if self.template.count(TEXT_SLOT) != 1:
+                raise ExportError(
+                    f"the prompt template needs exactly one {TEXT_SLOT} slot where the text goes, and ends where "
+                    f"the label word follows (e.g. 'Article: {TEXT_SLOT}\\nAnswer:'); got {self.template!r}"
+                )
+            if len(self.label_words) < 2:
+                raise ExportError("prompted classification needs at least two label words (--label-words)")
+            if self.labels and len(self.labels) != len(self.label_words):
+                raise ExportError(f"{len(self.labels)} labels for {len(self.label_words)} label words")
+        elif self.template or self.label_words:
+            raise ExportError("--template and --label-words belong to --objective prompted-cls")
         if self.method not in PEFT_METHODS:
             raise ExportError(f"CausalLmExport.method must be one of {PEFT_METHODS}, got {self.method!r}")
         if self.max_length < 2:
@@ -63,29 +100,84 @@ class CausalLmExport:
 
 
 class CausalLanguageModel(nn.Module):
-    """A causal LM whose ``forward`` returns (logits, per-sample mean next-token loss)."""
+    """A causal LM whose ``forward`` returns (logits, per-sample mean next-token loss).
+
+    With ``loss_mask`` (the ``response`` objective) only targets marked 1 count."""
 
     def __init__(self, lm: nn.Module) -> None:
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                loss_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         targets = input_ids[:, 1:]
         weight = attention_mask[:, 1:].to(logits.dtype)
+        if loss_mask is not None:
+            weight = weight * loss_mask[:, 1:].to(logits.dtype)
         token_loss = nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="none")
         loss = (token_loss * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1.0)
         return logits, loss
 
 
-def build_model(settings: Mapping[str, Any]) -> tuple[CausalLanguageModel, tuple[str, ...]]:
+class PromptedClassifier(nn.Module):
+    """Prompted classification: the label words' scores at the answer position (the last real token).
+
+    ``forward`` returns (label-word logits (batch, classes), per-sample cross-entropy, next-token
+    logits (batch, vocab)); the LM head runs at the answer position only."""
+
+    def __init__(self, lm: Any, label_token_ids: tuple[int, ...]) -> None:
+        super().__init__()
+        self.lm = lm  # a transformers causal LM (get_decoder, get_output_embeddings)
+        self.register_buffer("label_ids", torch.tensor(label_token_ids, dtype=torch.int64), persistent=False)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        base = self.lm.get_decoder()
+        hidden = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        last = attention_mask.sum(dim=1) - 1  # right padding: the answer follows the last real token
+        answer = hidden[torch.arange(hidden.shape[0]), last]  # (batch, hidden)
+        next_token = self.lm.get_output_embeddings()(answer)  # (batch, vocab)
+        scores = next_token.index_select(1, self.label_ids)
+        loss = nn.functional.cross_entropy(scores, labels, reduction="none")
+        return scores, loss, next_token
+
+
+def build_model(settings: Mapping[str, Any]) -> tuple[nn.Module, tuple[str, ...]]:
     """Rebuild the torch model recorded in ``manifest.settings`` (used by export and the twin)."""
     lm = load_pretrained(Path(settings["source"]), causal=True, random_init=bool(settings["random_init"]),
                          seed=int(settings["seed"]))
     apply_peft_record(lm, settings["peft"], CAUSAL_LM_FAMILIES[settings["model_type"]], int(settings["seed"]))
-    model = CausalLanguageModel(lm)
+    model: nn.Module
+    if settings.get("objective", "lm") == "prompted-cls":
+        model = PromptedClassifier(lm, tuple(int(i) for i in settings["label_token_ids"]))
+    else:
+        model = CausalLanguageModel(lm)
     model.eval()
     return model, tuple(n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def label_token_ids(tokenizer: Any, words: tuple[str, ...]) -> tuple[int, ...]:
+    """Each label word's one token id; a word that tokenizes to several tokens is an error."""
+    ids = []
+    for word in words:
+        toks = tokenizer.encode(word, add_special_tokens=False)
+        if len(toks) != 1:
+            pieces = tokenizer.convert_ids_to_tokens(toks)
+            raise ExportError(
+                f"label word {word!r} is {len(toks)} tokens {pieces} for this tokenizer; prompted classification "
+                "scores one token per class: choose words that are one token each (often with a leading space)"
+            )
+        ids.append(int(toks[0]))
+    if len(set(ids)) != len(ids):
+        raise ExportError(f"label words {list(words)} share a token; choose words with distinct first tokens")
+    return tuple(ids)
+
+
+def render_prompts(tokenizer: Any, template: str, texts: tuple[str, ...], seq: int,
+                   pad_id: int) -> dict[str, np.ndarray]:
+    """The device's rendering (:class:`fwdfleet.device_runtime.data.PromptTemplate`), padded to ``seq``."""
+    return pad_right(PromptTemplate(template).encode(tokenizer, texts, seq), seq, pad_id)
 
 
 def example_batch(batch: int, seq: int, vocab: int, pad_id: int, seed: int) -> dict[str, np.ndarray]:
@@ -120,18 +212,50 @@ class CausalLmKind(TracedKind):
             "source": str(folder), "model_type": model_type, "random_init": config.random_init,
             "seed": config.seed, "peft": peft, "max_length": config.max_length,
             "pad_token_id": int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else 0,
+            "objective": config.objective, "vocab_size": int(hf_config["vocab_size"]),
         }
+        labels: tuple[str, ...] = ()
+        if config.objective == "prompted-cls":
+            settings["template"] = config.template
+            settings["label_words"] = list(config.label_words)
+            settings["label_token_ids"] = list(label_token_ids(tokenizer, config.label_words))
+            labels = config.labels or tuple(w.strip() for w in config.label_words)
         model, names = build_model(settings)
         initial = {n: p.detach().numpy().copy() for n, p in model.named_parameters() if n in names}
         vocab = int(hf_config["vocab_size"])
         pad_id = min(int(settings["pad_token_id"]), vocab - 1)
         b, s = config.graph.batch_dim(), config.graph.sequence_dim()
+        data_specs: dict[str, tuple[tuple[Any, ...], str]] = {
+            "input_ids": ((b, s), "int64"), "attention_mask": ((b, s), "int64")}
+        output_specs: dict[str, tuple[tuple[Any, ...], str]]
+        if config.objective == "prompted-cls":
+            data_specs["labels"] = ((b,), "int64")
+            output_specs = {"logits": ((b, len(labels)), "float32"), "loss": ((b,), "float32"),
+                            "next_token_logits": ((b, vocab), "float32")}
+
+            template_tokens = len(tokenizer.encode(config.template.replace(TEXT_SLOT, "")))
+
+            def make_batch(bb: int, ss: int, seed: int) -> dict[str, np.ndarray]:
+                """Real prompts (the template around fixed news sentences) where the template fits ``ss``."""
+                texts = tuple(PARITY_TEXTS[i % len(PARITY_TEXTS)] for i in range(bb))
+                rng = np.random.default_rng(seed)
+                ids = (render_prompts(tokenizer, config.template, texts, ss, pad_id) if template_tokens < ss
+                       else example_batch(bb, ss, vocab, pad_id, seed))
+                return {**ids, "labels": rng.integers(0, len(labels), size=bb, dtype=np.int64)}
+        else:
+            output_specs = {"logits": ((b, s, vocab), "float32"), "loss": ((b,), "float32")}
+            if config.objective == "response":
+                data_specs["loss_mask"] = ((b, s), "int64")
+
+            def make_batch(bb: int, ss: int, seed: int) -> dict[str, np.ndarray]:
+                batch = example_batch(bb, ss, vocab, pad_id, seed)
+                if config.objective == "response":  # the second half of each row is the response
+                    batch["loss_mask"] = (np.arange(ss)[None, :] >= ss // 2).astype(np.int64).repeat(bb, 0)
+                return batch
         return TracedModel(
-            wrapper=TrainablesAsInputs(model, names, DATA_INPUTS), initial=initial,
-            data_specs={"input_ids": ((b, s), "int64"), "attention_mask": ((b, s), "int64")},
-            output_specs={"logits": ((b, s, vocab), "float32"), "loss": ((b,), "float32")},
-            make_batch=lambda bb, ss, seed: example_batch(bb, ss, vocab, pad_id, seed),
-            max_length=config.max_length, tokenizer=tokenizer, labels=(), settings=settings,
+            wrapper=TrainablesAsInputs(model, names, tuple(data_specs)), initial=initial,
+            data_specs=data_specs, output_specs=output_specs, make_batch=make_batch,
+            max_length=config.max_length, tokenizer=tokenizer, labels=labels, settings=settings,
         )
 
     def rebuild(self, settings: Mapping[str, Any]) -> tuple[nn.Module, tuple[str, ...]]:

@@ -65,6 +65,17 @@ def register(sub: Any) -> None:
     )
     lm.add_argument("model", help="local Hugging Face Llama or GPT-2 folder, or a Llama/GPT-2 .gguf file")
     lm.add_argument("--max-length", type=int, default=256, help="tokenizer max length (default 256)")
+    lm.add_argument("--objective", choices=("lm", "response", "prompted-cls"), default="lm",
+                    help="lm: next-token loss on every token; response: only on the response's tokens (input "
+                    "loss_mask; the prompt is context); prompted-cls: a template and one label word per class, "
+                    "cross-entropy over the label words' scores at the answer position (default lm)")
+    lm.add_argument("--template", default="",
+                    help="prompted-cls: the prompt with one {text} slot, ending where the label word follows, "
+                    "e.g. 'Article: {text}\\nAnswer:' (\\n is a newline)")
+    lm.add_argument("--label-words", default="",
+                    help="prompted-cls: comma-separated label words, one token each, e.g. ' World, Sports' "
+                    "(a leading space is kept: most tokenizers have space-prefixed word tokens)")
+    lm.add_argument("--labels", default="", help="prompted-cls: comma-separated class names (default: the words)")
     _method(lm, LM_METHODS, head=False)
     _common(lm)
     lm.set_defaults(func=run_export, kind="causal_lm_lora", make_config=_causal_lm_config)
@@ -224,7 +235,11 @@ def _adapter_settings(args: argparse.Namespace) -> Any:
 def _causal_lm_config(args: argparse.Namespace) -> Any:
     from fwdfleet.export.causal_lm import CausalLmExport
 
-    return CausalLmExport(source=Path(args.model), **_options(args))
+    words = tuple(w for w in args.label_words.split(",") if w.strip())
+    labels = tuple(x.strip() for x in args.labels.split(",") if x.strip())
+    return CausalLmExport(source=Path(args.model), objective=args.objective,
+                          template=args.template.replace("\\n", "\n"), label_words=words, labels=labels,
+                          **_options(args))
 
 
 def _mlp_config(args: argparse.Namespace) -> Any:
