@@ -31,7 +31,7 @@ class ManualClock:
 
 
 def tiny_bundle(tmp_path: Path, in_dim: int = 8, classes: int = 3) -> Bundle:
-    """A real softmax-regression bundle: trainables W (in_dim, classes) and b (classes,)."""
+    """A real softmax-regression bundle (kind ``mlp``): ``layers.0.weight`` (classes, in_dim), ``layers.0.bias``."""
     return make_classifier_bundle(tmp_path / "bundle", in_dim, classes, seed=0)
 
 

@@ -1,10 +1,11 @@
 """Tiny real bundles built with ``onnx.helper`` (no torch), shared by the device-runtime tests.
 
 ``make_classifier_bundle`` writes a softmax-regression (``hidden=None``) or a two-layer tanh MLP
-classifier whose trainable tensors are graph inputs, of the ``mlp`` kind (a plain classifier):
-data inputs ``x`` float32 (batch, in_dim) and ``labels`` int64 (batch,), outputs
-``logits`` (batch, num_classes) and the per-sample cross-entropy ``loss`` (batch,).
-``numpy_loss`` computes the same loss in numpy, for checking derivatives analytically.
+classifier with the package's own builder (:mod:`fwdfleet.export.onnx_mlp`, kind ``mlp``):
+data inputs ``x`` float32 (batch, in_dim) and ``labels`` int64 (batch,), trainables
+``layers.{i}.weight`` (out, in) and ``layers.{i}.bias``, outputs ``logits`` (batch,
+num_classes) and the per-sample cross-entropy ``loss`` (batch,). ``numpy_loss`` is the kind's
+own float64 numpy reference, for checking derivatives analytically.
 """
 
 from __future__ import annotations
@@ -25,111 +26,41 @@ from fwdfleet.bundle import (
     load_bundle,
     write_bundle,
 )
+from fwdfleet.export.onnx_mlp import MLPConfig, export_mlp, mlp_forward
 
 OPSET = 17
-
-
-def _trainable_shapes(in_dim: int, num_classes: int, hidden: int | None) -> dict[str, tuple[int, ...]]:
-    if hidden is None:
-        return {"W": (in_dim, num_classes), "b": (num_classes,)}
-    return {"W1": (in_dim, hidden), "b1": (hidden,), "W2": (hidden, num_classes), "b2": (num_classes,)}
-
-
-def _graph(in_dim: int, num_classes: int, hidden: int | None) -> onnx.ModelProto:
-    shapes = _trainable_shapes(in_dim, num_classes, hidden)
-    nodes = []
-    if hidden is None:
-        nodes += [helper.make_node("MatMul", ["x", "W"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["logits"])]
-    else:
-        nodes += [
-            helper.make_node("MatMul", ["x", "W1"], ["xw1"]),
-            helper.make_node("Add", ["xw1", "b1"], ["pre1"]),
-            helper.make_node("Tanh", ["pre1"], ["h1"]),
-            helper.make_node("MatMul", ["h1", "W2"], ["hw2"]),
-            helper.make_node("Add", ["hw2", "b2"], ["logits"]),
-        ]
-    axes = helper.make_tensor("axes1", TensorProto.INT64, [1], [1])
-    nodes += [
-        helper.make_node("LogSoftmax", ["logits"], ["logp"], axis=1),
-        helper.make_node("Unsqueeze", ["labels", "axes1"], ["labels2d"]),
-        helper.make_node("GatherElements", ["logp", "labels2d"], ["picked"], axis=1),
-        helper.make_node("Squeeze", ["picked", "axes1"], ["picked1d"]),
-        helper.make_node("Neg", ["picked1d"], ["loss"]),
-    ]
-    inputs = [
-        helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", in_dim]),
-        helper.make_tensor_value_info("labels", TensorProto.INT64, ["batch"]),
-    ] + [helper.make_tensor_value_info(name, TensorProto.FLOAT, list(shape)) for name, shape in shapes.items()]
-    outputs = [
-        helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", num_classes]),
-        helper.make_tensor_value_info("loss", TensorProto.FLOAT, ["batch"]),
-    ]
-    graph = helper.make_graph(nodes, "tiny_classifier", inputs, outputs, initializer=[axes])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
+W, B = "layers.0.weight", "layers.0.bias"  # the softmax regression's trainables (hidden=None)
 
 
 def make_classifier_bundle(
     directory: str | Path, in_dim: int, num_classes: int, hidden: int | None = None, seed: int = 0
 ) -> Bundle:
-    """Write a tiny classifier bundle into ``directory`` (created) and return it loaded and verified."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    onnx.save(_graph(in_dim, num_classes, hidden), str(directory / "model.onnx"))
-    shapes = _trainable_shapes(in_dim, num_classes, hidden)
-    rng = np.random.default_rng(seed)
-    values: dict[str, np.ndarray] = {}
-    for name, shape in shapes.items():
-        fan_in = shape[0] if len(shape) == 2 else 1
-        scale = 0.0 if len(shape) == 1 else 1.0 / np.sqrt(fan_in)
-        values[name] = (rng.standard_normal(shape) * scale).astype(np.float32)
-    trainables = tuple(TensorSpec(name, shape) for name, shape in shapes.items())
-    graph = GraphSpec(
-        name="model",
-        file="model.onnx",
-        inputs=(TensorSpec("x", ("batch", in_dim)), TensorSpec("labels", ("batch",), "int64"), *trainables),
-        outputs=(TensorSpec("logits", ("batch", num_classes)), TensorSpec("loss", ("batch",))),
-        trainables=tuple(shapes),
-    )
-    manifest = BundleManifest(
-        kind="mlp",
-        trainables=trainables,
-        graphs=(graph,),
-        labels=tuple(str(i) for i in range(num_classes)),
-        opset=OPSET,
-        settings={"tiny_classifier": {"in_dim": in_dim, "num_classes": num_classes, "hidden": hidden}},
-    )
-    write_bundle(directory, manifest, values)
-    return load_bundle(directory)
+    """Write a tiny classifier bundle into ``directory`` (new or empty) and return it loaded and verified."""
+    sizes = (in_dim, num_classes) if hidden is None else (in_dim, hidden, num_classes)
+    return load_bundle(export_mlp(MLPConfig(layer_sizes=sizes, seed=seed, opset=OPSET), directory))
 
 
 def numpy_loss(trainables: Mapping[str, np.ndarray], x: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """The bundle's per-sample loss in float64 numpy (for analytic checks)."""
-    t = {k: np.asarray(v, dtype=np.float64) for k, v in trainables.items()}
-    xx = np.asarray(x, dtype=np.float64)
-    hidden = np.tanh(xx @ t["W1"] + t["b1"]) if "W1" in t else xx
-    logits = hidden @ t["W2"] + t["b2"] if "W1" in t else xx @ t["W"] + t["b"]
-    m = logits.max(axis=1, keepdims=True)
-    logp = logits - m - np.log(np.exp(logits - m).sum(axis=1, keepdims=True))
-    return np.asarray(-logp[np.arange(len(labels)), labels])
+    return mlp_forward(trainables, x, labels)[1]
 
 
 def numpy_directional_derivative(
     trainables: Mapping[str, np.ndarray], direction: Mapping[str, np.ndarray], x: np.ndarray, labels: np.ndarray
 ) -> float:
-    """Analytic d/dt mean_loss(w + t v) at t=0 for the softmax-regression bundle (``W``, ``b``)."""
-    w = np.asarray(trainables["W"], dtype=np.float64)
-    b = np.asarray(trainables["b"], dtype=np.float64)
-    xx = np.asarray(x, dtype=np.float64)
-    logits = xx @ w + b
+    """Analytic d/dt mean_loss(w + t v) at t=0 for the softmax-regression bundle (``W``, ``B``)."""
+    grad = numpy_gradient(trainables, x, labels)
+    return float((grad[W] * direction[W]).sum() + (grad[B] * direction[B]).sum())
+
+
+def numpy_gradient(trainables: Mapping[str, np.ndarray], x: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Analytic gradient of the mean loss of the softmax-regression bundle (``W`` (classes, in), ``B``)."""
+    logits, _ = mlp_forward(trainables, x, labels)
     p = np.exp(logits - logits.max(axis=1, keepdims=True))
     p /= p.sum(axis=1, keepdims=True)
     p[np.arange(len(labels)), labels] -= 1.0  # dL/dlogits per sample
-    grad_w = xx.T @ p / len(labels)
-    grad_b = p.mean(axis=0)
-    return float((grad_w * direction["W"]).sum() + (grad_b * direction["b"]).sum())
+    xx = np.asarray(x, dtype=np.float64)
+    return {W: p.T @ xx / len(labels), B: p.mean(axis=0)}
 
 
 def make_text_bundle(

@@ -26,7 +26,9 @@ def _mean_loss(devices, w) -> float:
 
 
 @pytest.mark.parametrize("shared,opt", [(False, OptimizerConfig(name="sgd", lr=0.3)),
-                                        (True, OptimizerConfig(name="adam", lr=0.05))])
+                                        # Adam moves each value by about lr per round: 0.1 reaches the
+                                        # optimum from the bundle's Glorot-uniform start in 60 rounds
+                                        (True, OptimizerConfig(name="adam", lr=0.1))])
 def test_training_from_directional_derivatives_converges(tmp_path: Path, shared: bool, opt) -> None:
     bundle = tiny_bundle(tmp_path)
     n = bundle.manifest.num_trainable
@@ -215,7 +217,7 @@ def test_metrics_lines_and_evaluation_callback(tmp_path: Path) -> None:
 
     def evaluate(version, trainables):
         seen.append(version)
-        assert set(trainables) == {"W", "b"}
+        assert set(trainables) == {"layers.0.weight", "layers.0.bias"}
         return {"accuracy": 0.5}
 
     cfg = _config(rounds=RoundsConfig(min_devices=4), perturbation=PerturbationConfig(k=3),

@@ -22,6 +22,19 @@ def test_digits_default_split():
     assert capped.train.labels is not None and len(capped.train.labels) == 100
 
 
+def test_shipped_digits_are_scikit_learns():
+    # fleet/digits.npz (scripts/make_digits_npz.py) replaces load_digits so the demo needs no scikit-learn
+    from sklearn.datasets import load_digits
+
+    from fwdfleet.fleet.datasets import DIGITS_FILE
+
+    x, y = load_digits(return_X_y=True)
+    with np.load(DIGITS_FILE, allow_pickle=False) as z:
+        assert z["images"].dtype == np.uint8 and z["labels"].dtype == np.uint8
+        np.testing.assert_array_equal(z["images"], x)
+        np.testing.assert_array_equal(z["labels"], y)
+
+
 @pytest.mark.skipif(not AG_NEWS.exists(), reason="../shared/data/ag_news_test.csv is not beside the repo")
 def test_ag_news_is_zero_based_text():
     d = load_split(DatasetConfig(name="ag-news", path=str(AG_NEWS), max_train=200))

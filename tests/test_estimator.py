@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from _tiny_bundles import make_classifier_bundle, numpy_directional_derivative, numpy_loss
+from _tiny_bundles import B, W, make_classifier_bundle, numpy_directional_derivative, numpy_gradient, numpy_loss
 
 from fwdfleet.bundle import TensorSpec
 from fwdfleet.device_runtime.estimator import (
@@ -94,12 +94,7 @@ def test_estimate_is_reproducible_and_the_server_regenerates_the_update(softmax)
 
 
 def _numpy_gradient(trainables, batch) -> dict[str, np.ndarray]:
-    x, y = batch["x"].astype(np.float64), batch["labels"]
-    logits = x @ trainables["W"] + trainables["b"]
-    p = np.exp(logits - logits.max(axis=1, keepdims=True))
-    p /= p.sum(axis=1, keepdims=True)
-    p[np.arange(len(y)), y] -= 1.0
-    return {"W": x.T @ p / len(y), "b": p.mean(axis=0)}
+    return numpy_gradient(trainables, batch["x"], batch["labels"])
 
 
 def test_trainables_are_not_modified(softmax) -> None:
@@ -124,7 +119,7 @@ def test_only_non_finite_perturbations_are_skipped(softmax) -> None:
     session = softmax[1]
     # logits = 1e38 * 0.5 * (sum of 12 random signs) overflow float32 (3.4e38) only when |sum| >= 7
     x = np.full((4, 12), 1e38, dtype=np.float32)
-    t = {"W": np.zeros((12, 4), np.float32), "b": np.zeros(4, np.float32)}
+    t = {W: np.zeros((4, 12), np.float32), B: np.zeros(4, np.float32)}
     result = estimate(session, t, {"x": x, "labels": np.zeros(4, np.int64)}, _task(num_perturbations=16, eps=0.5))
     assert set(result.skipped) | set(result.indices) == set(range(16))
     assert result.skipped and result.indices  # a mix: only the overflowing ones are dropped

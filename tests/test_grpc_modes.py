@@ -162,7 +162,7 @@ def test_dense_round_equals_in_process_and_bad_vectors_are_refused(env, tmp_path
         expected = in_process(env, config, uploads, "dense")
         for name, value in expected.items():
             np.testing.assert_array_equal(tensors[name], value)
-        assert not np.array_equal(tensors["W1"], initial["W1"])
+        assert not np.array_equal(tensors["layers.0.weight"], initial["layers.0.weight"])
     finally:
         ch.close()
         server.stop()
@@ -228,7 +228,7 @@ def test_device_clients_train_in_the_aggregators_mode(env, mode: str) -> None:
             assert c.stats.rounds == 1 and c.stats.dropped == 0
             assert c.stats.uplink_bytes > 4 * n  # a vector went up, not a few scalars
         _, tensors = server_trainables(ch)
-        assert not np.array_equal(tensors["W"], env.bundle.load_trainables()["W"])
+        assert not np.array_equal(tensors["layers.0.weight"], env.bundle.load_trainables()["layers.0.weight"])
     finally:
         ch.close()
         server.stop()

@@ -96,7 +96,7 @@ def test_a_real_round_over_tls(env) -> None:
         npz, chunk = download(ch, "DownloadTrainables")
         assert chunk.model_version == 1
         with np.load(io.BytesIO(npz), allow_pickle=False) as z:
-            assert not np.allclose(z["W"], before["W"])
+            assert not np.allclose(z["layers.0.weight"], before["layers.0.weight"])
         status = serde.status_from_bytes(call(ch, "Status", serde.status_request()))
         assert status.model_version == 1 and status.protocol_version == 1
         assert '"devices_registered": 2' in status.status_json

@@ -36,7 +36,7 @@ def test_training_on_digits_lowers_the_loss_and_beats_chance(digits, tmp_path: P
 
     saved = load_bundle(report.saved_to)  # verified checksums
     trained = saved.load_trainables()
-    assert not np.allclose(trained["W"], bundle.load_trainables()["W"])
+    assert not np.allclose(trained["layers.0.weight"], bundle.load_trainables()["layers.0.weight"])
     again = evaluate(BundleSession(saved), trained, ev.batches(64), step=300)
     assert again.accuracy == pytest.approx(last.accuracy)
 
@@ -48,9 +48,9 @@ def test_training_is_reproducible(digits, tmp_path: Path) -> None:
     config = LocalTrainConfig(steps=20, num_perturbations=4, lr=0.1, batch_size=16, eval_every=0, seed=5)
     a = train_local(session, train, config, eval_data=ev, progress=False)
     b = train_local(session, train, config, eval_data=ev, progress=False)
-    np.testing.assert_array_equal(a.trainables["W"], b.trainables["W"])
+    np.testing.assert_array_equal(a.trainables["layers.0.weight"], b.trainables["layers.0.weight"])
     c = train_local(session, train, LocalTrainConfig(**{**vars(config), "seed": 6}), eval_data=ev, progress=False)
-    assert not np.array_equal(a.trainables["W"], c.trainables["W"])
+    assert not np.array_equal(a.trainables["layers.0.weight"], c.trainables["layers.0.weight"])
 
 
 def test_sampling_and_forward_difference_also_train(digits, tmp_path: Path) -> None:

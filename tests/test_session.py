@@ -40,7 +40,7 @@ def test_bound_run_sees_in_place_updates(mlp) -> None:
     b = _batch()
     runner = s.bind(t, b, ("loss",))
     before = runner.run()["loss"].copy()
-    t["W2"] *= 3.0  # written in place: the binding must see it
+    t["layers.1.weight"] *= 3.0  # written in place: the binding must see it
     after = runner.run()["loss"]
     assert not np.allclose(before, after)
     np.testing.assert_allclose(after, numpy_loss(t, b["x"], b["labels"]), rtol=1e-5, atol=1e-6)
@@ -70,10 +70,10 @@ def test_bad_batch_gets_a_clear_error(mlp, change, message) -> None:
 def test_bad_trainables_get_a_clear_error(mlp) -> None:
     s = BundleSession(mlp)
     t = mlp.load_trainables()
-    with pytest.raises(BundleError, match=r"'W1' has shape \[5, 6\]"):
-        s.loss({**t, "W1": t["W1"].T.copy()}, _batch())
+    with pytest.raises(BundleError, match=r"'layers\.0\.weight' has shape \[6, 5\] but the graph expects \[5, 6\]"):
+        s.loss({**t, "layers.0.weight": t["layers.0.weight"].T.copy()}, _batch())
     with pytest.raises(BundleError, match="missing"):
-        s.loss({k: v for k, v in t.items() if k != "b2"}, _batch())
+        s.loss({k: v for k, v in t.items() if k != "layers.1.bias"}, _batch())
 
 
 def test_unavailable_provider_lists_the_available_ones(mlp) -> None:

@@ -83,3 +83,17 @@ def test_perturbed_step_on_a_bundle_without_torch(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert "ok" in r.stdout
+
+
+@pytest.mark.parametrize("package", ["fwdfleet.device_runtime", "fwdfleet.aggregator"])
+def test_the_device_side_never_imports_onnx(package):
+    # onnx is a base dependency (the demo builds its MLP with onnx.helper), but a phone installs
+    # with --no-deps and without it: only onnxruntime may be needed to train
+    path = package.replace(".", "/")
+    modules = [f"{package}.{m.name}" for m in pkgutil.iter_modules([str(ROOT / path)])]
+    code = "import importlib, sys\n"
+    code += "".join(f"importlib.import_module({m!r})\n" for m in [package, *modules])
+    code += "assert 'onnx' not in sys.modules\nprint('ok')\n"
+    r = _run(BLOCK.replace('"onnxscript"}', '"onnxscript", "onnx"}') + code)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("ok")

@@ -13,9 +13,9 @@ def register(sub: Any) -> None:
         help="train a model across 20 emulated devices by perturbed inference (no download)",
         description=(
             "Export an MLP classifier to a bundle, emulate 20 devices holding non-IID shards of scikit-learn's "
-            "digits, train it by perturbed inference against the real aggregator (seeds down, scalars up) and "
-            "print the accuracy reached, the bytes each device uploaded and a device's peak memory. "
-            "Needs the export and fleet extras."
+            "digits (shipped with fwdfleet), train it by perturbed inference against the real aggregator (seeds "
+            "down, scalars up) and print the accuracy reached, the bytes each device uploaded and a device's peak "
+            "memory. Runs in the base install; with the fleet extra the report also has plots and a progress bar."
         ),
     )
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -59,4 +59,6 @@ def print_summary(s: Any) -> None:
               "the emulated phone/Pi fleet")
     else:
         print(f"time            {s.wall_seconds:.0f} s here, rounds over real gRPC between {s.devices} processes")
-    print(f"report          {s.report}")
+    from fwdfleet.fleet.report import PLOTS_HINT, can_plot
+
+    print(f"report          {s.report}" + ("" if can_plot() else f" (tables only; {PLOTS_HINT})"))
