@@ -19,12 +19,22 @@ The objective (``CausalLmExport.objective``) decides the graph ``model``; every 
   outputs are ``logits`` (batch, classes), the label words' scores, ``loss`` (batch,), the
   cross-entropy over them, and ``next_token_logits`` (batch, vocab) for generation. Accuracy
   takes one forward.
+
+**Split bundles** (``trainable_layers=N``, Llama family): LoRA goes into the top N decoder layers
+only, and the bundle gets two more graphs. ``prefix`` (frozen, no trainables) maps ``input_ids``,
+``attention_mask`` to ``hidden`` (batch, sequence, hidden size), the residual stream entering
+layer L - N; ``suffix`` takes ``hidden`` (and ``input_ids`` where the objective's targets are
+tokens) with the other data inputs and the trainables, and gives the outputs of ``model``. A
+device runs ``prefix`` once per example and caches ``hidden``
+(:mod:`fwdfleet.device_runtime.prefix_cache`); every perturbed forward then runs only the top N
+layers. ``model`` stays the whole network for evaluation and generation.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,7 +56,7 @@ from fwdfleet.export.hf import (
     peft_record,
 )
 from fwdfleet.export.kinds import ExportResult
-from fwdfleet.export.onnx_graph import GraphOptions, TracedKind, TracedModel, TrainablesAsInputs
+from fwdfleet.export.onnx_graph import ExtraGraph, GraphOptions, TracedKind, TracedModel, TrainablesAsInputs
 
 Objective = Literal["lm", "response", "prompted-cls"]
 OBJECTIVES: tuple[Objective, ...] = ("lm", "response", "prompted-cls")
@@ -75,8 +85,15 @@ class CausalLmExport:
     template: str = ""  # prompted-cls: the prompt around the text, with one {text} slot
     label_words: tuple[str, ...] = ()  # prompted-cls: one word per class, each a single token
     labels: tuple[str, ...] = ()  # prompted-cls: class names (default: the label words, stripped)
+    trainable_layers: int | None = None  # LoRA in the top N layers only, plus prefix/suffix graphs
 
     def __post_init__(self) -> None:
+        if self.trainable_layers is not None:
+            if self.trainable_layers < 1:
+                raise ExportError(f"--trainable-layers must be >= 1, got {self.trainable_layers}")
+            if self.method != "lora" or self.lora.layers is not None:
+                raise ExportError("--trainable-layers places LoRA in the top layers: use --method lora "
+                                  "without LoraSettings.layers")
         if self.objective not in OBJECTIVES:
             raise ExportError(f"CausalLmExport.objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.objective == "prompted-cls":
@@ -108,9 +125,12 @@ class CausalLanguageModel(nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                loss_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor | None = None,
+                hidden: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if hidden is None:
+            logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        else:  # a split bundle's suffix: the residual stream from the prefix replaces the embeddings
+            logits = self.lm(inputs_embeds=hidden, attention_mask=attention_mask, use_cache=False).logits
         targets = input_ids[:, 1:]
         weight = attention_mask[:, 1:].to(logits.dtype)
         if loss_mask is not None:
@@ -131,10 +151,13 @@ class PromptedClassifier(nn.Module):
         self.lm = lm  # a transformers causal LM (get_decoder, get_output_embeddings)
         self.register_buffer("label_ids", torch.tensor(label_token_ids, dtype=torch.int64), persistent=False)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, attention_mask: torch.Tensor, labels: torch.Tensor, input_ids: torch.Tensor | None = None,
+                hidden: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         base = self.lm.get_decoder()
-        hidden = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        if hidden is None:
+            hidden = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        else:  # a split bundle's suffix
+            hidden = base(inputs_embeds=hidden, attention_mask=attention_mask, use_cache=False).last_hidden_state
         last = attention_mask.sum(dim=1) - 1  # right padding: the answer follows the last real token
         answer = hidden[torch.arange(hidden.shape[0]), last]  # (batch, hidden)
         next_token = self.lm.get_output_embeddings()(answer)  # (batch, vocab)
@@ -143,18 +166,62 @@ class PromptedClassifier(nn.Module):
         return scores, loss, next_token
 
 
+class LayerRange(nn.ModuleList):
+    """Decoder layers ``start .. stop - 1`` of a model, registered under their own indices (so a
+    parameter keeps the name it has in the whole model) and iterated like a short ModuleList."""
+
+    def __init__(self, layers: nn.ModuleList, start: int, stop: int) -> None:
+        super().__init__()
+        for i in range(start, stop):
+            self.add_module(str(i), layers[i])
+
+    def __getitem__(self, idx: Any) -> Any:
+        modules = list(self._modules.values())
+        return nn.ModuleList(modules[idx]) if isinstance(idx, slice) else modules[idx]
+
+
+def _view(module: nn.Module, **children: nn.Module) -> Any:
+    """A shallow copy of ``module`` sharing every child and weight, with some children replaced."""
+    new = copy.copy(module)
+    new._modules = {**module._modules, **children}
+    return new
+
+
+class PrefixModel(nn.Module):
+    """The frozen lower layers of a split bundle: token ids to the residual stream entering the
+    first trainable layer (no final norm)."""
+
+    def __init__(self, lm: Any, prefix_layers: int) -> None:
+        super().__init__()
+        base = lm.get_decoder()
+        self.base = _view(base, layers=LayerRange(base.layers, 0, prefix_layers), norm=nn.Identity())
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state,)
+
+
+def suffix_lm(lm: Any, prefix_layers: int) -> Any:
+    """``lm`` with only its top layers (shared modules): fed ``inputs_embeds`` = the prefix's output."""
+    base = lm.get_decoder()
+    top = _view(base, layers=LayerRange(base.layers, prefix_layers, len(base.layers)))
+    return _view(lm, model=top)
+
+
 def build_model(settings: Mapping[str, Any]) -> tuple[nn.Module, tuple[str, ...]]:
     """Rebuild the torch model recorded in ``manifest.settings`` (used by export and the twin)."""
     lm = load_pretrained(Path(settings["source"]), causal=True, random_init=bool(settings["random_init"]),
                          seed=int(settings["seed"]))
     apply_peft_record(lm, settings["peft"], CAUSAL_LM_FAMILIES[settings["model_type"]], int(settings["seed"]))
-    model: nn.Module
-    if settings.get("objective", "lm") == "prompted-cls":
-        model = PromptedClassifier(lm, tuple(int(i) for i in settings["label_token_ids"]))
-    else:
-        model = CausalLanguageModel(lm)
+    model = objective_model(lm, settings)
     model.eval()
     return model, tuple(n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def objective_model(lm: Any, settings: Mapping[str, Any]) -> nn.Module:
+    """``lm`` wrapped in the module of the bundle's objective."""
+    if settings.get("objective", "lm") == "prompted-cls":
+        return PromptedClassifier(lm, tuple(int(i) for i in settings["label_token_ids"]))
+    return CausalLanguageModel(lm)
 
 
 def label_token_ids(tokenizer: Any, words: tuple[str, ...]) -> tuple[int, ...]:
@@ -207,7 +274,16 @@ class CausalLmKind(TracedKind):
         max_pos = hf_config.get("max_position_embeddings", hf_config.get("n_positions"))
         if isinstance(max_pos, int) and config.max_length > max_pos:
             raise ExportError(f"--max-length {config.max_length} exceeds the model's {max_pos} positions")
-        peft = peft_record(config.method, config.lora, CAUSAL_LM_FAMILIES[model_type])
+        lora = config.lora
+        layers = int(hf_config.get("num_hidden_layers", 0))
+        if config.trainable_layers is not None:
+            if model_type != "llama":
+                raise ExportError(f"--trainable-layers (a split bundle) supports the llama family, not {model_type!r}")
+            if config.trainable_layers >= layers:
+                raise ExportError(f"--trainable-layers {config.trainable_layers} leaves no frozen prefix: the model "
+                                  f"has {layers} layers; choose fewer, or omit it to train LoRA in every layer")
+            lora = replace(lora, layers=tuple(range(layers - config.trainable_layers, layers)))
+        peft = peft_record(config.method, lora, CAUSAL_LM_FAMILIES[model_type])
         settings: dict[str, Any] = {
             "source": str(folder), "model_type": model_type, "random_init": config.random_init,
             "seed": config.seed, "peft": peft, "max_length": config.max_length,
@@ -252,14 +328,54 @@ class CausalLmKind(TracedKind):
                 if config.objective == "response":  # the second half of each row is the response
                     batch["loss_mask"] = (np.arange(ss)[None, :] >= ss // 2).astype(np.int64).repeat(bb, 0)
                 return batch
+        wrapper = TrainablesAsInputs(model, names, tuple(data_specs))
+        extra: tuple[ExtraGraph, ...] = ()
+        if config.trainable_layers is not None:
+            prefix_layers = layers - config.trainable_layers
+            settings["split"] = {"prefix_layers": prefix_layers, "trainable_layers": config.trainable_layers,
+                                 "prefix": "prefix", "suffix": "suffix", "features": "hidden"}
+            extra = _split_graphs(model, names, prefix_layers, int(hf_config["hidden_size"]), data_specs,
+                                  output_specs, make_batch, settings)
         return TracedModel(
-            wrapper=TrainablesAsInputs(model, names, tuple(data_specs)), initial=initial,
-            data_specs=data_specs, output_specs=output_specs, make_batch=make_batch,
-            max_length=config.max_length, tokenizer=tokenizer, labels=labels, settings=settings,
+            wrapper=wrapper, initial=initial, data_specs=data_specs, output_specs=output_specs,
+            make_batch=make_batch, max_length=config.max_length, tokenizer=tokenizer, labels=labels,
+            settings=settings, extra_graphs=extra,
         )
 
     def rebuild(self, settings: Mapping[str, Any]) -> tuple[nn.Module, tuple[str, ...]]:
         return build_model(settings)
+
+
+def _split_graphs(model: Any, names: tuple[str, ...], prefix_layers: int, hidden_size: int,
+                  data_specs: Mapping[str, tuple[tuple[Any, ...], str]],
+                  output_specs: Mapping[str, tuple[tuple[Any, ...], str]],
+                  make_batch: Any, settings: Mapping[str, Any]) -> tuple[ExtraGraph, ExtraGraph]:
+    """The ``prefix`` and ``suffix`` graphs of a split bundle, sharing ``model``'s modules."""
+    b, s = data_specs["input_ids"][0]
+    prefix = PrefixModel(model.lm, prefix_layers)
+    prefix.eval()
+    suffix = objective_model(suffix_lm(model.lm, prefix_layers), settings)
+    suffix.eval()
+    token_inputs = ("input_ids", "attention_mask")
+    # the suffix needs token ids only where the objective's targets are tokens (lm, response)
+    suffix_data = {"hidden": ((b, s, hidden_size), "float32"),
+                   **{k: v for k, v in data_specs.items() if k != "input_ids" or "labels" not in data_specs}}
+
+    def prefix_batch(bb: int, ss: int, seed: int) -> dict[str, np.ndarray]:
+        return {k: v for k, v in make_batch(bb, ss, seed).items() if k in token_inputs}
+
+    def suffix_batch(bb: int, ss: int, seed: int) -> dict[str, np.ndarray]:
+        batch = make_batch(bb, ss, seed)
+        with torch.no_grad():
+            (hidden,) = prefix(**{k: torch.from_numpy(batch[k]) for k in token_inputs})
+        return {"hidden": hidden.numpy(), **{k: v for k, v in batch.items() if k in suffix_data}}
+
+    return (
+        ExtraGraph("prefix", TrainablesAsInputs(prefix, (), token_inputs), {k: data_specs[k] for k in token_inputs},
+                   {"hidden": ((b, s, hidden_size), "float32")}, prefix_batch),
+        ExtraGraph("suffix", TrainablesAsInputs(suffix, names, tuple(suffix_data), shared=True), suffix_data,
+                   output_specs, suffix_batch),
+    )
 
 
 KIND = CausalLmKind()

@@ -201,6 +201,7 @@ class LoraSettings:
     rank: int = 8
     alpha: int = 16
     target_modules: tuple[str, ...] | None = None
+    layers: tuple[int, ...] | None = None  # decoder layers that get LoRA (None: all); peft's layers_to_transform
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -259,13 +260,16 @@ def apply_peft(model: Any, method: str, lora: LoraSettings, default_targets: tup
         fan_in_fan_out = any(candidates[n] == "Conv1D" for n in candidates
                              if any(_matches(n, t) for t in targets))
         config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=list(targets),
-                            lora_dropout=0.0, bias="none", fan_in_fan_out=fan_in_fan_out)
+                            lora_dropout=0.0, bias="none", fan_in_fan_out=fan_in_fan_out,
+                            layers_to_transform=list(lora.layers) if lora.layers is not None else None)
         torch.manual_seed(seed)
         inject_adapter_in_model(config, model)
         for n, p in model.named_parameters():
             p.requires_grad_("lora_" in n)
         record["lora"] = {"rank": lora.rank, "alpha": lora.alpha, "target_modules": list(targets),
                           "fan_in_fan_out": fan_in_fan_out}
+        if lora.layers is not None:
+            record["lora"]["layers"] = list(lora.layers)
     if "ia3" in parts:
         record["ia3"] = _inject_ia3(model, ia3)
     if "adapter" in parts:
@@ -318,6 +322,8 @@ def peft_record(method: str, lora: LoraSettings, default_targets: tuple[str, ...
     if "lora" in parts:
         targets = lora.target_modules or default_targets
         record["lora"] = {"rank": lora.rank, "alpha": lora.alpha, "target_modules": list(targets)}
+        if lora.layers is not None:
+            record["lora"]["layers"] = list(lora.layers)
     if "adapter" in parts:
         from fwdfleet.export.adapters import AdapterSettings
 
@@ -337,5 +343,6 @@ def apply_peft_record(model: Any, record: Mapping[str, Any], default_targets: tu
         adapter = AdapterSettings.from_record(record["adapter"])
     apply_peft(model, record["method"],
                LoraSettings(rank=int(lora.get("rank", 8)), alpha=int(lora.get("alpha", 16)),
-                            target_modules=tuple(lora["target_modules"]) if lora else None),
+                            target_modules=tuple(lora["target_modules"]) if lora else None,
+                            layers=tuple(int(i) for i in lora["layers"]) if lora.get("layers") is not None else None),
                default_targets, seed, adapter=adapter, ia3=record.get("ia3"))

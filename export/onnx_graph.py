@@ -73,10 +73,13 @@ class TrainablesAsInputs(nn.Module):
 
     ``forward(data, trainables)`` takes the data tensors in ``data_names`` order and the
     trainables in ``trainable_names`` order, and returns ``model(**data)``. The wrapped model's
-    parameters named in ``trainable_names`` are removed: the wrapper consumes the model.
+    parameters named in ``trainable_names`` are removed: the wrapper consumes the model. With
+    ``shared`` a second wrapper may take over trainables another wrapper already swapped out (graphs
+    of one bundle that share modules, such as a split bundle's ``model`` and ``suffix``).
     """
 
-    def __init__(self, model: nn.Module, trainable_names: Sequence[str], data_names: Sequence[str]) -> None:
+    def __init__(self, model: nn.Module, trainable_names: Sequence[str], data_names: Sequence[str], *,
+                 shared: bool = False) -> None:
         super().__init__()
         self.model = model
         self.trainable_names = tuple(trainable_names)
@@ -86,10 +89,11 @@ class TrainablesAsInputs(nn.Module):
             path, _, attr = name.rpartition(".")
             module = model.get_submodule(path)
             param = getattr(module, attr)
-            if not isinstance(param, nn.Parameter):
+            if isinstance(param, nn.Parameter):
+                delattr(module, attr)
+                setattr(module, attr, param.detach())
+            elif not (shared and isinstance(param, torch.Tensor)):
                 raise ExportError(f"trainable {name!r} is not a parameter of the model")
-            delattr(module, attr)
-            setattr(module, attr, param.detach())
             self._slots.append((module, attr))
 
     def forward(self, data: list[torch.Tensor], trainables: list[torch.Tensor]) -> Any:
@@ -197,6 +201,19 @@ class TracedModel:
     tokenizer: Any
     labels: tuple[str, ...]
     settings: Mapping[str, Any]
+    extra_graphs: tuple[ExtraGraph, ...] = ()
+
+
+@dataclass(frozen=True)
+class ExtraGraph:
+    """A further graph of a traced bundle (e.g. a split bundle's ``prefix`` and ``suffix``), traced
+    and parity-checked like ``model``; its wrapper shares the main model's modules."""
+
+    name: str
+    wrapper: TrainablesAsInputs
+    data_specs: Mapping[str, tuple[tuple[Dim, ...], str]]
+    output_specs: Mapping[str, tuple[tuple[Dim, ...], str]]
+    make_batch: Callable[[int, int, int], dict[str, np.ndarray]]
 
 
 class LossTwin(nn.Module):
@@ -209,6 +226,11 @@ class LossTwin(nn.Module):
     def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
         loss: torch.Tensor = self.model(**inputs)[1]
         return loss
+
+
+def _graphs(t: TracedModel) -> tuple[ExtraGraph, ...]:
+    """``model`` first, then the kind's further graphs."""
+    return (ExtraGraph("model", t.wrapper, t.data_specs, t.output_specs, t.make_batch), *t.extra_graphs)
 
 
 class TracedKind(ExportKind[Any]):
@@ -232,34 +254,40 @@ class TracedKind(ExportKind[Any]):
 
         t = self.prepare(config)
         g: GraphOptions = config.graph
-        data = t.make_batch(g.batch_size or 2, g.sequence_length or min(16, t.max_length), config.seed)
-        export_graph(
-            t.wrapper, {k: torch.from_numpy(v) for k, v in data.items()},
-            {k: torch.from_numpy(v) for k, v in t.initial.items()}, work / "model.onnx",
-            data_shapes={k: v[0] for k, v in t.data_specs.items()},
-            output_shapes={k: v[0] for k, v in t.output_specs.items()}, options=g,
-        )
-        trainables = tuple(TensorSpec(n, tuple(v.shape), str(v.dtype)) for n, v in t.initial.items())
-        graph = GraphSpec(
-            name="model", file="model.onnx",
-            inputs=(*(TensorSpec(n, shape, dt) for n, (shape, dt) in t.data_specs.items()), *trainables),
-            outputs=tuple(TensorSpec(n, shape, dt) for n, (shape, dt) in t.output_specs.items()),
-            trainables=tuple(t.initial),
-        )
+        specs = []
+        for graph in _graphs(t):
+            data = graph.make_batch(g.batch_size or 2, g.sequence_length or min(16, t.max_length), config.seed)
+            names = graph.wrapper.trainable_names
+            export_graph(
+                graph.wrapper, {k: torch.from_numpy(v) for k, v in data.items()},
+                {k: torch.from_numpy(t.initial[k]) for k in names}, work / f"{graph.name}.onnx",
+                data_shapes={k: v[0] for k, v in graph.data_specs.items()},
+                output_shapes={k: v[0] for k, v in graph.output_specs.items()}, options=g,
+            )
+            specs.append(GraphSpec(
+                name=graph.name, file=f"{graph.name}.onnx",
+                inputs=(*(TensorSpec(n, shape, dt) for n, (shape, dt) in graph.data_specs.items()),
+                        *(TensorSpec(n, tuple(t.initial[n].shape), str(t.initial[n].dtype)) for n in names)),
+                outputs=tuple(TensorSpec(n, shape, dt) for n, (shape, dt) in graph.output_specs.items()),
+                trainables=names,
+            ))
         tokenizer_files = save_tokenizer(t.tokenizer, work)
-        return Built((graph,), t.initial, g.opset, state=(t, tokenizer_files))
+        return Built(tuple(specs), t.initial, g.opset, state=(t, tokenizer_files))
 
     def samples(self, config: Any, built: Built) -> list[Sample]:
-        """One batch at another shape than the traced one, with random non-zero trainables."""
+        """One batch per graph at another shape than the traced one, with random non-zero trainables."""
         t: TracedModel = built.state[0]
         g: GraphOptions = config.graph
         b = g.batch_size or 3
         s = g.sequence_length or min(t.max_length, min(16, t.max_length) + 7)
-        return [Sample("model", {**t.make_batch(b, s, config.seed + 1), **perturbed(t.initial, 0.05, config.seed + 2)})]
+        values = perturbed(t.initial, 0.05, config.seed + 2)
+        return [Sample(graph.name, {**graph.make_batch(b, s, config.seed + 1),
+                                    **{n: values[n] for n in graph.wrapper.trainable_names}})
+                for graph in _graphs(t)]
 
     def reference(self, config: Any, built: Built, sample: Sample) -> list[np.ndarray]:
         t: TracedModel = built.state[0]
-        w = t.wrapper
+        w = next(graph.wrapper for graph in _graphs(t) if graph.name == sample.graph)
         with torch.no_grad():
             out = w([torch.from_numpy(np.asarray(sample.feeds[n])) for n in w.data_names],
                     [torch.from_numpy(np.asarray(sample.feeds[n])) for n in w.trainable_names])

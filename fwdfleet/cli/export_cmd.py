@@ -76,6 +76,9 @@ def register(sub: Any) -> None:
                     help="prompted-cls: comma-separated label words, one token each, e.g. ' World, Sports' "
                     "(a leading space is kept: most tokenizers have space-prefixed word tokens)")
     lm.add_argument("--labels", default="", help="prompted-cls: comma-separated class names (default: the words)")
+    lm.add_argument("--trainable-layers", type=int, default=None,
+                    help="LoRA in the top N decoder layers only, and a split bundle: a frozen prefix graph a "
+                    "device runs once per example and caches, and a suffix graph every probe runs (Llama)")
     _method(lm, LM_METHODS, head=False)
     _common(lm)
     lm.set_defaults(func=run_export, kind="causal_lm_lora", make_config=_causal_lm_config)
@@ -239,7 +242,7 @@ def _causal_lm_config(args: argparse.Namespace) -> Any:
     labels = tuple(x.strip() for x in args.labels.split(",") if x.strip())
     return CausalLmExport(source=Path(args.model), objective=args.objective,
                           template=args.template.replace("\\n", "\n"), label_words=words, labels=labels,
-                          **_options(args))
+                          trainable_layers=args.trainable_layers, **_options(args))
 
 
 def _mlp_config(args: argparse.Namespace) -> Any:
