@@ -15,7 +15,8 @@ import json
 import shutil
 from pathlib import Path
 
-DATA = Path("/work/shared/data/ag_news_test.csv")
+from _prereqs import ag_news
+
 TORCH_BLOCKER = """
 import sys
 class _BlockTorch:
@@ -34,7 +35,7 @@ def minilm_folder() -> Path:
 
 
 def ag_news_lines(n: int) -> list[str]:
-    with open(DATA, newline="") as f:
+    with open(ag_news(), newline="") as f:
         rows = list(csv.reader(f))[1 : n + 1]
     return [f"{r[1]}. {r[2]}" for r in rows]
 

@@ -3,7 +3,8 @@
 The userland is built by ``android_harness/arm64/build_userland.sh`` (cached outside the repo);
 ``android_harness/arm64/run.sh`` runs its python3 under ``qemu-aarch64-static`` with an ARM
 ``/proc/cpuinfo``. These tests skip unless that userland exists, or ``FWDFLEET_ARM64=1`` asks
-to build it (CI sets it; then a missing qemu is a failure, not a skip).
+to build it here. In CI (``.ci/run`` sets ``FWDFLEET_CI=1`` and ``FWDFLEET_ARM64=1``) a missing
+qemu or a userland that does not build fails the run instead.
 
 What runs on the emulated ARM CPU: the imports of the device stack without torch, the
 perturbation generator (compared bit for bit with this x86 host), an onnxruntime training step
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _prereqs import missing
 
 from fwdfleet.perturbation import perturbation
 
@@ -64,24 +66,18 @@ def userland_root() -> Path:
 
 @pytest.fixture(scope="module")
 def arm64() -> Path:
-    """The userland's path; builds it when FWDFLEET_ARM64=1, else skips if it is absent."""
-    wanted = os.environ.get("FWDFLEET_ARM64") == "1"
+    """The userland's path; builds it when FWDFLEET_ARM64=1, else skips (fails in CI) if it is absent."""
     if shutil.which("qemu-aarch64-static") is None:
-        msg = "qemu-aarch64-static is not installed (apt-get install -y qemu-user-static debootstrap)"
-        if wanted:
-            pytest.fail(f"FWDFLEET_ARM64=1 but {msg}")
-        pytest.skip(msg)
+        missing("qemu-aarch64-static", "apt-get install -y qemu-user-static debootstrap")
     root = userland_root()
-    if wanted:
-        r = subprocess.run(
-            ["bash", str(HARNESS / "build_userland.sh")], capture_output=True, text=True, timeout=900
-        )
+    if os.environ.get("FWDFLEET_ARM64") == "1":
+        # the host python that builds it needs pip: this interpreter (the venv's) has it
+        r = subprocess.run(["bash", str(HARNESS / "build_userland.sh")], capture_output=True, text=True,
+                           timeout=900, env={**os.environ, "PYTHON": sys.executable})
         assert r.returncode == 0, f"build_userland.sh failed:\n{r.stderr[-3000:]}"
     elif not (root / STAMP).is_file():
-        pytest.skip(
-            f"no aarch64 userland at {root}: build it with `bash android_harness/arm64/build_userland.sh` "
-            "or set FWDFLEET_ARM64=1 to build it here"
-        )
+        missing(f"the aarch64 userland ({root})", "build it with `bash android_harness/arm64/build_userland.sh` "
+                "or set FWDFLEET_ARM64=1 to build it here")
     return root
 
 

@@ -8,13 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _prereqs import ag_news
 from _tiny_bundles import make_classifier_bundle, make_text_bundle
 
 from fwdfleet.device_runtime.data import ArrayDataset, load_dataset, load_idx, read_data, synthetic_batch
 from fwdfleet.device_runtime.session import BundleSession
 from fwdfleet.errors import DataError
-
-AG_NEWS = Path("/work/shared/data/ag_news_test.csv")
 
 
 def _write_idx(path: Path, array: np.ndarray, code: int = 0x08) -> None:
@@ -125,22 +124,21 @@ def test_array_dataset_split_and_batches() -> None:
         ArrayDataset({"x": np.zeros(3), "labels": np.zeros(2)})
 
 
-@pytest.mark.skipif(not AG_NEWS.is_file(), reason=f"{AG_NEWS} not present")
 def test_ag_news_csv_tokenized_with_the_bundle_tokenizer(tmp_path: Path) -> None:
     pytest.importorskip("tokenizers")
-    words = AG_NEWS.read_text().split()[:2000]
+    words = ag_news().read_text().split()[:2000]
     bundle = make_text_bundle(tmp_path / "t", words, num_classes=4, max_length=24)
-    ds = load_dataset(AG_NEWS, bundle)
+    ds = load_dataset(ag_news(), bundle)
     assert len(ds) == 7600
+    assert ds.labels is not None and np.bincount(ds.labels).tolist() == [1900] * 4  # AG News 1..4 -> 0..3
     batch = ds.batch(seed=0, size=8)
     assert set(batch) == {"input_ids", "attention_mask", "labels"}
     assert batch["input_ids"].shape[1] <= 24 and batch["input_ids"].dtype == np.int64
-    assert batch["labels"].min() >= 0 and batch["labels"].max() <= 3  # AG News 1..4 -> 0..3
     loss = BundleSession(bundle).loss(bundle.load_trainables(), batch)
     assert loss.shape == (8,) and np.isfinite(loss).all()
     numeric = make_classifier_bundle(tmp_path / "n", in_dim=4, num_classes=4)
     with pytest.raises(DataError, match="holds no numeric features"):
-        load_dataset(AG_NEWS, numeric)
+        load_dataset(ag_news(), numeric)
 
 
 def test_synthetic_batch_has_the_graph_inputs(tmp_path: Path) -> None:

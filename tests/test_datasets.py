@@ -1,14 +1,11 @@
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
+from _prereqs import ag_news, fashion_mnist
 
 from fwdfleet.errors import DataError
-from fwdfleet.fleet.datasets import DatasetConfig, load_split, subset
-
-AG_NEWS = Path(__file__).resolve().parents[2] / "shared" / "data" / "ag_news_test.csv"
+from fwdfleet.fleet.datasets import FASHION_DIR, DatasetConfig, load_split, subset
 
 
 def test_digits_default_split():
@@ -35,14 +32,26 @@ def test_shipped_digits_are_scikit_learns():
         np.testing.assert_array_equal(z["labels"], y)
 
 
-@pytest.mark.skipif(not AG_NEWS.exists(), reason="../shared/data/ag_news_test.csv is not beside the repo")
 def test_ag_news_is_zero_based_text():
-    d = load_split(DatasetConfig(name="ag-news", path=str(AG_NEWS), max_train=200))
+    d = load_split(DatasetConfig(name="ag-news", path=str(ag_news()), max_train=200))
     assert d.label_names[1] == "Sports"
     assert d.train.texts is not None and len(d.train.texts) == 200
     assert d.train.labels is not None and set(np.unique(d.train.labels)) <= {0, 1, 2, 3}
     s = subset(d.train, np.array([0, 5]))
     assert s.texts == (d.train.texts[0], d.train.texts[5])
+
+
+def test_fashion_mnist_from_the_system_package():
+    """The apt package's IDX files, read by the device runtime's loader: the official 60,000/10,000 split."""
+    assert fashion_mnist() == FASHION_DIR  # the dataset's default location is where apt puts it
+    d = load_split(DatasetConfig(name="fashion-mnist"))
+    assert d.num_classes == 10 and d.label_names[9] == "Boot"
+    assert d.train.features is not None and d.test.features is not None
+    assert d.train.features.shape == (60000, 784) and d.test.features.shape == (10000, 784)
+    assert d.train.features.dtype == np.float32
+    assert float(d.train.features.min()) == 0.0 and float(d.train.features.max()) == 1.0  # bytes / 255
+    assert d.train.labels is not None and d.test.labels is not None
+    assert np.bincount(d.train.labels).tolist() == [6000] * 10 and np.bincount(d.test.labels).tolist() == [1000] * 10
 
 
 def test_missing_files_say_what_to_do(tmp_path):

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _export_fixtures import DATA, minilm_folder
+from _export_fixtures import minilm_folder
+from _prereqs import ag_news
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -33,9 +34,6 @@ from fwdfleet.fleet.probe_init import (  # noqa: E402
     stats_wire_bytes,
 )
 from fwdfleet.fleet.profiles import PRESETS  # noqa: E402
-
-pytestmark = pytest.mark.skipif(not DATA.is_file(), reason=f"{DATA} (AG News) not present")
-
 
 # ------------------------------------------------------------------------------ probe_init alone
 
@@ -104,7 +102,8 @@ def tiny_cls_bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
 
 def test_forward_only_head_init_then_scalar_rounds_learn(tiny_cls_bundle: Bundle, tmp_path: Path) -> None:
     bundle = tiny_cls_bundle
-    split = load_split(DatasetConfig(name="ag-news", path=str(DATA), test_fraction=0.2, max_train=320, max_test=120))
+    split = load_split(DatasetConfig(name="ag-news", path=str(ag_news()), test_fraction=0.2, max_train=320,
+                                     max_test=120))
     train, test = split.train, split.test
     assert train.labels is not None and test.labels is not None
     shards = partition(train.labels, PartitionConfig(scheme="dirichlet", num_devices=8, alpha=0.5, min_samples=8))
@@ -167,7 +166,7 @@ def test_causal_lm_held_out_loss_goes_down(tmp_path: Path) -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from benchmarks.causal_lm_zo import run
 
-    out = run(data=DATA, work=tmp_path, rounds=10, devices=4, per_round=2, k=2, lr=1.0, train_texts=200,
+    out = run(data=ag_news(), work=tmp_path, rounds=10, devices=4, per_round=2, k=2, lr=1.0, train_texts=200,
               test_texts=40, tokenizer_texts=400, max_length=24, eval_every=10, vocab=200, hidden=32)
     assert out["final_loss"] < out["initial_loss"] - 0.005, out
     assert 0 < out["bytes_up_per_device_per_round"] < 1024
