@@ -45,6 +45,7 @@ def test_clients_train_rounds_and_reuse_their_bundle(env) -> None:
                    for i, d in enumerate(("a", "b"))]
         for t in run_clients(clients, 3):
             t.join(30)
+            assert not t.is_alive(), "a client did not finish its 3 rounds"
         assert [c.stats.rounds for c in clients] == [3, 3]
         assert all(c.stats.bundle_downloads == 1 and c.stats.trainable_downloads == 3 for c in clients)
         assert server.servicer.coordinator.status().model_version == 3
@@ -121,14 +122,14 @@ def test_stop_ends_a_waiting_client(env) -> None:
 def test_unreachable_server_gives_up_after_max_retries(tmp_path: Path) -> None:
     import socket
 
-    with socket.socket() as s:
+    with socket.socket() as s:  # bound for the whole test but never listening: connections are refused
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    config = DeviceClientConfig(address=f"127.0.0.1:{port}", device_id="a", insecure=True, initial_backoff_s=0.01,
-                                max_backoff_s=0.02, max_retries=3, rpc_timeout_s=1)
-    client = DeviceClient(config, tmp_path, dataset())
-    with pytest.raises(ClientError, match="after 3 attempts"):
-        client.run(1)
+        config = DeviceClientConfig(address=f"127.0.0.1:{port}", device_id="a", insecure=True,
+                                    initial_backoff_s=0.01, max_backoff_s=0.02, max_retries=3, rpc_timeout_s=1)
+        client = DeviceClient(config, tmp_path, dataset())
+        with pytest.raises(ClientError, match="after 3 attempts"):
+            client.run(1)
     assert client.stats.retries == 3
 
 

@@ -231,7 +231,9 @@ def test_metrics_lines_and_evaluation_callback(tmp_path: Path) -> None:
     m = lines[0]
     assert m["participants"] == 4 and m["k"] == 3 and m["pairs"] == 12
     assert m["eval"] == {"accuracy": 0.5}
-    assert m["loss_mean"] > 0 and m["noise_ratio"] >= 0
+    assert m["loss_mean"] > 0 and m["spread_sq"] > 0 and m["mean_sqnorm"] > 0  # four devices, four datasets
+    # the relative standard error over n_eff = 4 equally weighted devices (3 pairs each)
+    assert m["noise_ratio"] == pytest.approx(m["spread_sq"] / (4 * m["mean_sqnorm"]), rel=1e-9)
     assert 4 * 3 * 5 <= m["bytes_up"] <= 4 * 100 and m["bytes_down"] > 0  # exact protobuf sizes of 4 uploads
     assert m["pacing"][0]["action"] == "apply" and m["pacing"][-1]["action"] == "adapt_k"
 
@@ -255,6 +257,7 @@ def test_concurrent_uploads_from_threads_are_each_counted_once(tmp_path: Path) -
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(30)
+        assert not t.is_alive()
     assert len(receipts) == 32 and sum(not r.duplicate for r in receipts) == 16
     assert coord.status().model_version == 1

@@ -116,7 +116,8 @@ def test_long_poll_returns_as_soon_as_a_round_opens(env) -> None:
         t0 = time.monotonic()
         poll = get_task(ch, "a", wait=10)
         assert poll.task is not None and time.monotonic() - t0 < 5
-        timer.join()
+        timer.join(10)
+        assert not timer.is_alive()
     finally:
         ch.close()
         server.stop()

@@ -114,13 +114,17 @@ def test_extra_request_deadline_applies_what_arrived(tmp_path: Path) -> None:
     assert coord.status().request == 1
     d = devices[0]
     coord.submit(d.device_id, d.answer(coord.task_for(d.device_id), w0))  # only one answers
-    clock.now += 61
-    kinds = [e.kind for e in coord.advance()]
-    assert "update_applied" in kinds or "extra_requested" in kinds
-    for _ in range(4):
-        clock.now += 61
-        coord.advance()
+    clock.now += 61  # the extra request's deadline: still too noisy, so the one who answered is asked again
+    extra = {e.detail["request"]: e.detail for e in coord.advance() if e.kind == "extra_requested"}
+    assert sorted(extra) == [1, 2] and (extra[1]["devices"], extra[1]["reason"]) == (6, "all results in")
+    assert (extra[2]["devices"], extra[2]["reason"]) == (1, "deadline")
+    assert coord.status().model_version == 0
+    clock.now += 61  # nobody answers the second one: what arrived is applied
+    assert "update_applied" in [e.kind for e in coord.advance()]
     assert coord.status().model_version == 1
+    line = json.loads(metrics.read_text().splitlines()[0])
+    assert line["close_reason"] == "deadline" and line["extra_requests"] == 2
+    assert line["pairs"] == 6 * 2 + extra[1]["extra_k"]  # the first request's pairs and the one extra answer
 
 
 @pytest.mark.parametrize("shared", [False, True])

@@ -25,8 +25,8 @@ def test_stubs_match_proto_source(tmp_path: Path) -> None:
     gen = _gen_proto()
     try:
         installed = metadata.version("grpcio-tools")
-    except metadata.PackageNotFoundError:
-        pytest.skip("grpcio-tools is not installed (pip install 'fwdfleet[dev]')")
+    except metadata.PackageNotFoundError:  # it is in the dev extra: a missing one is a broken test install
+        pytest.fail(f"grpcio-tools is not installed: pip install -e '.[dev]' (it pins {gen.GRPCIO_TOOLS_VERSION})")
     if installed != gen.GRPCIO_TOOLS_VERSION:
         pytest.fail(f"grpcio-tools {installed} installed; the stubs are pinned to {gen.GRPCIO_TOOLS_VERSION}")
     written = gen.generate(tmp_path)

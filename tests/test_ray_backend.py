@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from _prereqs import dev_dependency
 from _tiny_bundles import make_classifier_bundle
 
 from fwdfleet.aggregator.config import config_from_dict
@@ -12,7 +13,7 @@ from fwdfleet.fleet.partition import PartitionConfig, partition
 from fwdfleet.fleet.profiles import EmulatedProfile
 from fwdfleet.task import RoundTask
 
-ray = pytest.importorskip("ray", reason="the Ray backend needs the optional ray package (pip install 'fwdfleet[ray]')")
+ray = dev_dependency("ray")  # also the optional `ray` extra; the dev extra has it, so it is never skipped
 
 
 def numbers(results):

@@ -60,9 +60,6 @@ def test_cli_help_without_torch():
 
 
 def test_perturbed_step_on_a_bundle_without_torch(tmp_path):
-    tiny = ROOT / "tests" / "_tiny_bundles.py"
-    if not tiny.exists():
-        pytest.skip("tests/_tiny_bundles.py not present")
     r = _run(
         f"""
         import sys, numpy as np
