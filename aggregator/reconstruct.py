@@ -33,7 +33,7 @@ import numpy.typing as npt
 
 from fwdfleet.aggregator.config import RobustConfig
 from fwdfleet.perturbation import Distribution, perturbation
-from fwdfleet.perturbation.sums import SumMethod, WeightedSeeds, add_weighted_perturbations
+from fwdfleet.perturbation.sums import SumMethod, WeightedSeeds, add_weighted_perturbations, sqnorm
 
 GRAM_BUDGET = 1 << 24  # elements of the (m, n) matrix used for the exact shared-seed Gram matrix
 
@@ -95,16 +95,11 @@ class Accumulator:
     def noise(self) -> NoiseStats:
         if self.units < 2 or self.pairs == 0:
             return NoiseStats(math.nan, math.nan, math.nan, float(self.units), self.units, self.pairs)
-        mean_sq = _sqnorm(self.total) / float(self.pairs) ** 2
+        mean_sq = sqnorm(self.total) / float(self.pairs) ** 2
         spread_sq = max(0.0, self.sum_w_sqnorm / self.pairs - mean_sq)
         n_eff = self.pairs**2 / self.sum_w2
         ratio = spread_sq / (n_eff * mean_sq) if mean_sq > 0.0 else (0.0 if spread_sq == 0.0 else math.inf)
         return NoiseStats(ratio, spread_sq, mean_sq, n_eff, self.units, self.pairs)
-
-
-def _sqnorm(v: FloatArray) -> float:
-    """``|v|**2`` accumulated in float64 (einsum: OpenBLAS's threaded ddot is slow on a busy machine)."""
-    return float(np.einsum("i,i->", v, v, dtype=np.float64))
 
 
 def _clipped(d: npt.NDArray[np.float64], robust: RobustConfig) -> npt.NDArray[np.float64]:
@@ -183,7 +178,7 @@ def _accumulate_shared(acc: Accumulator, contribs: Sequence[Contribution], round
         gram = np.diag(np.full(m, float(acc.n)))
     else:
         row = np.empty(acc.n, dtype=np.float32)
-        gram = np.diag([_sqnorm(perturbation(round_seed, 0, k, acc.n, distribution, out=row)) for k in ks])
+        gram = np.diag([sqnorm(perturbation(round_seed, 0, k, acc.n, distribution, out=row)) for k in ks])
     for idx, d in dense_d:
         sq = float(d @ gram[np.ix_(idx, idx)] @ d)
         acc.add_unit(len(idx), sq)

@@ -26,36 +26,30 @@ import json
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import numpy as np
 
 from fwdfleet.pff.wire import (
-    EncodedTensor,
     Params,
     Progress,
+    PublishedEntry,
     StoreError,
+    StoreStub,
     TaskRecord,
-    decode_tensor,
-    encode,
-    encoded_from_proto,
-    encoded_to_proto,
-    progress_from_proto,
-    progress_to_proto,
-    record_from_proto,
-    record_to_proto,
-    tensors_from_proto,
-    tensors_to_proto,
+    add_store_servicer,
+    check_stored,
 )
-from fwdfleet.protocol.v1 import pff_pb2 as pb
-from fwdfleet.protocol.v1 import pff_pb2_grpc as pb_grpc
+from fwdfleet.protocol.f32 import EncodedTensor, encode_tensors
 
 MAX_MESSAGE_BYTES = 512 << 20  # a layer travels in one message
 MAX_WAIT_SECONDS = 30.0
+T = TypeVar("T")
 GRPC_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
 
@@ -130,8 +124,7 @@ class ParameterStore:
             tensors = []
             for t in meta["tensors"]:
                 data, shape = blob[t["offset"] : t["offset"] + t["nbytes"]], tuple(int(d) for d in t["shape"])
-                decode_tensor(t["name"], shape, data, t["sha256"])  # size, digest, finite
-                tensors.append(EncodedTensor(t["name"], shape, data, t["sha256"]))
+                tensors.append(check_stored(EncodedTensor(t["name"], shape, data, t["sha256"])))  # size, digest, finite
             return _Stored(int(meta["layer"]), int(meta["version"]), tensors, TaskRecord.from_dict(meta["record"]))
         except (OSError, KeyError, TypeError, ValueError, StoreError) as e:
             raise StoreError(f"published layer file {meta_path} is unreadable ({e}); delete it and its .f32 "
@@ -139,7 +132,7 @@ class ParameterStore:
 
     def publish(self, layer: int, version: int, params: Mapping[str, np.ndarray], record: TaskRecord) -> bool:
         """Persist and publish; returns True if this exact version was already published (a retry)."""
-        return self.publish_encoded(layer, version, encode(params), record)
+        return self.publish_encoded(layer, version, encode_tensors(params), record)
 
     def publish_encoded(self, layer: int, version: int, tensors: list[EncodedTensor], record: TaskRecord) -> bool:
         """:meth:`publish` for tensors already encoded and checked (as received over gRPC)."""
@@ -185,43 +178,11 @@ class ParameterStore:
         with self._cond:
             self._progress[progress.node_id] = progress
 
-    def status(self) -> tuple[list[tuple[int, int, TaskRecord]], list[Progress]]:
+    def status(self) -> tuple[list[PublishedEntry], list[Progress]]:
         with self._cond:
             published = [(lv.layer, lv.version, lv.record) for lv in self._versions.values()]
             return sorted(published, key=lambda p: (p[1], p[0])), sorted(self._progress.values(),
                                                                          key=lambda p: p.node_id)
-
-
-class _Servicer(pb_grpc.PffStoreServicer):
-    """Thin: decode, call the store, map its errors to status codes."""
-
-    def __init__(self, store: ParameterStore) -> None:
-        self.store = store
-
-    def Publish(self, request: pb.PublishRequest, context: grpc.ServicerContext) -> pb.PublishReply:
-        try:
-            dup = self.store.publish_encoded(request.layer, request.version, encoded_from_proto(request.tensors),
-                                             record_from_proto(request.record))
-        except StoreError as e:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
-        return pb.PublishReply(duplicate=dup)
-
-    def Fetch(self, request: pb.FetchRequest, context: grpc.ServicerContext) -> pb.FetchReply:
-        stored = self.store.fetch_encoded(request.layer, request.version, request.wait_seconds)
-        if stored is None:
-            return pb.FetchReply(found=False)
-        return pb.FetchReply(found=True, tensors=encoded_to_proto(stored.tensors),
-                             record=record_to_proto(stored.record))
-
-    def Report(self, request: pb.ProgressReport, context: grpc.ServicerContext) -> pb.ReportReply:
-        self.store.report(progress_from_proto(request))
-        return pb.ReportReply()
-
-    def Status(self, request: pb.PffStatusRequest, context: grpc.ServicerContext) -> pb.PffStatus:
-        published, nodes = self.store.status()
-        return pb.PffStatus(
-            published=[pb.Published(layer=la, version=v, record=record_to_proto(r)) for la, v, r in published],
-            nodes=[progress_to_proto(p) for p in nodes])
 
 
 class StoreServer:
@@ -231,7 +192,7 @@ class StoreServer:
         self.store = ParameterStore(directory)
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pff-store"),
                                    options=GRPC_OPTIONS)
-        pb_grpc.add_PffStoreServicer_to_server(_Servicer(self.store), self._server)  # type: ignore[no-untyped-call]
+        add_store_servicer(self._server, self.store)
         bound = self._server.add_insecure_port(f"{host}:{port}")
         if bound == 0:
             raise StoreError(f"cannot listen on {host}:{port}; choose another --port")
@@ -249,13 +210,14 @@ class StoreClient:
         self.address = address
         self.retry_seconds = retry_seconds
         self._channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
-        self._stub = pb_grpc.PffStoreStub(self._channel)  # type: ignore[no-untyped-call]
+        self._stub = StoreStub(self._channel)
 
-    def _call(self, method: str, request: object, timeout: float) -> object:
+    def _call(self, call: Callable[[], T]) -> T:
+        """``call()``, retried while the store is unreachable; its refusals as :class:`StoreError`."""
         deadline, delay = time.monotonic() + self.retry_seconds, 0.05
         while True:
             try:
-                return getattr(self._stub, method)(request, timeout=timeout)
+                return call()
             except grpc.RpcError as e:
                 code = e.code()
                 if code == grpc.StatusCode.FAILED_PRECONDITION:
@@ -268,19 +230,11 @@ class StoreClient:
                 delay = min(delay * 2, 2.0)
 
     def publish(self, layer: int, version: int, params: Mapping[str, np.ndarray], record: TaskRecord) -> bool:
-        req = pb.PublishRequest(layer=layer, version=version, tensors=tensors_to_proto(params),
-                                record=record_to_proto(record))
-        reply = self._call("Publish", req, 120.0)
-        assert isinstance(reply, pb.PublishReply)
-        return reply.duplicate
+        return self._call(lambda: self._stub.publish(layer, version, params, record, timeout=120.0))
 
     def fetch(self, layer: int, version: int, wait_seconds: float = 0.0) -> LayerVersion | None:
-        reply = self._call("Fetch", pb.FetchRequest(layer=layer, version=version, wait_seconds=wait_seconds),
-                           wait_seconds + 60.0)
-        assert isinstance(reply, pb.FetchReply)
-        if not reply.found:
-            return None
-        return LayerVersion(layer, version, tensors_from_proto(reply.tensors), record_from_proto(reply.record))
+        found = self._call(lambda: self._stub.fetch(layer, version, wait_seconds, timeout=wait_seconds + 60.0))
+        return None if found is None else LayerVersion(layer, version, *found)
 
     def wait_for(self, layer: int, version: int, poll_seconds: float = 10.0,
                  stop: threading.Event | None = None) -> LayerVersion:
@@ -292,13 +246,10 @@ class StoreClient:
         raise StoreError(f"stopped while waiting for layer {layer} version {version}")
 
     def report(self, progress: Progress) -> None:
-        self._call("Report", progress_to_proto(progress), 10.0)
+        self._call(lambda: self._stub.report(progress, timeout=10.0))
 
-    def status(self) -> tuple[list[tuple[int, int, TaskRecord]], list[Progress]]:
-        reply = self._call("Status", pb.PffStatusRequest(), 10.0)
-        assert isinstance(reply, pb.PffStatus)
-        return ([(p.layer, p.version, record_from_proto(p.record)) for p in reply.published],
-                [progress_from_proto(n) for n in reply.nodes])
+    def status(self) -> tuple[list[PublishedEntry], list[Progress]]:
+        return self._call(lambda: self._stub.status(timeout=10.0))
 
     def close(self) -> None:
         self._channel.close()

@@ -1,20 +1,26 @@
 """PFF store messages <-> domain values: the only module that touches ``pff_pb2``.
 
-A tensor travels as raw little-endian float32 bytes with its shape and the sha256 of those
-bytes; decoding checks the size against the shape, the digest, and that every value is finite.
+Every request and reply of ``service PffStore`` is built and read here, and the service is bound
+to its gRPC stubs here (:func:`add_store_servicer`, :class:`StoreStub`); :mod:`pff.store` works
+with domain values only. A tensor travels in the codec both services share
+(:mod:`fwdfleet.protocol.f32`: raw little-endian float32 bytes, shape, sha256); decoding
+checks the size against the shape, the digest, and that every value is finite.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, Protocol
 
+import grpc
 import numpy as np
 
 from fwdfleet.errors import FwdfleetError
-from fwdfleet.protocol.f32 import f32_array, f32_bytes, f32_view, sha256_hex
+from fwdfleet.protocol.f32 import EncodedTensor, TensorError, check_encoded, encode_tensors
+from fwdfleet.protocol.f32 import decode_tensor as _decode_tensor
 from fwdfleet.protocol.v1 import pff_pb2 as pb
+from fwdfleet.protocol.v1 import pff_pb2_grpc as pb_grpc
 
 Params = dict[str, np.ndarray]
 
@@ -63,74 +69,37 @@ class Progress:
 
 
 def decode_tensor(name: str, shape: tuple[int, ...], data: bytes, sha256: str) -> np.ndarray:
-    expected = int(np.prod(shape, dtype=np.int64)) * 4
-    if len(data) != expected:
-        raise StoreError(f"tensor {name}: {len(data)} bytes for shape {shape} (expected {expected})")
-    if sha256_hex(data) != sha256:
-        raise StoreError(f"tensor {name}: sha256 mismatch (corrupted in transit or on disk)")
-    value = f32_array(data, shape)
-    if not np.all(np.isfinite(value)):
-        raise StoreError(f"tensor {name} has non-finite values; the layer diverged: lower --lr")
-    return value
+    """A received or stored tensor, checked (size, sha256, finite values) and copied into an array."""
+    try:
+        return _decode_tensor(name, shape, data, sha256)
+    except TensorError as e:
+        raise StoreError(f"{e}; if the values are not finite, the layer diverged: lower --lr") from e
 
 
-@dataclass(frozen=True)
-class EncodedTensor:
-    """A tensor as it travels and is stored: raw little-endian float32 bytes, shape, sha256 of the bytes.
-
-    The store keeps layers in this form, so that the digest is computed once per publication (by the
-    sender, checked once on receipt), not again for the disk and for every fetch.
-    """
-
-    name: str
-    shape: tuple[int, ...]
-    data: bytes
-    sha256: str
-
-    def array(self) -> np.ndarray:
-        """A read-only float32 view of the bytes."""
-        return f32_view(self.data, self.shape)
+def check_stored(t: EncodedTensor) -> EncodedTensor:
+    """``t`` once its size, sha256 and finite values are checked (no copy into an array)."""
+    try:
+        return check_encoded(t)
+    except TensorError as e:
+        raise StoreError(f"{e}; if the values are not finite, the layer diverged: lower --lr") from e
 
 
-def encode(params: Mapping[str, np.ndarray]) -> list[EncodedTensor]:
-    out = []
-    for name, value in params.items():
-        data = f32_bytes(value)
-        out.append(EncodedTensor(name, tuple(int(d) for d in np.shape(value)), data, sha256_hex(data)))
-    return out
-
-
-def encoded_from_proto(msgs: Any) -> list[EncodedTensor]:
+def encoded_from_proto(msgs: Iterable[pb.Tensor]) -> list[EncodedTensor]:
     """Received tensors, checked (unique names, size, sha256, finite values) but not copied into arrays."""
     out: list[EncodedTensor] = []
     for t in msgs:
         if not t.name or any(e.name == t.name for e in out):
             raise StoreError(f"tensor names must be unique and non-empty, got {t.name!r}")
-        shape = tuple(int(d) for d in t.shape)
-        decode_tensor(t.name, shape, t.data, t.sha256)
-        out.append(EncodedTensor(t.name, shape, t.data, t.sha256))
+        out.append(check_stored(EncodedTensor(t.name, tuple(int(d) for d in t.shape), t.data, t.sha256)))
     return out
 
 
-def encoded_to_proto(tensors: list[EncodedTensor]) -> list[pb.Tensor]:
+def encoded_to_proto(tensors: Iterable[EncodedTensor]) -> list[pb.Tensor]:
     return [pb.Tensor(name=t.name, shape=list(t.shape), data=t.data, sha256=t.sha256) for t in tensors]
 
 
-def tensors_to_proto(params: Mapping[str, np.ndarray]) -> list[pb.Tensor]:
-    out = []
-    for name in params:
-        data = f32_bytes(params[name])
-        out.append(pb.Tensor(name=name, shape=list(np.shape(params[name])), data=data, sha256=sha256_hex(data)))
-    return out
-
-
-def tensors_from_proto(msgs: Any) -> Params:
-    out: Params = {}
-    for t in msgs:
-        if not t.name or t.name in out:
-            raise StoreError(f"tensor names must be unique and non-empty, got {t.name!r}")
-        out[t.name] = decode_tensor(t.name, tuple(int(d) for d in t.shape), t.data, t.sha256)
-    return out
+def tensors_from_proto(msgs: Iterable[pb.Tensor]) -> Params:
+    return {t.name: t.array().astype(np.float32) for t in encoded_from_proto(msgs)}
 
 
 def record_to_proto(r: TaskRecord) -> pb.TaskRecord:
@@ -147,3 +116,93 @@ def progress_to_proto(p: Progress) -> pb.ProgressReport:
 
 def progress_from_proto(m: pb.ProgressReport) -> Progress:
     return Progress(**{f.name: getattr(m, f.name) for f in fields(Progress)})
+
+
+# --------------------------------------------------------------------------- the service
+
+
+PublishedEntry = tuple[int, int, TaskRecord]  # (layer, version, record)
+
+
+class StoredVersion(Protocol):
+    """A published layer version as the store holds it: its tensors (checked) and task record."""
+
+    @property
+    def tensors(self) -> list[EncodedTensor]: ...
+    @property
+    def record(self) -> TaskRecord: ...
+
+
+class StoreBackend(Protocol):
+    """What the service calls (:class:`pff.store.ParameterStore`)."""
+
+    def publish_encoded(self, layer: int, version: int, tensors: list[EncodedTensor], record: TaskRecord) -> bool: ...
+    def fetch_encoded(self, layer: int, version: int, wait_seconds: float = 0.0) -> StoredVersion | None: ...
+    def report(self, progress: Progress) -> None: ...
+    def status(self) -> tuple[list[PublishedEntry], list[Progress]]: ...
+
+
+class _Servicer(pb_grpc.PffStoreServicer):
+    """Thin: decode, call the store, map its errors to status codes."""
+
+    def __init__(self, store: StoreBackend) -> None:
+        self.store = store
+
+    def Publish(self, request: pb.PublishRequest, context: grpc.ServicerContext) -> pb.PublishReply:
+        try:
+            dup = self.store.publish_encoded(request.layer, request.version, encoded_from_proto(request.tensors),
+                                             record_from_proto(request.record))
+        except StoreError as e:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        return pb.PublishReply(duplicate=dup)
+
+    def Fetch(self, request: pb.FetchRequest, context: grpc.ServicerContext) -> pb.FetchReply:
+        stored = self.store.fetch_encoded(request.layer, request.version, request.wait_seconds)
+        if stored is None:
+            return pb.FetchReply(found=False)
+        return pb.FetchReply(found=True, tensors=encoded_to_proto(stored.tensors),
+                             record=record_to_proto(stored.record))
+
+    def Report(self, request: pb.ProgressReport, context: grpc.ServicerContext) -> pb.ReportReply:
+        self.store.report(progress_from_proto(request))
+        return pb.ReportReply()
+
+    def Status(self, request: pb.PffStatusRequest, context: grpc.ServicerContext) -> pb.PffStatus:
+        published, nodes = self.store.status()
+        return pb.PffStatus(
+            published=[pb.Published(layer=la, version=v, record=record_to_proto(r)) for la, v, r in published],
+            nodes=[progress_to_proto(p) for p in nodes])
+
+
+def add_store_servicer(server: grpc.Server, store: StoreBackend) -> None:
+    """Serve ``store`` as ``service PffStore`` on ``server``."""
+    pb_grpc.add_PffStoreServicer_to_server(_Servicer(store), server)  # type: ignore[no-untyped-call]
+
+
+class StoreStub:
+    """The store's four calls on a channel, in domain values (the caller adds its retry policy)."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self._stub = pb_grpc.PffStoreStub(channel)  # type: ignore[no-untyped-call]
+
+    def publish(self, layer: int, version: int, params: Mapping[str, np.ndarray], record: TaskRecord,
+                timeout: float) -> bool:
+        req = pb.PublishRequest(layer=layer, version=version, tensors=encoded_to_proto(encode_tensors(params)),
+                                record=record_to_proto(record))
+        reply: pb.PublishReply = self._stub.Publish(req, timeout=timeout)
+        return bool(reply.duplicate)
+
+    def fetch(self, layer: int, version: int, wait_seconds: float, timeout: float) -> tuple[Params, TaskRecord] | None:
+        reply: pb.FetchReply = self._stub.Fetch(
+            pb.FetchRequest(layer=layer, version=version, wait_seconds=wait_seconds), timeout=timeout)
+        if not reply.found:
+            return None
+        return tensors_from_proto(reply.tensors), record_from_proto(reply.record)
+
+    def report(self, progress: Progress, timeout: float) -> None:
+        self._stub.Report(progress_to_proto(progress), timeout=timeout)
+
+    def status(self, timeout: float) -> tuple[list[PublishedEntry], list[Progress]]:
+        reply: pb.PffStatus = self._stub.Status(pb.PffStatusRequest(), timeout=timeout)
+        return ([(p.layer, p.version, record_from_proto(p.record)) for p in reply.published],
+                [progress_from_proto(n) for n in reply.nodes])

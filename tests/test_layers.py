@@ -142,6 +142,13 @@ def test_layers_point_one_way() -> None:
     assert not gone, f"fixed, delete from KNOWN_VIOLATIONS: {sorted(gone)}"
 
 
+def test_only_pff_wire_touches_the_pff_messages() -> None:
+    """pff.wire builds and reads every PffStore message; the store and the nodes use domain values."""
+    generated = {"fwdfleet.protocol.v1.pff_pb2", "fwdfleet.protocol.v1.pff_pb2_grpc"}
+    users = {m for m, path in _MODULES.items() if imports_of(m, path) & generated} - generated
+    assert users == {"fwdfleet.pff.wire"}, users
+
+
 # The checker itself: each kind of import is seen, each kind of edge judged.
 
 

@@ -140,7 +140,7 @@ def _ignore(pairs: int, sqnorm: float) -> None:
     return None
 
 
-def _sqnorm(v: FloatArray) -> float:
+def sqnorm(v: FloatArray) -> float:
     """``|v|**2`` accumulated in float64 (einsum: OpenBLAS's threaded ddot is slow on a busy machine)."""
     return float(np.einsum("i,i->", v, v, dtype=np.float64))
 
@@ -176,7 +176,7 @@ def _sum_pairs(out: FloatArray, terms: Sequence[Term], round_seed: int, distribu
                     acc[start : start + zc.size] += part
         if g is not None and on_term is not None:
             out += g
-            on_term(len(term.indices), _sqnorm(g))
+            on_term(len(term.indices), sqnorm(g))
 
 
 # ------------------------------------------------------------------------------- lanes

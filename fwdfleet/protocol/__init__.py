@@ -2,8 +2,11 @@
 
 * ``proto/fwdfleet/v1/fleet.proto``: the source of truth;
 * :mod:`fwdfleet.protocol.v1`: the generated stubs (``scripts/gen_proto.py``; never edit them);
-* :mod:`fwdfleet.protocol.serde`: the only module that touches generated classes; it converts
-  wire messages to the domain dataclasses (:class:`fwdfleet.task.RoundTask`, ...) and back.
+* :mod:`fwdfleet.protocol.serde` (the device's side and the shared message codecs) and
+  :mod:`fwdfleet.protocol.server_codec` (the aggregator's side) convert wire messages to the domain
+  dataclasses (:class:`fwdfleet.task.RoundTask`, ...) and back;
+* :mod:`fwdfleet.protocol.f32`: the tensor codec (float32 bytes, shape, sha256, checks) of both
+  services, this one and the pipeline-FF parameter store (``pff.wire``).
 """
 
 PROTOCOL_VERSION = 1

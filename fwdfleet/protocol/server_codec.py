@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from fwdfleet.protocol import PROTOCOL_VERSION
-from fwdfleet.protocol.f32 import f32_array, sha256_hex
+from fwdfleet.protocol.f32 import TensorError, decode_tensor
 from fwdfleet.protocol.serde import (
     UPLOAD_MODE_CODES,
     VECTOR_MODES,
@@ -103,19 +104,18 @@ def parse_submit_vector(data: bytes, num_values: int) -> VectorCall:
     if mode not in VECTOR_MODES:
         raise DecodeError("MALFORMED", f"SubmitVectorRequest.mode must be one of {VECTOR_MODES}, got {mode!r}; "
                           "scalar results go through Submit")
-    if m.num_values != num_values or len(m.values) != 4 * num_values:
+    if m.num_values != num_values:
         raise DecodeError(
             "MALFORMED",
-            f"vector upload declares {m.num_values} values in {len(m.values)} bytes but this model has "
-            f"{num_values} trainable values ({4 * num_values} bytes of float32); the device runs another bundle",
+            f"vector upload declares {m.num_values} values but this model has {num_values} trainable values; "
+            "the device runs another bundle",
         )
-    digest = sha256_hex(m.values)
-    if digest != m.sha256.lower():
-        raise DecodeError("MALFORMED", f"vector upload has sha256 {digest[:12]}... but declares "
-                          f"{m.sha256[:12]!r}...; the upload was corrupted, send it again")
+    try:  # finiteness and magnitude are the coordinator's checks
+        values = decode_tensor("SubmitVectorRequest.values", (num_values,), m.values, m.sha256, finite=False)
+    except TensorError as e:
+        raise DecodeError("MALFORMED", f"vector upload: {e}") from e
     if len(m.result.indices) or len(m.result.derivatives):
         raise DecodeError("MALFORMED", "a vector upload's result must carry no (index, derivative) pairs")
-    values = f32_array(m.values)
     return VectorCall(m.device_id, result_from_proto(m.result), mode, values)
 
 
@@ -134,8 +134,13 @@ def parse_status(data: bytes) -> None:
     parse_message(pb.StatusRequest, data)
 
 
+def _serialized(message: Any) -> bytes:
+    data: bytes = message.SerializeToString()
+    return data
+
+
 def joined_to_bytes(j: Joined) -> bytes:
-    return pb.JoinReply(
+    return _serialized(pb.JoinReply(
         device_index=j.device_index,
         model_version=j.model_version,
         round_id=j.round_id,
@@ -144,39 +149,39 @@ def joined_to_bytes(j: Joined) -> bytes:
         protocol_version=j.protocol_version,
         heartbeat_interval_seconds=j.heartbeat_interval_seconds,
         mode=UPLOAD_MODE_CODES[j.mode],
-    ).SerializeToString()
+    ))
 
 
 def task_poll_to_bytes(poll: TaskPoll) -> bytes:
     mode = UPLOAD_MODE_CODES[poll.mode]
     if poll.task is not None:
-        return pb.GetTaskReply(
+        return _serialized(pb.GetTaskReply(
             task=task_to_proto(poll.task), model_version=poll.model_version, mode=mode
-        ).SerializeToString()
+        ))
     no_task = pb.NoTask(retry_after_seconds=poll.retry_after_seconds, reason=poll.reason)
-    return pb.GetTaskReply(no_task=no_task, model_version=poll.model_version, mode=mode).SerializeToString()
+    return _serialized(pb.GetTaskReply(no_task=no_task, model_version=poll.model_version, mode=mode))
 
 
 def submit_ack_to_bytes(ack: SubmitAck) -> bytes:
-    return pb.SubmitReply(accepted=ack.accepted, duplicate=ack.duplicate, round_id=ack.round_id).SerializeToString()
+    return _serialized(pb.SubmitReply(accepted=ack.accepted, duplicate=ack.duplicate, round_id=ack.round_id))
 
 
 def heartbeat_ack_to_bytes(ack: HeartbeatAck) -> bytes:
-    return pb.HeartbeatReply(model_version=ack.model_version, round_id=ack.round_id).SerializeToString()
+    return _serialized(pb.HeartbeatReply(model_version=ack.model_version, round_id=ack.round_id))
 
 
 def chunk_to_bytes(c: DownloadChunk) -> bytes:
-    return pb.Chunk(
+    return _serialized(pb.Chunk(
         offset=c.offset, data=c.data, total_size=c.total_size, sha256=c.sha256, model_version=c.model_version
-    ).SerializeToString()
+    ))
 
 
 def status_to_bytes(s: ServerStatus) -> bytes:
-    return pb.StatusReply(
+    return _serialized(pb.StatusReply(
         protocol_version=s.protocol_version,
         server_version=s.server_version,
         round_id=s.round_id,
         model_version=s.model_version,
         uptime_seconds=s.uptime_seconds,
         status_json=s.status_json,
-    ).SerializeToString()
+    ))
