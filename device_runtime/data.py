@@ -171,6 +171,39 @@ class RawData:
     arrays: dict[str, npt.NDArray[Any]] | None = None  # npz arrays named like graph inputs
     source: str = ""
     one_based_labels: bool = False
+    # text labels ("ham"/"spam"): the class names, sorted; ``labels`` then index into them
+    label_names: tuple[str, ...] | None = None
+
+
+def _label_column(
+    values: Sequence[str], source: str, column: str
+) -> tuple[npt.NDArray[np.int64], tuple[str, ...] | None]:
+    """Integer labels as they are; text labels as indices into their sorted names."""
+    stripped = [v.strip() for v in values]
+    if any(not v for v in stripped):
+        raise DataError(f"{source}: every row needs a {column!r} value (an integer or a class name)")
+    try:
+        return np.array([int(v) for v in stripped], dtype=np.int64), None
+    except ValueError:
+        names = tuple(sorted(set(stripped)))
+        index = {n: i for i, n in enumerate(names)}
+        return np.array([index[v] for v in stripped], dtype=np.int64), names
+
+
+def fit_labels(raw: RawData, classes: Sequence[str]) -> npt.NDArray[np.int64] | None:
+    """``raw``'s labels as indices into ``classes`` (a bundle's labels): text labels are looked up
+    by name; a name the bundle lacks is an error naming it. Integer labels pass unchanged."""
+    if raw.label_names is None or raw.labels is None:
+        return raw.labels
+    if not classes or all(c.isdigit() for c in classes):  # the bundle's classes are bare numbers
+        return raw.labels
+    index = {c: i for i, c in enumerate(classes)}
+    missing = sorted(set(raw.label_names) - set(index))
+    if missing:
+        raise DataError(f"{raw.source} has labels {missing} that the bundle's label map {list(classes)} lacks; "
+                        "re-export the bundle with these labels, or fix the data")
+    lookup = np.array([index[n] for n in raw.label_names], dtype=np.int64)
+    return lookup[raw.labels]
 
 
 def read_csv(path: str | Path, label_column: str = "label") -> RawData:
@@ -187,14 +220,15 @@ def read_csv(path: str | Path, label_column: str = "label") -> RawData:
         )
     li = header.index(label_column)
     body = [r for r in rows[1:] if r]
-    try:
-        labels = np.array([int(r[li]) for r in body], dtype=np.int64)
-    except (ValueError, IndexError) as e:
-        raise DataError(f"{path}: every row needs an integer {label_column!r} ({e})") from e
+    short = next((n for n, r in enumerate(body, start=2) if len(r) <= li), None)
+    if short is not None:
+        raise DataError(f"{path}: row {short} has no {label_column!r} value")
+    labels, names = _label_column([r[li] for r in body], str(path), label_column)
     text_cols = [i for i, h in enumerate(header) if h in ("title", "description", "text")]
     if text_cols:
         texts = tuple(" ".join(r[i].strip() for i in text_cols if i < len(r)).replace("\\", " ") for r in body)
-        return RawData(labels=labels, texts=texts, source=str(path), one_based_labels=bool(labels.min() >= 1))
+        return RawData(labels=labels, texts=texts, source=str(path), label_names=names,
+                       one_based_labels=names is None and bool(labels.min() >= 1))
     feature_cols = [i for i in range(len(header)) if i != li]
     try:
         x = np.array([[float(r[i]) for i in feature_cols] for r in body], dtype=np.float32)
@@ -203,7 +237,22 @@ def read_csv(path: str | Path, label_column: str = "label") -> RawData:
             f"{path}: a numeric CSV needs numbers in every column besides {label_column!r} "
             f"(or a title/description/text column for text) ({e})"
         ) from e
-    return RawData(labels=labels, features=x, source=str(path))
+    return RawData(labels=labels, features=x, source=str(path), label_names=names)
+
+
+def read_tsv(path: str | Path) -> RawData:
+    """``label<TAB>text`` lines (the SMS-spam layout); an optional first line ``label<TAB>text``."""
+    path = Path(path)
+    lines = [ln for ln in _open(path).decode("utf-8", errors="replace").splitlines() if ln.strip()]
+    if lines and lines[0].lower().split("\t")[:2] == ["label", "text"]:
+        lines = lines[1:]
+    bad = next((n for n, ln in enumerate(lines, start=1) if "\t" not in ln), None)
+    if not lines or bad is not None:
+        raise DataError(f"{path}: expected one example per line as label<TAB>text"
+                        + (f"; line {bad} has no tab" if bad is not None else "; the file is empty"))
+    pairs = [ln.split("\t", 1) for ln in lines]
+    labels, names = _label_column([p[0] for p in pairs], str(path), "label")
+    return RawData(labels=labels, texts=tuple(p[1].strip() for p in pairs), source=str(path), label_names=names)
 
 
 def read_npz(path: str | Path) -> RawData:
@@ -227,10 +276,10 @@ def read_npz(path: str | Path) -> RawData:
 
 
 def read_data(path: str | Path, *, split: str = "train", label_column: str = "label") -> RawData:
-    """Read a data file or folder (IDX folder, IDX images file, .csv, .npz) into :class:`RawData`."""
+    """Read a data file or folder (IDX folder, IDX images file, .csv, .tsv/.txt, .npz) into :class:`RawData`."""
     p = Path(path)
     if not p.exists():
-        raise DataError(f"data path not found: {p}; give an IDX folder or file, a .csv or a .npz")
+        raise DataError(f"data path not found: {p}; give an IDX folder or file, a .csv, a .tsv or a .npz")
     if p.is_dir():
         for name in ("data.npz", "data.csv", f"{split}.npz", f"{split}.csv"):
             if (p / name).is_file():
@@ -242,11 +291,14 @@ def read_data(path: str | Path, *, split: str = "train", label_column: str = "la
         return read_csv(p, label_column)
     if name.endswith(".npz"):
         return read_npz(p)
+    if name.endswith((".tsv", ".tsv.gz", ".txt")):
+        return read_tsv(p)
     if "images" in name:
         labels = p.with_name(p.name.replace("images", "labels").replace("idx3", "idx1"))
         x, y = load_idx_pair(p, labels)
         return RawData(labels=y, features=x, source=str(p))
-    raise DataError(f"{p}: unknown data format; expected an IDX folder or images file, a .csv or a .npz")
+    raise DataError(f"{p}: unknown data format; expected an IDX folder or images file, a .csv (a label column "
+                    "and title/description/text or numeric columns), a .tsv/.txt of label<TAB>text lines, or a .npz")
 
 
 # ------------------------------------------------------------------------------- fitting to a graph
@@ -423,7 +475,7 @@ def dataset_for_bundle(raw: RawData, bundle: Bundle, graph: str = "model") -> Ar
                 f"{raw.source} holds no text but bundle kind {bundle.manifest.kind!r} takes token ids; "
                 "give a CSV with a title/description or text column"
             )
-        labels = raw.labels
+        labels = fit_labels(raw, bundle.manifest.labels)
         if labels is not None and raw.one_based_labels and classes is not None and labels.max() == classes:
             labels = labels - 1  # AG News labels 1..4
         if "labels" in names:
@@ -456,9 +508,10 @@ def dataset_for_bundle(raw: RawData, bundle: Bundle, graph: str = "model") -> Ar
             )
         arrays: dict[str, npt.NDArray[Any]] = {"x": np.ascontiguousarray(raw.features, dtype=np.float32)}
         if "labels" in names:
-            _check_labels(raw.labels, classes, raw.source)
-            assert raw.labels is not None
-            arrays["labels"] = raw.labels
+            labels = fit_labels(raw, bundle.manifest.labels)
+            _check_labels(labels, classes, raw.source)
+            assert labels is not None
+            arrays["labels"] = labels
         return ArrayDataset(arrays)
     raise DataError(f"cannot build the inputs {names} of graph {graph!r} from {raw.source}")
 

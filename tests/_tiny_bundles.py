@@ -64,7 +64,8 @@ def numpy_gradient(trainables: Mapping[str, np.ndarray], x: np.ndarray, labels: 
 
 
 def make_text_bundle(
-    directory: str | Path, words: list[str], num_classes: int, dim: int = 8, max_length: int = 16, seed: int = 0
+    directory: str | Path, words: list[str], num_classes: int, dim: int = 8, max_length: int = 16, seed: int = 0,
+    labels: tuple[str, ...] | None = None,
 ) -> Bundle:
     """A tiny ``seq_cls_lora``-shaped text classifier: frozen embedding table, masked mean pooling, and a
     trainable linear head (``W``, ``b``), with a word-level ``tokenizer.json`` (needs ``tokenizers``).
@@ -148,7 +149,7 @@ def make_text_bundle(
         kind="seq_cls_lora",
         trainables=trainables,
         graphs=(graph,),
-        labels=tuple(f"class{i}" for i in range(num_classes)),
+        labels=labels or tuple(f"class{i}" for i in range(num_classes)),
         tokenizer=TokenizerSpec(files=("tokenizer.json",), max_length=max_length),
         opset=OPSET,
         settings={"tiny_text": {"dim": dim}, "pad_token_id": 0, "vocab_size": len(vocab)},

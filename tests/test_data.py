@@ -11,6 +11,7 @@ import pytest
 from _prereqs import ag_news
 from _tiny_bundles import make_classifier_bundle, make_text_bundle
 
+from fwdfleet.bundle import load_bundle
 from fwdfleet.device_runtime.data import ArrayDataset, load_dataset, load_idx, read_data, synthetic_batch
 from fwdfleet.device_runtime.session import BundleSession
 from fwdfleet.errors import DataError
@@ -146,3 +147,36 @@ def test_synthetic_batch_has_the_graph_inputs(tmp_path: Path) -> None:
     batch = synthetic_batch(bundle, 4)
     BundleSession(bundle).check_batch(batch)
     assert batch["labels"].max() < 3
+
+
+def test_text_labels_map_through_the_bundle_label_names(tmp_path: Path) -> None:
+    from fwdfleet.export.onnx_mlp import MLPConfig, export_mlp
+
+    csv_path = tmp_path / "animals.csv"
+    csv_path.write_text("label,f1,f2\ndog,0.1,0.2\ncat,0.3,0.4\nemu,0.5,0.6\ndog,0.7,0.8\n")
+    raw = read_data(csv_path)
+    assert raw.label_names == ("cat", "dog", "emu") and raw.labels.tolist() == [1, 0, 2, 1]
+    bundle = load_bundle(export_mlp(MLPConfig(layer_sizes=(2, 3), labels=("emu", "dog", "cat")), tmp_path / "b"))
+    ds = load_dataset(csv_path, bundle)
+    assert ds.take(np.arange(4))["labels"].tolist() == [1, 2, 0, 1]  # by name, in the bundle's order
+    (tmp_path / "more.csv").write_text("label,f1,f2\ndog,0.1,0.2\nyak,0.3,0.4\n")
+    with pytest.raises(DataError, match=r"labels \['yak'\] that the bundle's label map"):
+        load_dataset(tmp_path / "more.csv", bundle)
+
+
+def test_tab_separated_label_text_lines(tmp_path: Path) -> None:
+    pytest.importorskip("tokenizers")
+    tsv = tmp_path / "sms.tsv"
+    tsv.write_text("ham\tsee you at lunch\nspam\tWIN a free prize now\nham\tcall me later\n")
+    raw = read_data(tsv)
+    assert raw.texts == ("see you at lunch", "WIN a free prize now", "call me later")
+    assert raw.label_names == ("ham", "spam") and raw.labels.tolist() == [0, 1, 0]
+    words = ["see", "you", "at", "lunch", "win", "a", "free", "prize", "now", "call", "me", "later"]
+    bundle = make_text_bundle(tmp_path / "t", words, num_classes=2, max_length=8, labels=("ham", "spam"))
+    assert load_dataset(tsv, bundle).take(np.arange(3))["labels"].tolist() == [0, 1, 0]
+    (tmp_path / "bad.txt").write_text("ham\tfine\nspam no tab here\n")
+    with pytest.raises(DataError, match="label<TAB>text; line 2 has no tab"):
+        read_data(tmp_path / "bad.txt")
+    (tmp_path / "data.parquet").write_text("x")
+    with pytest.raises(DataError, match=r"\.tsv/\.txt of label<TAB>text"):
+        read_data(tmp_path / "data.parquet")
