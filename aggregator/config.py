@@ -39,6 +39,9 @@ MODES = ("scalar", "dense", "fedavg")
 OPTIMIZERS = ("sgd", "momentum", "adam")
 SCHEDULES = ("constant", "linear")
 ROBUST_METHODS = ("none", "clip", "trimmed_mean", "median")
+STEP_NORMALIZE = ("none", "std")
+STEP_PROBE_SCALING = ("none", "budget")
+PACING_STATISTICS = ("halves", "spread")
 
 
 def _require(cond: bool, name: str, msg: str) -> None:
@@ -155,9 +158,16 @@ class PacingConfig:
     ``threshold`` bounds the squared relative standard error of the round's estimate
     (``spread**2 / (n_eff * |mean|**2)``); it depends on the model, like FwdLLM's per-model
     threshold. Below ``shrink_below * threshold`` the next round halves K.
+
+    ``statistic`` says how that error is measured: ``halves`` (default) from the agreement of the
+    estimates of the even- and odd-indexed devices (:func:`aggregator.step_rule.halves_ratio`),
+    which grows when there are too few probes for the number of trainables; ``spread`` from the
+    contributions' spread around their mean, which sits near 1 whenever the probes per round are
+    far fewer than the trainables (kept for comparison).
     """
 
     enabled: bool = False
+    statistic: str = "halves"
     threshold: float = 1.0
     max_extra_requests: int = 2
     k_min: int = 1
@@ -170,6 +180,32 @@ class PacingConfig:
         _require(self.k_min >= 1, "pacing.k_min", "must be >= 1")
         _require(self.k_max >= self.k_min, "pacing.k_max", f"must be >= pacing.k_min={self.k_min}")
         _require(0 <= self.shrink_below < 1, "pacing.shrink_below", "must be in [0, 1)")
+        _require(self.statistic in PACING_STATISTICS, "pacing.statistic",
+                 f"must be one of {PACING_STATISTICS}, got {self.statistic!r}")
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """How a scalar round's estimate is scaled before the optimizer (:mod:`aggregator.step_rule`).
+
+    ``probe_scaling = "budget"``: multiply by ``P / (P + effective_dim)`` for the round's ``P``
+    probes (``effective_dim`` 0: the number of trainables), so ``optimizer.lr`` is an exact-gradient
+    rate and a round's step grows with its probe budget. ``normalize = "std"``: divide by the
+    standard deviation of the round's ``d_k`` (FZOO), so the step's length along the gradient is
+    about ``lr`` whatever the loss's scale.
+    """
+
+    normalize: str = "none"
+    probe_scaling: str = "none"
+    effective_dim: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.normalize in STEP_NORMALIZE, "step.normalize",
+                 f"must be one of {STEP_NORMALIZE}, got {self.normalize!r}")
+        _require(self.probe_scaling in STEP_PROBE_SCALING, "step.probe_scaling",
+                 f"must be one of {STEP_PROBE_SCALING}, got {self.probe_scaling!r}")
+        _require(self.effective_dim >= 0, "step.effective_dim",
+                 f"must be >= 0 (0: the number of trainables), got {self.effective_dim}")
 
 
 @dataclass(frozen=True)
@@ -211,6 +247,7 @@ class AggregatorConfig:
     perturbation: PerturbationConfig = field(default_factory=PerturbationConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     pacing: PacingConfig = field(default_factory=PacingConfig)
+    step: StepConfig = field(default_factory=StepConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     robust: RobustConfig = field(default_factory=RobustConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -228,6 +265,9 @@ class AggregatorConfig:
                 f"{self.robust.method!r} is a per-seed statistic: set perturbation.shared_seeds = true "
                 "(scalar mode), or use 'clip'",
             )
+        if self.step.normalize != "none" or self.step.probe_scaling != "none":
+            _require(self.mode == "scalar", "step", "normalize and probe_scaling act on the loss differences of "
+                     "scalar rounds: set mode = 'scalar' or leave [step] at its defaults")
         if self.pacing.enabled:
             _require(self.mode == "scalar", "pacing.enabled", "needs mode = 'scalar'")
             _require(
@@ -245,6 +285,7 @@ _SECTIONS: dict[str, type] = {
     "perturbation": PerturbationConfig,
     "optimizer": OptimizerConfig,
     "pacing": PacingConfig,
+    "step": StepConfig,
     "validation": ValidationConfig,
     "robust": RobustConfig,
     "checkpoint": CheckpointConfig,

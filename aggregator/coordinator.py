@@ -33,7 +33,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,7 @@ from fwdfleet.aggregator.records import (
     derive_seed,
 )
 from fwdfleet.aggregator.rounds import RoundState, select
+from fwdfleet.aggregator.step_rule import RoundStatistics, StepRule
 from fwdfleet.aggregator.validation import Ledger, check_result, check_round, check_vector, fingerprint
 from fwdfleet.bundle import Bundle
 from fwdfleet.perturbation import flatten, split
@@ -98,6 +99,9 @@ class Coordinator:
         self._params = flatten(bundle.load_trainables(), self._specs)
         self._optimizer = Optimizer(config.optimizer, self._n, total_steps=config.rounds.num_rounds or None)
         self._pacer = Pacer(config.pacing, config.perturbation.k)
+        self._step = StepRule(config, self._n)
+        self._halves = config.pacing.enabled and config.pacing.statistic == "halves"
+        self._stats = RoundStatistics(self._n, halves=self._halves)
         self._round_id = 0
         self._version = 0
         self._attempt = 0
@@ -261,6 +265,7 @@ class Coordinator:
                          acc=Accumulator(self._n))
         rnd.issue_first(self.config.perturbation.candidate_ratio, self._n)
         self._round = rnd
+        self._stats = RoundStatistics(self._n, halves=self._halves)
         self._event("round_opened", now, attempt=self._attempt, selected=len(selected), target=target, k=k)
 
     def _on_deadline(self, rnd: RoundState, now: float) -> None:
@@ -324,9 +329,13 @@ class Coordinator:
     def _close_request(self, rnd: RoundState, now: float, reason: str) -> None:
         p = self.config.perturbation
         if self.config.mode == "scalar":
-            accumulate(rnd.acc, rnd.scalar_contributions(), round_seed=rnd.seed, distribution=p.distribution,  # type: ignore[arg-type]
+            contribs = rnd.scalar_contributions()
+            accumulate(rnd.acc, contribs, round_seed=rnd.seed, distribution=p.distribution,  # type: ignore[arg-type]
                        shared_seeds=p.shared_seeds, robust=self.config.robust)
+            self._stats.observe(contribs, self.config, rnd.seed)
         noise = rnd.acc.noise()
+        if self._halves:
+            noise = replace(noise, ratio=self._stats.halves_ratio(rnd.acc))
         decision = self._pacer.decide(rnd.round_id, noise, rnd.request)
         rnd.decisions.append(decision)
         answered = sorted(rnd.answered, key=lambda d: self._devices[d].index)
@@ -343,6 +352,10 @@ class Coordinator:
             grad: np.ndarray = self._params - mean
         else:
             grad = rnd.acc.mean()
+        step_info: dict[str, Any] = {}
+        if self.config.mode == "scalar" and self._step.active:
+            step = self._step.scale(grad, rnd.acc.pairs, self._stats)
+            grad, step_info = step.direction, step.info
         lr = self._optimizer.apply(self._params, grad)
         adapt = self._pacer.adapt(rnd.round_id, noise, rnd.request, len(rnd.contributors))
         rnd.decisions.append(adapt)
@@ -366,7 +379,7 @@ class Coordinator:
             "extra_requests": rnd.request, "noise_ratio": noise.ratio, "spread_sq": noise.spread_sq,
             "mean_sqnorm": noise.mean_sqnorm, "lr": lr, "update_norm": float(np.linalg.norm(grad)) * lr,
             "bytes_up": rnd.bytes_up, "bytes_down": rnd.bytes_down,
-            "pacing": [d.to_json() for d in rnd.decisions],
+            "pacing": [d.to_json() for d in rnd.decisions], **step_info,
         }
         if self._evaluate is not None:
             metrics["eval"] = dict(self._evaluate(self._version, self.current_trainables()[1]))

@@ -50,13 +50,16 @@ DATASET = {"digits": "digits", "fashion": "fashion-mnist"}
 
 
 def scalar_curve(bundle: Bundle, data: SplitData, shards: list[np.ndarray], k: int, rounds: int,
-                 args: argparse.Namespace) -> dict[str, Any]:
+                 args: argparse.Namespace, *, sections: dict[str, Any] | None = None,
+                 method: str | None = None) -> dict[str, Any]:
+    """One scalar-uplink run; ``sections`` adds or replaces config tables (e.g. ``optimizer``, ``step``)."""
     config = config_from_dict({
         "mode": "scalar", "master_seed": args.seed,
         "rounds": {"min_devices": len(shards), "min_results": len(shards), "batch_size": args.batch_size,
                    "num_rounds": rounds, "deadline_s": 3600.0},
         "perturbation": {"k": k, "eps": args.eps},
         "optimizer": {"name": "sgd", "lr": args.lr},
+        **(sections or {}),
     })
     start = time.perf_counter()
     curve, up = [], 0.0
@@ -66,7 +69,7 @@ def scalar_curve(bundle: Bundle, data: SplitData, shards: list[np.ndarray], k: i
         up += rec.bytes_up_per_device
         if rec.accuracy is not None:
             curve.append((rec.model_version, rec.accuracy, up))
-    return {"method": f"scalar K={k}", "k": k, "curve": curve,
+    return {"method": method or f"scalar K={k}", "k": k, "curve": curve, "config": config.to_dict(),
             "bytes_up_per_device_round": up / rounds, "seconds": time.perf_counter() - start}
 
 

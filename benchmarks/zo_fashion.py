@@ -1,0 +1,254 @@
+"""Fashion-MNIST 784-32-10 with scalar uplink: which server-side mechanism closes the gap to backprop.
+
+The fleet and model of ``docs/results/baffle.md`` (10 IID devices, every weight of the tanh MLP
+trainable, 20,000 training images, all 10,000 test images, minibatch 64, eps 1e-3, central
+differences, Rademacher probes, 200 rounds). Every run goes through the in-process fleet
+emulation against the real aggregator in ``scalar`` mode (:func:`benchmarks.baffle.scalar_curve`);
+only the aggregator's config differs between runs:
+
+* ``k``: probes per device per round (the round's budget is 10 x k);
+* ``opt`` / ``lr``: the server optimizer (``sgd``, ``momentum``, ``adam``) and its rate;
+* ``norm=std``: FZOO's step normalised by the spread of the round's d_k (``[step] normalize``);
+* ``dim=r``: the probe-budget scale ``P / (P + r)`` (``[step] probe_scaling = "budget"``);
+* ``init=head``: before round 0, the output layer is fitted on the frozen random hidden features
+  by the forward-only nearest-centroid initialisation of :mod:`fleet.probe_init` (class means and
+  a temperature, two small uploads per device); hidden features are computed here with numpy
+  from the bundle's own weights (the forward a device runs).
+
+References on the same axes: FedAvg-backprop and FedSGD-backprop on the bundle's torch twin
+(:func:`benchmarks.baselines.fedavg_backprop`, from the same Glorot initial weights), and the
+linear-probe floor (multinomial logistic regression on the frozen random hidden features, i.e.
+the best any head-only training could do).
+
+A run is written as ``--run "NAME k=16 opt=sgd lr=0.5 norm=std dim=2000 init=head"``; the default
+list is the ablation of ``docs/results/baffle.md``. Results are merged into ``--json`` after every
+run (keyed by name and seed), so an interrupted sweep keeps what finished::
+
+    nice python benchmarks/zo_fashion.py --seeds 0 1 2 --json docs/results/zo_fashion.json
+    python benchmarks/zo_fashion.py --plot docs/results/zo_fashion.json --out docs/results/zo_fashion.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.baffle import scalar_curve
+from fwdfleet.bundle import Bundle, load_bundle
+from fwdfleet.export.mlp import MLPConfig, export_mlp
+from fwdfleet.fleet.datasets import DatasetConfig, SplitData, load_split
+from fwdfleet.fleet.partition import PartitionConfig, partition
+from fwdfleet.fleet.probe_init import probe_init
+
+DEFAULT_RUNS = (
+    # plain SPSA, the page's K=64 run and the 160-probe budget, lr swept
+    "spsa-k64 k=64 opt=sgd lr=0.5",
+    "spsa-k16 k=16 opt=sgd lr=0.25",
+    "spsa-k16 k=16 opt=sgd lr=0.5",
+    "spsa-k16 k=16 opt=sgd lr=1.0",
+    # FZOO-normalised step with the probe budget
+    "norm k=16 opt=sgd norm=std lr=0.02",
+    "norm k=16 opt=sgd norm=std lr=0.05",
+    "norm k=16 opt=sgd norm=std lr=0.1",
+    # the same with the forward-only head initialisation
+    "norm+head k=16 opt=sgd norm=std lr=0.05 init=head",
+    "spsa+head k=16 opt=sgd lr=0.5 init=head",
+)
+
+
+def parse_run(spec: str) -> dict[str, Any]:
+    name, *items = spec.split()
+    run: dict[str, Any] = {"name": name, "k": 16, "opt": "sgd", "lr": 0.5, "norm": "none", "dim": 0,
+                           "init": "glorot", "momentum": 0.9}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in run or key == "name":
+            raise SystemExit(f"--run {spec!r}: {item!r} must be one of k=, opt=, lr=, norm=, dim=, init=, momentum=")
+        run[key] = type(run[key])(value)
+    run["label"] = f"{name} " + " ".join(f"{k}={run[k]}" for k in ("k", "opt", "lr", "norm", "dim", "init"))
+    return run
+
+
+def sections(run: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {"optimizer": {"name": run["opt"], "lr": run["lr"]}}
+    if run["opt"] == "momentum":
+        out["optimizer"]["momentum"] = run["momentum"]
+    step: dict[str, Any] = {}
+    if run["norm"] != "none":
+        step["normalize"] = run["norm"]
+    if run["dim"]:
+        step.update(probe_scaling="budget", effective_dim=run["dim"])
+    if step:
+        out["step"] = step
+    return out
+
+
+def hidden(bundle_w: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+    """The one hidden layer's tanh features: the forward of ``export/mlp.py`` up to the head."""
+    return np.tanh(x @ bundle_w["layers.0.weight"].T + bundle_w["layers.0.bias"]).astype(np.float32)
+
+
+def head_init(bundle: Bundle, data: SplitData, shards: list[np.ndarray], out: Path) -> tuple[Bundle, dict[str, Any]]:
+    w = bundle.load_trainables()
+    assert data.train.features is not None and data.train.labels is not None
+    feats = [(hidden(w, data.train.features[s]), data.train.labels[s]) for s in shards]
+    fit = probe_init(feats, int(w["layers.1.bias"].size))
+    new = dict(w, **{"layers.1.weight": fit.weight, "layers.1.bias": fit.bias})
+    return bundle.save_as(out, new), {"scale": fit.scale, "bytes_per_device": fit.bytes_per_device}
+
+
+def accuracy(w: dict[str, np.ndarray], data: SplitData) -> float:
+    assert data.test.features is not None and data.test.labels is not None
+    logits = hidden(w, data.test.features) @ w["layers.1.weight"].T + w["layers.1.bias"]
+    return float((logits.argmax(1) == data.test.labels).mean())
+
+
+def linear_probe(bundle: Bundle, data: SplitData) -> float:
+    from sklearn.linear_model import LogisticRegression
+
+    w = bundle.load_trainables()
+    assert data.train.features is not None and data.test.features is not None
+    m = LogisticRegression(max_iter=2000).fit(hidden(w, data.train.features), data.train.labels)
+    return float(m.score(hidden(w, data.test.features), data.test.labels))
+
+
+def _merge(path: Path | None, key: str, entry: Any) -> None:
+    if path is None:
+        return
+    doc = json.loads(path.read_text()) if path.exists() else {"runs": {}, "references": {}}
+    section, _, name = key.partition("/")
+    doc[section][name] = entry
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", action="append", default=None, help="a run spec (repeatable); default: the ablation")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--rounds", type=int, default=200)
+    p.add_argument("--devices", type=int, default=10)
+    p.add_argument("--train-limit", type=int, default=20_000)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--eps", type=float, default=1e-3)
+    p.add_argument("--points", type=int, default=10, help="evaluations per run (plus round 20)")
+    p.add_argument("--references", action="store_true",
+                   help="also run FedSGD/FedAvg-backprop and the linear probe per seed")
+    p.add_argument("--fedavg-epochs", type=int, default=2)
+    p.add_argument("--json", type=Path, default=None, help="merge results into this file")
+    p.add_argument("--plot", type=Path, default=None, help="plot this results file instead of running")
+    p.add_argument("--out", type=Path, default=None, help="figure path for --plot")
+    args = p.parse_args(argv)
+    if args.plot is not None:
+        plot(json.loads(args.plot.read_text()), args.out or args.plot.with_suffix(".png"))
+        return 0
+    runs = [parse_run(s) for s in (args.run or DEFAULT_RUNS)]
+    for seed in args.seeds:
+        data = load_split(DatasetConfig(name="fashion-mnist", max_train=args.train_limit, seed=seed))
+        assert data.train.labels is not None
+        shards = partition(data.train.labels, PartitionConfig("iid", args.devices, seed=seed))
+        with tempfile.TemporaryDirectory() as tmp:
+            bundle = load_bundle(export_mlp(MLPConfig(layer_sizes=(784, 32, 10), seed=seed), Path(tmp) / "mlp"))
+            headed, head_info = head_init(bundle, data, shards, Path(tmp) / "headed")
+            ns = argparse.Namespace(seed=seed, batch_size=args.batch_size, eps=args.eps, lr=0.5, points=args.points)
+            if args.references:
+                refs = reference_runs(bundle, data, shards, args, seed)
+                refs["head_init"] = {"accuracy": accuracy(headed.load_trainables(), data), **head_info}
+                refs["glorot_init"] = {"accuracy": accuracy(bundle.load_trainables(), data)}
+                for name, entry in refs.items():
+                    _merge(args.json, f"references/{name} seed={seed}", entry)
+                    print(f"seed {seed} {name}: {_summary(entry)}", flush=True)
+            for run in runs:
+                b = headed if run["init"] == "head" else bundle
+                res = scalar_curve(b, data, shards, run["k"], args.rounds, ns, sections=sections(run),
+                                   method=run["label"])
+                res.update(run=run, seed=seed)
+                _merge(args.json, f"runs/{run['label']} seed={seed}", res)
+                print(f"seed {seed} {run['label']:<60} {_summary(res)}", flush=True)
+    return 0
+
+
+def reference_runs(bundle: Bundle, data: SplitData, shards: list[np.ndarray], args: argparse.Namespace,
+                   seed: int) -> dict[str, Any]:
+    from benchmarks.baselines import fedavg_backprop
+
+    out: dict[str, Any] = {}
+    t = time.perf_counter()
+    out["linear_probe"] = {"accuracy": linear_probe(bundle, data), "seconds": time.perf_counter() - t}
+    epoch_steps = int(np.ceil(np.mean([s.size for s in shards]) / args.batch_size))
+    for name, (steps, opt, lr) in {"backprop fedsgd": (1, "sgd", 0.5),
+                                   "backprop fedavg": (args.fedavg_epochs * epoch_steps, "adamw", 3e-3)}.items():
+        run = fedavg_backprop(bundle, data.train, data.test, shards, args.rounds, steps, lr,
+                              batch_size=args.batch_size, optimizer=opt, seed=seed,
+                              eval_every=max(1, args.rounds // args.points))
+        out[name] = {"curve": [(r.round_id + 1, r.accuracy) for r in run.rounds if r.accuracy is not None],
+                     "seconds": run.seconds, "local_steps": steps, "optimizer": opt, "lr": lr}
+    return out
+
+
+def _summary(entry: dict[str, Any]) -> str:
+    if "curve" in entry:
+        pts = {int(c[0]): c[1] for c in entry["curve"]}
+        at20 = pts.get(20)
+        last = max(pts)
+        s = f"round 20 {100 * at20:5.2f}%  " if at20 is not None else ""
+        return f"{s}round {last} {100 * pts[last]:5.2f}%  {entry.get('seconds', 0):6.1f} s"
+    return f"{100 * entry['accuracy']:5.2f}%"
+
+
+def plot(doc: dict[str, Any], path: Path) -> None:
+    """Mean and range over seeds of each run's curve, with the references on the same axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict[str, list[list[Any]]] = {}
+    for entry in doc["runs"].values():
+        groups.setdefault(entry["method"], []).append(entry["curve"])
+    refs: dict[str, list[Any]] = {}
+    for key, entry in doc["references"].items():
+        refs.setdefault(key.rsplit(" seed=", 1)[0], []).append(entry)
+    fig, ax = plt.subplots(figsize=(10, 6))
+    for name, curves in sorted(groups.items()):
+        rounds = sorted({int(c[0]) for curve in curves for c in curve})
+        per = np.array([[dict((int(c[0]), c[1]) for c in curve).get(r, np.nan) for r in rounds] for curve in curves])
+        mean = 100 * np.nanmean(per, axis=0)
+        line, = ax.plot(rounds, mean, marker="o", ms=3, label=f"{name} ({len(curves)} seeds)")
+        if len(curves) > 1:
+            ax.fill_between(rounds, 100 * np.nanmin(per, 0), 100 * np.nanmax(per, 0), color=line.get_color(), alpha=0.15)
+    for name, entries in sorted(refs.items()):
+        if "curve" in entries[0]:
+            rounds = [int(c[0]) for c in entries[0]["curve"]]
+            mean = 100 * np.mean([[c[1] for c in e["curve"]] for e in entries], axis=0)
+            ax.plot(rounds, mean, "--", color="black" if "fedavg" in name else "gray", label=f"{name} ({len(entries)} seeds)")
+        else:
+            acc = 100 * float(np.mean([e["accuracy"] for e in entries]))
+            ax.axhline(acc, ls=":", color="tab:red" if name == "linear_probe" else "tab:brown",
+                       label=f"{name.replace('_', ' ')} {acc:.1f}%")
+    ax.axhline(85.0, color="green", lw=0.8, alpha=0.6, label="target 85%")
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Fashion-MNIST 784-32-10, 10 devices, scalar uplink vs backprop (mean, band = seed range)", fontsize=9)
+    ax.set_ylim(50, 90)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
