@@ -159,7 +159,8 @@ class PacingConfig:
     (``spread**2 / (n_eff * |mean|**2)``); it depends on the model, like FwdLLM's per-model
     threshold. Below ``shrink_below * threshold`` the next round halves K.
 
-    ``statistic`` says how that error is measured: ``halves`` (default) from the agreement of the
+    ``statistic`` says how that error is measured (and what the metrics log calls ``noise_ratio``,
+    pacing on or off): ``halves`` (default) from the agreement of the
     estimates of the even- and odd-indexed devices (:func:`aggregator.step_rule.halves_ratio`),
     which grows when there are too few probes for the number of trainables; ``spread`` from the
     contributions' spread around their mean, which sits near 1 whenever the probes per round are

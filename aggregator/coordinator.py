@@ -100,7 +100,9 @@ class Coordinator:
         self._optimizer = Optimizer(config.optimizer, self._n, total_steps=config.rounds.num_rounds or None)
         self._pacer = Pacer(config.pacing, config.perturbation.k)
         self._step = StepRule(config, self._n)
-        self._halves = config.pacing.enabled and config.pacing.statistic == "halves"
+        # measured in every scalar round (pacing on or off) so noise_ratio means the same in every metrics log;
+        # costs one more accumulation of half the round's contributions
+        self._halves = config.mode == "scalar" and config.pacing.statistic == "halves"
         self._stats = RoundStatistics(self._n, halves=self._halves)
         self._round_id = 0
         self._version = 0
@@ -352,10 +354,11 @@ class Coordinator:
             grad: np.ndarray = self._params - mean
         else:
             grad = rnd.acc.mean()
-        step_info: dict[str, Any] = {}
+        step_info: dict[str, Any] = {"noise_ratio_spread": rnd.acc.noise().ratio} if self._halves else {}
         if self.config.mode == "scalar" and self._step.active:
             step = self._step.scale(grad, rnd.acc.pairs, self._stats)
-            grad, step_info = step.direction, step.info
+            grad = step.direction
+            step_info.update(step.info)
         lr = self._optimizer.apply(self._params, grad)
         adapt = self._pacer.adapt(rnd.round_id, noise, rnd.request, len(rnd.contributors))
         rnd.decisions.append(adapt)

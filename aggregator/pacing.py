@@ -2,10 +2,13 @@
 
 After a round's results (or an extra request's) the coordinator hands the round's
 :class:`~aggregator.reconstruct.NoiseStats` to :meth:`Pacer.decide`. The noise ratio is the
-squared relative standard error of the averaged estimate,
-``spread**2 / (n_eff * |mean|**2)`` (see :class:`~aggregator.reconstruct.NoiseStats`); it is
-computed from running sums (per-contribution squared norms and the sum vector), never from a
-stored per-device vector. Above ``threshold`` the coordinator keeps its partial sums and asks
+squared relative standard error of the averaged estimate. By default (``pacing.statistic =
+"halves"``) it comes from the agreement of the even- and odd-indexed devices' estimates,
+``(|g|**2 - <a, b>) / <a, b>`` (:func:`aggregator.step_rule.halves_ratio`), which falls like
+``1 / probes``; ``"spread"`` uses ``spread**2 / (n_eff * |mean|**2)`` (see
+:class:`~aggregator.reconstruct.NoiseStats`), which sits near 1 whenever the round's probes are
+far fewer than the trainables because ``|mean|**2`` is then mostly noise itself. Both come from
+running sums, never from a stored per-device vector. Above ``threshold`` the coordinator keeps its partial sums and asks
 the devices that answered for more perturbations (new indices, same round and model), sized so
 that the ratio is expected to fall under the threshold (it shrinks like ``1 / pairs``). Once
 the update is applied, :meth:`Pacer.adapt` sets K for the next round: up when extra requests

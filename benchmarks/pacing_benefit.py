@@ -10,15 +10,19 @@ devices, Dirichlet non-IID shards, the demo's phone/Pi profile mix, SGD lr 0.5) 
   ``aggregator/pacing.py``) with a threshold, asks the devices for more perturbations while it
   is above, and adapts K for the next round.
 
-The threshold is calibrated from the fixed-K runs, not guessed: ``pacing @ K=4 noise`` uses the
-median noise ratio the fixed K=4 run saw (pacing asks for more only when a round is noisier than
-a typical K=4 round), ``pacing @ K=16 noise`` the K=16 one (every update at least as reliable
-as a typical K=16 update). (With per-device seeds
-and n trainables, the ratio is about x / (1 + x) with x = n / (K x devices): it approaches 1 in
-the noise-dominated regime, so thresholds live just under 1.)
+The threshold is calibrated from the fixed-K runs, not guessed: ``K=<smallest> median`` uses the
+median noise ratio the fixed run with the smallest K saw (pacing asks for more only when a round
+is noisier than a typical round of that K), ``K=<largest> median`` the largest K's (every update
+at least as reliable as a typical update of that K). ``--statistic`` picks the ratio
+(``pacing.statistic``): ``halves`` (default) from the agreement of the even and odd devices'
+estimates, about ``n / (K x devices)`` for n trainables, so it falls with K; ``spread``, the
+older one, about ``x / (1 + x)`` with that x, which approaches 1 in the noise-dominated regime.
+Both are logged for every run.
 
-Every run gets the same uplink budget (what the fixed K=16 run uploads in ``--rounds16``
-rounds), so cheaper configurations run more rounds. Reported per run: accuracy against the
+Every run gets the same uplink budget (what the fixed run with the largest K uploads in
+``--rounds16`` rounds), so cheaper configurations run more rounds. ``--ks 16 32 64`` measures
+pacing where it should matter, with many probes per round; targets near the final accuracy
+(``--targets 0.9 0.93 0.95``) measure it late in training. Reported per run: accuracy against the
 cumulative uplinked bytes (real protobuf sizes of all submissions, extra requests included) and
 against the simulated fleet time (``RoundRecord.sim_time_s``: latency, transfers, measured compute
 scaled by each profile, deadlines), the bytes and time to reach each target accuracy, K over
@@ -31,6 +35,7 @@ figures do not.
 
     python benchmarks/pacing_benefit.py                    # table + PNG (default out dir)
     python benchmarks/pacing_benefit.py --json --out DIR   # also a JSON summary on stdout
+    python benchmarks/pacing_benefit.py --ks 16 32 64 --targets 0.9 0.93 0.95 --out DIR   # many probes, late
 """
 
 from __future__ import annotations
@@ -79,11 +84,13 @@ class Run:
 
     def curve(self) -> dict[str, list[Any]]:
         up = 0
-        pts: dict[str, list[Any]] = {"bytes": [], "sim_s": [], "accuracy": [], "k": [], "noise": [], "extra": []}
+        pts: dict[str, list[Any]] = {"bytes": [], "sim_s": [], "accuracy": [], "k": [], "noise": [],
+                                     "noise_spread": [], "extra": []}
         for r in self.rounds:
             up += r["bytes_up"]
             pts["k"].append(r["k"])
             pts["noise"].append(r["noise_ratio"])  # None: not measurable
+            pts["noise_spread"].append(r.get("noise_ratio_spread", r["noise_ratio"]))
             pts["extra"].append(r["extra_requests"])
             if r["accuracy"] is not None:
                 pts["bytes"].append(up)
@@ -147,7 +154,10 @@ def summarize(runs: list[Run], targets: list[float]) -> list[dict[str, Any]]:
             "label": r.label, "k_start": r.k, "pacing": r.pacing, "rounds": len(r.rounds),
             "uplink_bytes": c["bytes"][-1] if c["bytes"] else 0, "sim_s": c["sim_s"][-1] if c["sim_s"] else 0.0,
             "final_accuracy": c["accuracy"][-1] if c["accuracy"] else math.nan, "best_accuracy": best,
-            "median_noise_ratio": noise_quantile(r, 0.5), "mean_k": float(np.mean(c["k"])) if c["k"] else math.nan,
+            "median_noise_ratio": noise_quantile(r, 0.5),
+            "median_noise_ratio_spread": float(np.median([v for v in c["noise_spread"] if v is not None]
+                                                         or [math.nan])),
+            "mean_k": float(np.mean(c["k"])) if c["k"] else math.nan,
             "final_k": c["k"][-1] if c["k"] else None, "extra_requests": int(sum(c["extra"])),
             "bytes_per_device_round": float(np.mean([x["bytes_up_per_device"] for x in r.rounds])),
             "to_target": {str(t): r.first_reaching(t) for t in targets}, "wall_s": r.wall_s,
@@ -188,7 +198,10 @@ def plot(runs: list[Run], targets: list[float], path: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds16", type=int, default=50, help="rounds of the fixed K=16 run: sets the byte budget")
+    ap.add_argument("--rounds16", type=int, default=50,
+                    help="rounds of the fixed run with the largest K: sets the byte budget")
+    ap.add_argument("--ks", type=int, nargs="+", default=[4, 8, 16], help="fixed K runs (default: %(default)s)")
+    ap.add_argument("--statistic", choices=["halves", "spread"], default="halves", help="pacing.statistic")
     ap.add_argument("--max-rounds", type=int, default=400)
     ap.add_argument("--targets", type=float, nargs="*", default=[0.7, 0.8, 0.85])
     ap.add_argument("--seed", type=int, default=0)
@@ -205,25 +218,28 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         bundle = export_bundle(Path(tmp) / "bundle", data, args.seed)
-        # The K=16 run fixes the budget; the others spend the same number of uplinked bytes.
-        k16 = run_one(Run("fixed K=16", 16, {"enabled": False}), bundle, data, args.seed, math.inf, args.rounds16,
+        # The largest K fixes the budget; the others spend the same number of uplinked bytes.
+        ks = sorted(set(args.ks))
+        off = {"enabled": False, "statistic": args.statistic}
+        top = run_one(Run(f"fixed K={ks[-1]}", ks[-1], off), bundle, data, args.seed, math.inf, args.rounds16,
                       args.realistic)
-        budget = float(sum(r["bytes_up"] for r in k16.rounds))
-        k8 = run_one(Run("fixed K=8", 8, {"enabled": False}), bundle, data, args.seed, budget, args.max_rounds,
-                     args.realistic)
-        k4 = run_one(Run("fixed K=4", 4, {"enabled": False}), bundle, data, args.seed, budget, args.max_rounds,
-                     args.realistic)
-        runs = [k4, k8, k16]
-        calibrations = [("K=4 median", noise_quantile(k4, 0.5)), ("K=4 p75", noise_quantile(k4, 0.75)),
-                        ("K=16 median", noise_quantile(k16, 0.5))]
+        budget = float(sum(r["bytes_up"] for r in top.rounds))
+        fixed = {k: run_one(Run(f"fixed K={k}", k, off), bundle, data, args.seed, budget, args.max_rounds,
+                            args.realistic) for k in ks[:-1]}
+        fixed[ks[-1]] = top
+        runs = [fixed[k] for k in ks]
+        low, high = fixed[ks[0]], fixed[ks[-1]]
+        calibrations = [(f"K={ks[0]} median", noise_quantile(low, 0.5)), (f"K={ks[0]} p75", noise_quantile(low, 0.75)),
+                        (f"K={ks[-1]} median", noise_quantile(high, 0.5))]
         for name, threshold in calibrations:
-            pacing = {"enabled": True, "threshold": threshold, "max_extra_requests": 2, "k_min": 2,
-                      "k_max": args.k_max}
-            runs.append(run_one(Run(f"pacing, thr {threshold:.3f} = {name}", 4, pacing), bundle, data,
+            pacing = {"enabled": True, "statistic": args.statistic, "threshold": threshold, "max_extra_requests": 2,
+                      "k_min": min(2, ks[0]), "k_max": max(args.k_max, ks[-1])}
+            runs.append(run_one(Run(f"pacing, thr {threshold:.3f} = {name}", ks[0], pacing), bundle, data,
                                 args.seed, budget, args.max_rounds, args.realistic))
     summary = summarize(runs, args.targets)
     png = plot(runs, args.targets, args.out / "pacing_benefit.png")
     out = {"devices": DEVICES, "trainable_parameters": bundle.manifest.num_trainable, "byte_budget": budget,
+           "statistic": args.statistic, "ks": ks,
            "realistic_availability": args.realistic,
            "targets": args.targets, "runs": summary, "plot": str(png), "wall_s": time.perf_counter() - t0}
     (args.out / "pacing_benefit.json").write_text(json.dumps(out, indent=2) + "\n")
@@ -233,14 +249,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"digits MLP ({out['trainable_parameters']} trainables), {DEVICES} devices, uplink budget "
           f"{budget / 1e3:.0f} kB per run; wall {out['wall_s']:.0f} s")
     head = "".join(f" | to {t:.2f}: kB, sim s" for t in args.targets)
-    print(f"{'run':38s} rounds  mean K  extra  B/dev/round  final acc  best acc{head}")
+    print(f"{'run':38s} rounds  mean K  extra  B/dev/round  noise(halves, spread)  final acc  best acc{head}")
     for s in summary:
         cells = ""
         for t in args.targets:
             hit = s["to_target"][str(t)]
             cells += f" | {hit['bytes'] / 1e3:7.1f}, {hit['sim_s']:6.0f}" if hit else " |       -,      -"
         print(f"{s['label']:38s} {s['rounds']:6d} {s['mean_k']:7.1f} {s['extra_requests']:6d} "
-              f"{s['bytes_per_device_round']:11.0f} "
+              f"{s['bytes_per_device_round']:11.0f} {s['median_noise_ratio']:9.3f} "
+              f"{s['median_noise_ratio_spread']:7.3f}  "
               f"{s['final_accuracy']:9.3f} {s['best_accuracy']:9.3f}{cells}")
     print(f"plot: {png}")
     return 0

@@ -158,6 +158,8 @@ def test_coordinator_applies_the_normalised_budget_step(tmp_path: Path) -> None:
     np.testing.assert_allclose(after, expected, rtol=1e-4, atol=1e-6)
     m = json.loads(metrics.read_text().splitlines()[-1])
     assert m["budget_factor"] == pytest.approx(0.25) and m["d_std"] == pytest.approx(ds.std(), rel=1e-9)
+    # pacing is off, yet the log carries the halves statistic (and the older spread ratio beside it)
+    assert m["noise_ratio"] > 0 and 0 < m["noise_ratio_spread"] < 2
 
 
 def test_halves_statistic_drives_pacing_in_the_coordinator(tmp_path: Path) -> None:
