@@ -20,12 +20,14 @@ References on the same axes: FedAvg-backprop and FedSGD-backprop on the bundle's
 linear-probe floor (multinomial logistic regression on the frozen random hidden features, i.e.
 the best any head-only training could do).
 
-A run is written as ``--run "NAME k=16 opt=sgd lr=0.5 norm=std dim=2000 init=head"``; the default
-list is the ablation of ``docs/results/baffle.md``. Results are merged into ``--json`` after every
-run (keyed by name and seed), so an interrupted sweep keeps what finished::
+A run is written as ``--run "NAME k=16 opt=sgd lr=0.5 norm=std dim=2000 init=head"``; ``--set``
+names the lists of :data:`RUN_SETS` (the ablation of ``docs/results/baffle.md``). Results are
+merged into ``--json`` after every run (keyed by label and seed), so an interrupted sweep keeps
+what finished::
 
-    nice python benchmarks/zo_fashion.py --seeds 0 1 2 --json docs/results/zo_fashion.json
-    python benchmarks/zo_fashion.py --plot docs/results/zo_fashion.json --out docs/results/zo_fashion.png
+    nice python benchmarks/zo_fashion.py --set k16 --seeds 0 1 2 --references --json docs/results/zo_fashion_k16.json
+    nice python benchmarks/zo_fashion.py --set budget k64 --seeds 0 1 2 --json docs/results/zo_fashion_budget.json
+    python benchmarks/zo_fashion.py --plot docs/results/zo_fashion_*.json --out docs/results/zo_fashion.png
 """
 
 from __future__ import annotations
@@ -52,20 +54,38 @@ from fwdfleet.fleet.datasets import DatasetConfig, SplitData, load_split
 from fwdfleet.fleet.partition import PartitionConfig, partition
 from fwdfleet.fleet.probe_init import probe_init
 
-DEFAULT_RUNS = (
-    # plain SPSA, the page's K=64 run and the 160-probe budget, lr swept
-    "spsa-k64 k=64 opt=sgd lr=0.5",
-    "spsa-k16 k=16 opt=sgd lr=0.25",
-    "spsa-k16 k=16 opt=sgd lr=0.5",
-    "spsa-k16 k=16 opt=sgd lr=1.0",
-    # FZOO-normalised step with the probe budget
-    "norm k=16 opt=sgd norm=std lr=0.02",
-    "norm k=16 opt=sgd norm=std lr=0.05",
-    "norm k=16 opt=sgd norm=std lr=0.1",
-    # the same with the forward-only head initialisation
-    "norm+head k=16 opt=sgd norm=std lr=0.05 init=head",
-    "spsa+head k=16 opt=sgd lr=0.5 init=head",
-)
+RUN_SETS: dict[str, tuple[str, ...]] = {
+    # 160 probes a round (10 devices x K=16): every mechanism, every baseline lr-swept
+    "k16": (
+        "spsa-k16 k=16 opt=sgd lr=0.25",
+        "spsa-k16 k=16 opt=sgd lr=0.5",
+        "spsa-k16 k=16 opt=sgd lr=1.0",
+        "spsa-mom-k16 k=16 opt=momentum lr=0.025",
+        "spsa-mom-k16 k=16 opt=momentum lr=0.05",
+        "norm-k16 k=16 opt=sgd norm=std lr=0.1",
+        "norm-k16 k=16 opt=sgd norm=std lr=0.2",
+        "norm-k16 k=16 opt=sgd norm=std lr=0.3",
+        "normmom-k16 k=16 opt=momentum norm=std lr=0.01",
+        "normmom-k16 k=16 opt=momentum norm=std lr=0.02",
+        "spsa+head-k16 k=16 opt=sgd lr=0.5 init=head",
+        "norm+head-k16 k=16 opt=sgd norm=std lr=0.2 init=head",
+        "normmom+head-k16 k=16 opt=momentum norm=std lr=0.02 init=head",
+    ),
+    # the probe budget: one lr for 10, 40 and 160 probes a round, against the lr tuned at 160
+    # (0.2 x (160 + 25,450) / 160 = 32 with effective_dim = the 25,450 trainables)
+    "budget": (
+        "norm-k1 k=1 opt=sgd norm=std lr=0.2",
+        "norm-k4 k=4 opt=sgd norm=std lr=0.2",
+        "budget-k1 k=1 opt=sgd norm=std dim=25450 lr=32",
+        "budget-k4 k=4 opt=sgd norm=std dim=25450 lr=32",
+        "budget-k16 k=16 opt=sgd norm=std dim=25450 lr=32",
+    ),
+    # 640 probes a round: the BAFFLE page's K=64
+    "k64": (
+        "spsa-k64 k=64 opt=sgd lr=0.5",
+        "norm-k64 k=64 opt=sgd norm=std lr=0.2",
+    ),
+}
 
 
 def parse_run(spec: str) -> dict[str, Any]:
@@ -124,6 +144,15 @@ def linear_probe(bundle: Bundle, data: SplitData) -> float:
     return float(m.score(hidden(w, data.test.features), data.test.labels))
 
 
+def merged(paths: list[Path]) -> dict[str, Any]:
+    doc: dict[str, Any] = {"runs": {}, "references": {}}
+    for path in paths:
+        part = json.loads(path.read_text())
+        for section in doc:
+            doc[section].update(part.get(section, {}))
+    return doc
+
+
 def _merge(path: Path | None, key: str, entry: Any) -> None:
     if path is None:
         return
@@ -136,7 +165,9 @@ def _merge(path: Path | None, key: str, entry: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", action="append", default=None, help="a run spec (repeatable); default: the ablation")
+    p.add_argument("--run", action="append", default=None, help="a run spec (repeatable)")
+    p.add_argument("--set", nargs="*", choices=list(RUN_SETS), default=None,
+                   help="named lists of runs (default: all, unless --run is given)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--rounds", type=int, default=200)
     p.add_argument("--devices", type=int, default=10)
@@ -148,13 +179,19 @@ def main(argv: list[str] | None = None) -> int:
                    help="also run FedSGD/FedAvg-backprop and the linear probe per seed")
     p.add_argument("--fedavg-epochs", type=int, default=2)
     p.add_argument("--json", type=Path, default=None, help="merge results into this file")
-    p.add_argument("--plot", type=Path, default=None, help="plot this results file instead of running")
+    p.add_argument("--fedavg", action=argparse.BooleanOptionalAction, default=True,
+                   help="include FedAvg-backprop in --references (the slowest reference)")
+    p.add_argument("--plot", type=Path, nargs="+", default=None,
+                   help="plot these results files (merged) instead of running")
     p.add_argument("--out", type=Path, default=None, help="figure path for --plot")
     args = p.parse_args(argv)
     if args.plot is not None:
-        plot(json.loads(args.plot.read_text()), args.out or args.plot.with_suffix(".png"))
+        plot(merged(args.plot), args.out or args.plot[0].with_suffix(".png"))
         return 0
-    runs = [parse_run(s) for s in (args.run or DEFAULT_RUNS)]
+    specs = list(args.run or [])
+    for name in args.set if args.set is not None else ([] if specs else list(RUN_SETS)):
+        specs += RUN_SETS[name]
+    runs = [parse_run(s) for s in specs]
     for seed in args.seeds:
         data = load_split(DatasetConfig(name="fashion-mnist", max_train=args.train_limit, seed=seed))
         assert data.train.labels is not None
@@ -188,8 +225,10 @@ def reference_runs(bundle: Bundle, data: SplitData, shards: list[np.ndarray], ar
     t = time.perf_counter()
     out["linear_probe"] = {"accuracy": linear_probe(bundle, data), "seconds": time.perf_counter() - t}
     epoch_steps = int(np.ceil(np.mean([s.size for s in shards]) / args.batch_size))
-    for name, (steps, opt, lr) in {"backprop fedsgd": (1, "sgd", 0.5),
-                                   "backprop fedavg": (args.fedavg_epochs * epoch_steps, "adamw", 3e-3)}.items():
+    variants = {"backprop fedsgd": (1, "sgd", 0.5)}
+    if args.fedavg:
+        variants["backprop fedavg"] = (args.fedavg_epochs * epoch_steps, "adamw", 3e-3)
+    for name, (steps, opt, lr) in variants.items():
         run = fedavg_backprop(bundle, data.train, data.test, shards, args.rounds, steps, lr,
                               batch_size=args.batch_size, optimizer=opt, seed=seed,
                               eval_every=max(1, args.rounds // args.points))
