@@ -184,9 +184,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot", type=Path, nargs="+", default=None,
                    help="plot these results files (merged) instead of running")
     p.add_argument("--out", type=Path, default=None, help="figure path for --plot")
+    p.add_argument("--names", nargs="*", default=None, help="--plot only these run names (first word of a label)")
     args = p.parse_args(argv)
     if args.plot is not None:
-        plot(merged(args.plot), args.out or args.plot[0].with_suffix(".png"))
+        doc = merged(args.plot)
+        plot(doc, args.out or args.plot[0].with_suffix(".png"), args.names)
+        print(table(doc))
         return 0
     specs = list(args.run or [])
     for name in args.set if args.set is not None else ([] if specs else list(RUN_SETS)):
@@ -305,7 +308,33 @@ def best_by_name(doc: dict[str, Any]) -> dict[str, tuple[str, list[list[Any]]]]:
     return {k: (v[0], v[1]) for k, v in best.items()}
 
 
-def plot(doc: dict[str, Any], path: Path) -> None:
+def table(doc: dict[str, Any], rounds: tuple[int, ...] = (20, 100, 200)) -> str:
+    """Markdown: per label and reference, mean [min, max] accuracy over seeds at ``rounds``."""
+    rows: dict[str, list[list[Any]]] = {}
+    for entry in doc["runs"].values():
+        rows.setdefault(entry["method"], []).append(entry["curve"])
+    for key, entry in doc["references"].items():
+        if "curve" in entry:
+            rows.setdefault(key.rsplit(" seed=", 1)[0], []).append(entry["curve"])
+    lines = ["| run | seeds | " + " | ".join(f"round {r}" for r in rounds) + " |",
+             "| --- | ---: | " + " | ".join("---:" for _ in rounds) + " |"]
+    for label, curves in rows.items():
+        cells = []
+        for r in rounds:
+            vals = [100 * dict((int(c[0]), c[1]) for c in curve)[r] for curve in curves
+                    if r in {int(c[0]) for c in curve}]
+            cells.append(f"{np.mean(vals):.2f} [{min(vals):.2f}, {max(vals):.2f}]" if vals else "")
+        lines.append(f"| {label} | {len(curves)} | " + " | ".join(cells) + " |")
+    points: dict[str, list[float]] = {}
+    for key, entry in doc["references"].items():
+        if "accuracy" in entry:
+            points.setdefault(key.rsplit(" seed=", 1)[0], []).append(100 * entry["accuracy"])
+    for name, vals in points.items():
+        lines.append(f"| {name} | {len(vals)} | {np.mean(vals):.2f} [{min(vals):.2f}, {max(vals):.2f}] | | |")
+    return "\n".join(lines)
+
+
+def plot(doc: dict[str, Any], path: Path, names: list[str] | None = None) -> None:
     """Each run name's best setting (mean over seeds, band = seed range), with the references."""
     import matplotlib
 
@@ -316,7 +345,9 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     for key, entry in doc["references"].items():
         refs.setdefault(key.rsplit(" seed=", 1)[0], []).append(entry)
     fig, ax = plt.subplots(figsize=(10, 6))
-    for _name, (label, curves) in sorted(best_by_name(doc).items()):
+    for name, (label, curves) in sorted(best_by_name(doc).items()):
+        if names is not None and name not in names:
+            continue
         rounds, per = _mean_curve(curves)
         line, = ax.plot(rounds, np.nanmean(per, 0), marker="o", ms=3, label=f"{label} ({len(curves)} seeds)")
         if len(curves) > 1:
