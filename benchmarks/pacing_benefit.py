@@ -90,7 +90,7 @@ class Run:
             up += r["bytes_up"]
             pts["k"].append(r["k"])
             pts["noise"].append(r["noise_ratio"])  # None: not measurable
-            pts["noise_spread"].append(r.get("noise_ratio_spread", r["noise_ratio"]))
+            pts["noise_spread"].append(r.get("noise_ratio_spread"))  # None where the round record lacks it
             pts["extra"].append(r["extra_requests"])
             if r["accuracy"] is not None:
                 pts["bytes"].append(up)
