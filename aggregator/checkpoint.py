@@ -22,7 +22,6 @@ applied twice; replaying ``round.jsonl`` restores what the round had already acc
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -187,7 +186,3 @@ def drop_uploads(directory: str | Path) -> None:
     """Remove the journaled vector uploads (after a checkpoint made them part of the trainables)."""
     for path in (Path(directory) / UPLOADS).glob("r*.npy"):
         path.unlink(missing_ok=True)
-
-
-def config_digest(config: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()

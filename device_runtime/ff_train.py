@@ -375,9 +375,6 @@ class FFEvaluation:
     loss: float  # mean cross-entropy of the prediction scores
     num_samples: int
 
-    def as_dict(self) -> dict[str, float]:
-        return {"accuracy": self.accuracy, "loss": self.loss, "num_samples": float(self.num_samples)}
-
 
 def evaluate_ff(
     layout: FFLayout,

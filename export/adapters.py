@@ -37,7 +37,6 @@ ADAPTER_FAMILIES: Mapping[str, str] = {
     "xlm-roberta": "encoder.layer",
     "electra": "encoder.layer",
 }
-ADAPTER_SITE = "output.dense"
 ACTIVATIONS = ("relu", "gelu", "tanh")
 
 

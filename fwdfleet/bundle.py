@@ -29,7 +29,7 @@ import math
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -347,7 +347,3 @@ def zip_bundle(bundle: Bundle, out: str | Path) -> Path:
                 with open(p, "rb") as src, zf.open(info, "w") as dst:
                     shutil.copyfileobj(src, dst, 1 << 20)
     return out
-
-
-def flat_size(specs: Sequence[TensorSpec]) -> int:
-    return sum(t.size for t in specs)
