@@ -27,16 +27,16 @@ from fwdfleet.device_runtime.ff_train import (
 )
 from fwdfleet.errors import BundleError, DataError
 from fwdfleet.export.ff_mlp import FFMLPConfig, export_ff_mlp
+from fwdfleet.fleet.datasets import DIGITS_FILE
 
 HEAD_OF = {"hinton": "none", "symmetric": "none", "sff": "class-goodness", "pon": "softmax"}
 
 
 @pytest.fixture(scope="module")
 def digits():
-    datasets = pytest.importorskip("sklearn.datasets")
-    d = datasets.load_digits()
-    x = (d.data / 16.0).astype(np.float32)
-    y = d.target.astype(np.int64)
+    with np.load(DIGITS_FILE, allow_pickle=False) as d:  # scikit-learn's digits, shipped with fleet
+        x = (d["images"] / 16.0).astype(np.float32)
+        y = d["labels"].astype(np.int64)
     order = np.random.default_rng(0).permutation(len(y))
     x, y = x[order], y[order]
     return x[:1400], y[:1400], x[1400:], y[1400:]

@@ -12,13 +12,13 @@ from fwdfleet.bundle import load_bundle
 from fwdfleet.device_runtime.data import ArrayDataset
 from fwdfleet.device_runtime.session import BundleSession, SessionOptions
 from fwdfleet.device_runtime.train import LocalTrainConfig, derive_seed, evaluate, train_local
+from fwdfleet.fleet.datasets import DIGITS_FILE
 
 
 @pytest.fixture(scope="module")
 def digits() -> tuple[ArrayDataset, ArrayDataset]:
-    datasets = pytest.importorskip("sklearn.datasets")
-    d = datasets.load_digits()
-    ds = ArrayDataset({"x": (d.data / 16.0).astype(np.float32), "labels": d.target.astype(np.int64)})
+    with np.load(DIGITS_FILE, allow_pickle=False) as d:  # scikit-learn's digits, shipped with fleet
+        ds = ArrayDataset({"x": (d["images"] / 16.0).astype(np.float32), "labels": d["labels"].astype(np.int64)})
     return ds.split(0.25, seed=0)
 
 
