@@ -20,9 +20,16 @@ manifest and trainables, and renames the folder into place.
 
 The registry (:data:`REGISTRY`) maps a kind name to the module holding ``KIND`` and the
 packages it needs, so the command line can look a kind up (and say what to install) without
-importing torch. Adding a kind: a module with a config dataclass and an ``ExportKind``
-subclass instance ``KIND``, one :func:`register_kind` line below, the name in
-``fwdfleet.bundle.KINDS``, and its tests.
+importing torch. Adding a kind:
+
+1. its name in ``fwdfleet.bundle.KINDS`` (the manifest contract);
+2. a module with its frozen config dataclass and ``KIND = MyKind()``, ``MyKind`` subclassing
+   :class:`ExportKind` (or :class:`fwdfleet.export.onnx_graph.TracedKind` for a model traced
+   with torch, which supplies build/samples/reference/extras from a ``prepare`` hook);
+3. one :func:`register_kind` line below (module path, the packages it needs, the install hint);
+4. a subcommand in ``fwdfleet/cli/export_cmd.py`` whose defaults are ``func=run_export``,
+   ``kind=<name>`` and ``make_config=<args -> config>``;
+5. its tests (the parity check runs on every export, so a wrong graph already fails them).
 
 This module needs numpy, onnx and onnxruntime only, never torch.
 """
