@@ -18,7 +18,6 @@ import numpy as np
 
 from fwdfleet.errors import FwdfleetError
 from fwdfleet.protocol.f32 import EncodedTensor, TensorError, check_encoded, encode_tensors
-from fwdfleet.protocol.f32 import decode_tensor as _decode_tensor
 from fwdfleet.protocol.v1 import pff_pb2 as pb
 from fwdfleet.protocol.v1 import pff_pb2_grpc as pb_grpc
 
@@ -66,14 +65,6 @@ class Progress:
     tasks_done: int = 0
     tasks_total: int = 0
     time: float = 0.0
-
-
-def decode_tensor(name: str, shape: tuple[int, ...], data: bytes, sha256: str) -> np.ndarray:
-    """A received or stored tensor, checked (size, sha256, finite values) and copied into an array."""
-    try:
-        return _decode_tensor(name, shape, data, sha256)
-    except TensorError as e:
-        raise StoreError(f"{e}; if the values are not finite, the layer diverged: lower --lr") from e
 
 
 def check_stored(t: EncodedTensor) -> EncodedTensor:

@@ -5,8 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fwdfleet.pff.wire import StoreError, decode_tensor
-from fwdfleet.protocol.f32 import TensorError, check_tensor, encode_tensor, encode_tensors, f32_bytes, sha256_hex
+from fwdfleet.pff.wire import StoreError, check_stored, encoded_to_proto, tensors_from_proto
+from fwdfleet.protocol.f32 import (
+    EncodedTensor,
+    TensorError,
+    check_tensor,
+    encode_tensor,
+    encode_tensors,
+    f32_bytes,
+    sha256_hex,
+)
 
 
 def test_encoded_tensor_round_trips_as_little_endian_float32() -> None:
@@ -34,6 +42,8 @@ def test_each_check_names_what_is_wrong() -> None:
 def test_the_pff_store_reports_codec_failures_as_store_errors() -> None:
     bad = f32_bytes([np.inf])
     with pytest.raises(StoreError, match=r"non-finite values; .*lower --lr"):
-        decode_tensor("layer0.w", (1,), bad, sha256_hex(bad))
-    ok = decode_tensor("layer0.w", (1,), f32_bytes([2.5]), sha256_hex(f32_bytes([2.5])))
-    assert ok.flags.writeable and ok.tolist() == [2.5]
+        check_stored(EncodedTensor("layer0.w", (1,), bad, sha256_hex(bad)))
+    with pytest.raises(StoreError, match="sha256"):
+        tensors_from_proto(encoded_to_proto([EncodedTensor("w", (1,), f32_bytes([1.0]), sha256_hex(b""))]))
+    got = tensors_from_proto(encoded_to_proto(encode_tensors({"w": np.array([[2.5, -1.0]])})))
+    assert got["w"].flags.writeable and got["w"].dtype == np.float32 and got["w"].tolist() == [[2.5, -1.0]]
