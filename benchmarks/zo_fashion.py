@@ -57,18 +57,21 @@ from fwdfleet.fleet.probe_init import probe_init
 RUN_SETS: dict[str, tuple[str, ...]] = {
     # 160 probes a round (10 devices x K=16): every mechanism, every baseline lr-swept
     "k16": (
+        "spsa-k16 k=16 opt=sgd lr=0.0625",
+        "spsa-k16 k=16 opt=sgd lr=0.125",
         "spsa-k16 k=16 opt=sgd lr=0.25",
         "spsa-k16 k=16 opt=sgd lr=0.5",
-        "spsa-k16 k=16 opt=sgd lr=1.0",
+        "spsa-mom-k16 k=16 opt=momentum lr=0.0125",
         "spsa-mom-k16 k=16 opt=momentum lr=0.025",
-        "spsa-mom-k16 k=16 opt=momentum lr=0.05",
-        "norm-k16 k=16 opt=sgd norm=std lr=0.1",
+        "spsa-adam-k16 k=16 opt=adam lr=0.003",
+        "norm-k16 k=16 opt=sgd norm=std lr=0.05",
         "norm-k16 k=16 opt=sgd norm=std lr=0.2",
-        "norm-k16 k=16 opt=sgd norm=std lr=0.3",
+        "norm-k16 k=16 opt=sgd norm=std lr=0.5",
         "normmom-k16 k=16 opt=momentum norm=std lr=0.01",
         "normmom-k16 k=16 opt=momentum norm=std lr=0.02",
-        "spsa+head-k16 k=16 opt=sgd lr=0.5 init=head",
-        "norm+head-k16 k=16 opt=sgd norm=std lr=0.2 init=head",
+        "normmom-k16 k=16 opt=momentum norm=std lr=0.05",
+        "norm+head-k16 k=16 opt=sgd norm=std lr=0.1 init=head",
+        "normmom+head-k16 k=16 opt=momentum norm=std lr=0.01 init=head",
         "normmom+head-k16 k=16 opt=momentum norm=std lr=0.02 init=head",
     ),
     # the probe budget: one lr for 10, 40 and 160 probes a round, against the lr tuned at 160
