@@ -21,6 +21,7 @@ beside a small graph).
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -126,6 +127,8 @@ def export_graph(
         # the parameter swap assigns plain tensors to module attributes on purpose, and the
         # exporters' deprecation chatter is not actionable for a user: keep the output clean
         warnings.simplefilter("ignore")
+        # nor is the dynamo exporter's note that torchvision (which no bundle uses) is not installed
+        logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
         raw = Path(tmp) / "model.onnx"
         if options.exporter == "dynamo":
             dims: dict[str, Any] = {}
