@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from fwdfleet.device_runtime.memory import MODES, RuntimeOptions, measure_memory  # noqa: E402
+from fwdfleet.device_runtime.memory import RuntimeOptions, measure_memory  # noqa: E402
+from fwdfleet.export.torch_memory import WORKERS  # noqa: E402
 
 TINYLLAMA_SHAPE = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 32000, "hidden_size": 2048,
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default="runs/llm_memory", help="folder and bundles go here (default: %(default)s)")
     p.add_argument("--quantize", default=",".join(QUANTIZATIONS),
                    help="comma-separated subset of " + ", ".join(QUANTIZATIONS))
-    p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ", ".join(MODES))
+    p.add_argument("--modes", default=",".join(WORKERS), help="comma-separated subset of " + ", ".join(WORKERS))
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--sequence-length", type=int, default=256)
     p.add_argument("--k", type=int, default=1, help="perturbations in the training step (default: %(default)s)")
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         modes = [m for m in a.modes.split(",") if m and (q == "none" or not m.startswith("torch"))]
         report = measure_memory(bundle, batch_size=a.batch_size, sequence_length=a.sequence_length,
                                 num_perturbations=a.k, options=RuntimeOptions(threads=a.threads), modes=modes,
-                                timeout=3600)  # fmt: skip
+                                workers=WORKERS, timeout=3600)  # fmt: skip
         rows.append({"quantization": q, **report.to_json()})
         for f in report.figures:
             print(f"{q:<12} {f.mode:<11} {f.peak_mb or float('nan'):9.1f} MB  {f.note}", file=sys.stderr)

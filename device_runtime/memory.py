@@ -8,12 +8,9 @@ counts file-backed pages too, so weights memory-mapped from external data count 
 * ``inference``: one session, two forwards of a batch (the first allocates the arena);
 * ``train``: one session, one training step: K central-difference estimates (2K forwards) and
   the SGD update regenerated from the seeds, with the trainables held as one flat vector;
-* ``torch`` (only where torch and the export extra are installed): the bundle's torch twin
-  (``export.rebuild.torch_twin_from_bundle``), forward + backward + AdamW step on the same
-  batch. torch is imported inside that subprocess only; the device runtime never imports it.
-* ``torch-ckpt``: the same step with gradient checkpointing on every Hugging Face model inside
-  the twin (activations recomputed in the backward pass instead of kept): backprop's best case
-  for memory.
+* ``torch`` and ``torch-ckpt`` (backprop's baselines, where the export extra is installed): their
+  worker is :mod:`fwdfleet.export.torch_memory` (the device runtime never imports torch); a
+  caller names it in ``workers`` (:data:`fwdfleet.export.torch_memory.WORKERS` holds every mode).
 
 Every worker also records the peak after each stage (interpreter, numpy, onnxruntime or torch,
 our modules, session or model built), so the import baseline is reported apart from the work.
@@ -21,8 +18,9 @@ Token ids of the synthetic batch are drawn over the whole vocabulary (when the b
 tokenizer tells its size) so that a memory-mapped embedding table is paged in as by real text
 or worse.
 
-``python -m fwdfleet.device_runtime.memory BUNDLE --mode MODE ...`` is the worker; :func:`measure_memory`
-runs the workers and collects their JSON.
+``python -m fwdfleet.device_runtime.memory BUNDLE --mode MODE ...`` is the worker of the device's
+modes; :func:`measure_memory` runs a worker per mode and collects their JSON. A worker is any
+module whose ``main`` parses :func:`worker_parser`'s arguments and prints :func:`report_peak`'s line.
 """
 
 from __future__ import annotations
@@ -33,7 +31,7 @@ import resource
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -41,8 +39,9 @@ from typing import TYPE_CHECKING, Any, cast
 if TYPE_CHECKING:  # the worker measures its imports: onnxruntime is imported where it is used
     from fwdfleet.device_runtime.session import GraphOptimization, SessionOptions
 
-MODES = ("inference", "train", "torch", "torch-ckpt")
-TORCH_MODES = ("torch", "torch-ckpt")
+WORKER = "fwdfleet.device_runtime.memory"
+# mode -> the module whose process measures it (the device's own modes; torch's live in export)
+DEVICE_WORKERS: Mapping[str, str] = {"inference": WORKER, "train": WORKER}
 GRAPH_OPTIMIZATIONS = ("disable", "basic", "extended", "all")
 
 
@@ -194,18 +193,19 @@ def measure_memory(
     sequence_length: int = 128,
     num_perturbations: int = 4,
     options: RuntimeOptions | None = None,
-    modes: Sequence[str] = MODES,
+    modes: Sequence[str] = tuple(DEVICE_WORKERS),
+    workers: Mapping[str, str] = DEVICE_WORKERS,
     timeout: float = 600.0,
 ) -> MemoryReport:
-    """Measure each mode in its own fresh process."""
+    """Measure each mode in its own fresh process (``workers``: mode -> worker module)."""
     opts = options if options is not None else RuntimeOptions()
     figures = []
     for mode in modes:
-        if mode not in MODES:
-            raise ValueError(f"unknown memory mode {mode!r}; choose from {MODES}")
+        if mode not in workers:
+            raise ValueError(f"unknown memory mode {mode!r}; choose from {tuple(workers)}")
         args = [str(bundle), "--mode", mode, "--batch-size", str(batch_size), "--sequence-length",
                 str(sequence_length), "--k", str(num_perturbations), *opts.to_args()]  # fmt: skip
-        r = run_worker("fwdfleet.device_runtime.memory", args, timeout)
+        r = run_worker(workers[mode], args, timeout)
         if "error" in r:
             figures.append(MemoryFigure(mode=mode, peak_mb=None, note=f"n/a: {r['error']}"))
         else:
@@ -269,77 +269,46 @@ def _ort_work(
     return time.perf_counter() - start, f"{int(result.extras['passes'])} forwards + update{copied}"
 
 
-def _torch_work(bundle_path: str, batch_size: int, seq: int, threads: int, stages: dict[str, int],
-                checkpointing: bool = False) -> tuple[float, str]:
-    import importlib.util
-
-    if importlib.util.find_spec("torch") is None:
-        raise RuntimeError("torch is not installed (pip install 'fwdfleet[export]')")
-    import torch
-
-    stages["torch"] = peak_rss_kb()
-    try:
-        from fwdfleet.export.rebuild import torch_twin_from_bundle  # type: ignore[import-not-found,unused-ignore]
-    except ImportError as e:
-        raise RuntimeError(f"export.rebuild is not available ({e})") from e
-    from fwdfleet.bundle import load_bundle
-
-    stages["runtime modules"] = peak_rss_kb()
-    if threads:
-        torch.set_num_threads(threads)
-    bundle = load_bundle(bundle_path)
-    model = torch_twin_from_bundle(bundle)
-    if checkpointing:
-        found: list[Any] = [getattr(m, "gradient_checkpointing_enable", None) for m in model.modules()]
-        enables = [f for f in found if callable(f)]
-        if not enables:
-            raise RuntimeError("torch-ckpt needs a Hugging Face model inside the bundle's torch twin")
-        for enable in enables:  # non-reentrant: LoRA inputs need no requires_grad trick on frozen embeddings
-            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.train()  # Hugging Face checkpoints only in training mode (these models have no dropout at p > 0)
-    stages["model built"] = peak_rss_kb()
-    batch = {k: torch.from_numpy(v) for k, v in worker_batch(bundle, batch_size, seq).items()}
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-3)
-    start = time.perf_counter()
-    loss = model(**batch).mean()
-    stages["forward"] = peak_rss_kb()
-    loss.backward()
-    opt.step()
-    how = " with gradient checkpointing" if checkpointing else ""
-    values = sum(p.numel() for p in params)
-    return time.perf_counter() - start, f"forward + backward{how} + AdamW over {values:,} values"
-
-
-def _main(argv: Sequence[str] | None = None) -> int:
-    stages = {"interpreter": peak_rss_kb()}
-    p = argparse.ArgumentParser(prog="python -m fwdfleet.device_runtime.memory", description=__doc__)
+def worker_parser(prog: str, modes: Sequence[str]) -> argparse.ArgumentParser:
+    """The arguments every memory worker takes (what :func:`measure_memory` passes)."""
+    p = argparse.ArgumentParser(prog=prog, description=__doc__)
     p.add_argument("bundle")
-    p.add_argument("--mode", choices=MODES, required=True)
+    p.add_argument("--mode", choices=modes, required=True)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--sequence-length", type=int, default=128)
     p.add_argument("--k", type=int, default=4)
     add_runtime_args(p)
-    a = p.parse_args(argv)
+    return p
+
+
+def report_peak(mode: str, stages: dict[str, int], seconds: float, note: str) -> None:
+    """Print a worker's result line (the peak after the work, the baseline after the imports)."""
+    stages["peak"] = peak_rss_kb()
+    print(json.dumps({"mode": mode, "peak_kb": stages["peak"], "baseline_kb": stages["runtime modules"],
+                      "seconds": seconds, "note": note, "stages_kb": stages}))  # fmt: skip
+
+
+def report_error(e: Exception) -> None:
+    """Print a worker's failure as the one-line reason :func:`measure_memory` turns into a note."""
+    print(json.dumps({"error": f"{type(e).__name__}: {e}".splitlines()[0]}))
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
+    stages = {"interpreter": peak_rss_kb()}
+    a = worker_parser(f"python -m {WORKER}", tuple(DEVICE_WORKERS)).parse_args(argv)
     try:
         opts = RuntimeOptions.from_args(a)
-        if a.mode in TORCH_MODES:
-            seconds, note = _torch_work(a.bundle, a.batch_size, a.sequence_length, a.threads, stages,
-                                        checkpointing=a.mode == "torch-ckpt")
-        else:
-            import numpy  # noqa: F401  (counted in the baseline, as a device always has it loaded)
+        import numpy  # noqa: F401  (counted in the baseline, as a device always has it loaded)
 
-            stages["numpy"] = peak_rss_kb()
-            import onnxruntime  # noqa: F401
+        stages["numpy"] = peak_rss_kb()
+        import onnxruntime  # noqa: F401
 
-            stages["onnxruntime"] = peak_rss_kb()
-            seconds, note = _ort_work(a.mode, a.bundle, a.batch_size, a.sequence_length, a.k, opts, stages)
+        stages["onnxruntime"] = peak_rss_kb()
+        seconds, note = _ort_work(a.mode, a.bundle, a.batch_size, a.sequence_length, a.k, opts, stages)
     except Exception as e:  # reported to the parent as a one-line reason
-        print(json.dumps({"error": f"{type(e).__name__}: {e}".splitlines()[0]}))
+        report_error(e)
         return 0
-    stages["peak"] = peak_rss_kb()
-    print(json.dumps({"mode": a.mode, "peak_kb": stages["peak"], "baseline_kb": stages["runtime modules"],
-                      "seconds": seconds, "note": note, "stages_kb": stages}))  # fmt: skip
+    report_peak(a.mode, stages, seconds, note)
     return 0
 
 

@@ -28,13 +28,9 @@ PACKAGES = ("device_runtime", "aggregator", "export", "fleet", "pff")  # real fo
 LAYER = {"foundation": 0, "device_runtime": 1, "aggregator": 1, "export": 2, "fleet": 3, "pff": 4, "cli": 5}
 SIDEWAYS_FORBIDDEN = {frozenset({"device_runtime", "aggregator"})}
 
-# Edges (importer module -> imported module) still pointing the wrong way, each to be removed by
-# the change that rewrites its importer. This list only shrinks: a new violation fails the test,
-# and so does an entry here that no longer occurs (delete it).
-KNOWN_VIOLATIONS: frozenset[tuple[str, str]] = frozenset({
-    # `fwdfleet device memory --mode torch`: the torch twin's worker belongs in export (the only torch).
-    ("fwdfleet.device_runtime.memory", "fwdfleet.export.rebuild"),
-})
+# Edges (importer module -> imported module) still pointing the wrong way: none left. A new
+# violation fails the test.
+KNOWN_VIOLATIONS: frozenset[tuple[str, str]] = frozenset()
 
 
 def _module_files() -> Iterator[tuple[str, Path]]:

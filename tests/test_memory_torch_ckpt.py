@@ -12,6 +12,7 @@ from fwdfleet.device_runtime.memory import measure_memory
 from fwdfleet.export.causal_lm import CausalLmExport, export_causal_lm
 from fwdfleet.export.hf import LoraSettings
 from fwdfleet.export.onnx_mlp import MLPConfig, export_mlp
+from fwdfleet.export.torch_memory import WORKERS
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,8 @@ def llama_bundle(tmp_path_factory: pytest.TempPathFactory):
 
 
 def test_torch_step_with_and_without_checkpointing(llama_bundle) -> None:
-    report = measure_memory(llama_bundle.path, batch_size=2, sequence_length=32, modes=("train", "torch", "torch-ckpt"))
+    report = measure_memory(llama_bundle.path, batch_size=2, sequence_length=32, modes=("train", "torch", "torch-ckpt"),
+                            workers=WORKERS)
     plain, ckpt = report.figure("torch"), report.figure("torch-ckpt")
     assert plain.peak_mb and ckpt.peak_mb, (plain.note, ckpt.note)
     assert "checkpointing" in ckpt.note and "checkpointing" not in plain.note
@@ -33,5 +35,5 @@ def test_torch_step_with_and_without_checkpointing(llama_bundle) -> None:
 
 def test_checkpointing_needs_a_hugging_face_model(tmp_path: Path) -> None:
     bundle = load_bundle(export_mlp(MLPConfig(layer_sizes=(8, 4, 3)), tmp_path / "mlp"))
-    figure = measure_memory(bundle.path, batch_size=4, modes=("torch-ckpt",)).figure("torch-ckpt")
+    figure = measure_memory(bundle.path, batch_size=4, modes=("torch-ckpt",), workers=WORKERS).figure("torch-ckpt")
     assert figure.peak_mb is None and "Hugging Face model" in figure.note

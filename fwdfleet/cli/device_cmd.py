@@ -173,18 +173,19 @@ def _runtime_options(args: argparse.Namespace) -> Any:
 
 def _memory(args: argparse.Namespace) -> int:
     from fwdfleet.bundle import load_bundle
-    from fwdfleet.device_runtime.memory import MODES, measure_memory
+    from fwdfleet.device_runtime.memory import measure_memory
+    from fwdfleet.export.torch_memory import WORKERS  # names torch's worker; imports no torch
 
     _positive(args, "batch_size", "sequence_length", "k")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    unknown = sorted(set(modes) - set(MODES))
+    unknown = sorted(set(modes) - set(WORKERS))
     if unknown or not modes:
-        raise ConfigError(f"--modes {args.modes!r}: choose a comma-separated subset of {', '.join(MODES)}")
+        raise ConfigError(f"--modes {args.modes!r}: choose a comma-separated subset of {', '.join(WORKERS)}")
     options = _runtime_options(args)
     bundle = load_bundle(args.bundle)  # fail fast, in this process, on a corrupt bundle
     report = measure_memory(
         bundle.path, batch_size=args.batch_size, sequence_length=args.sequence_length,
-        num_perturbations=args.k, options=options, modes=modes,
+        num_perturbations=args.k, options=options, modes=modes, workers=WORKERS,
     )  # fmt: skip
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
