@@ -32,10 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from fwdfleet.errors import ConfigError
+from fwdfleet.lr_schedule import LR_SCHEDULES
 from fwdfleet.perturbation import DISTRIBUTIONS
 from fwdfleet.task import DIFFERENCES
 
-MODES = ("scalar", "dense", "fedavg")
 OPTIMIZERS = ("sgd", "momentum", "adam")
 SCHEDULES = ("constant", "linear")
 ROBUST_METHODS = ("none", "clip", "trimmed_mean", "median")
@@ -237,6 +237,35 @@ class RobustConfig:
 
 
 @dataclass(frozen=True)
+class LocalConfig:
+    """Local training for modes that train on the device (``fedavg``): sent with every task.
+
+    ``lr`` is the local learning rate of the first round (0: each device uses its own default);
+    ``lr_schedule`` decays it over ``rounds.num_rounds`` towards ``final_lr_ratio * lr``
+    (:func:`fwdfleet.lr_schedule.round_lr`), computed here and carried by each round's task.
+    ``steps`` local optimizer steps of ``rounds.batch_size`` examples, or (``steps = 0``)
+    ``epochs`` passes over the local data. ``objective`` and ``mode`` choose the local objective
+    and how its steps are computed (Forward-Forward: e.g. ``"symmetric"``, ``"closed_form"``);
+    empty: the device's default.
+    """
+
+    lr: float = 0.0
+    lr_schedule: str = "constant"
+    final_lr_ratio: float = 0.0
+    steps: int = 0
+    epochs: int = 1
+    objective: str = ""
+    mode: str = ""
+
+    def __post_init__(self) -> None:
+        _require(math.isfinite(self.lr) and self.lr >= 0, "local.lr", f"must be a finite number >= 0, got {self.lr}")
+        _require(self.lr_schedule in LR_SCHEDULES, "local.lr_schedule", f"must be one of {LR_SCHEDULES}")
+        _require(0 <= self.final_lr_ratio <= 1, "local.final_lr_ratio", "must be in [0, 1]")
+        _require(self.steps >= 0, "local.steps", f"must be >= 0 (0: epochs), got {self.steps}")
+        _require(self.epochs >= 1, "local.epochs", f"must be >= 1, got {self.epochs}")
+
+
+@dataclass(frozen=True)
 class CheckpointConfig:
     dir: str | None = None  # None: no checkpoints (the Coordinator's checkpoint_dir argument wins)
     fsync_journal: bool = True  # fsync each accepted upload's journal line before acknowledging it
@@ -252,25 +281,18 @@ class AggregatorConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     robust: RobustConfig = field(default_factory=RobustConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    local: LocalConfig = field(default_factory=LocalConfig)
     mode: str = "scalar"
     master_seed: int = 0
     metrics_path: str | None = None
 
     def __post_init__(self) -> None:
-        _require(self.mode in MODES, "mode", f"must be one of {MODES}, got {self.mode!r}")
+        from fwdfleet.aggregator.modes import server_mode, server_mode_names  # the modes import this module
+
+        _require(self.mode in server_mode_names(), "mode", f"must be one of {server_mode_names()}, got {self.mode!r}")
         _require(0 <= self.master_seed < 1 << 64, "master_seed", "must be an unsigned 64-bit integer")
-        if self.robust.method in ("trimmed_mean", "median"):
-            _require(
-                self.perturbation.shared_seeds and self.mode == "scalar",
-                "robust.method",
-                f"{self.robust.method!r} is a per-seed statistic: set perturbation.shared_seeds = true "
-                "(scalar mode), or use 'clip'",
-            )
-        if self.step.normalize != "none" or self.step.probe_scaling != "none":
-            _require(self.mode == "scalar", "step", "normalize and probe_scaling act on the loss differences of "
-                     "scalar rounds: set mode = 'scalar' or leave [step] at its defaults")
+        server_mode(self.mode).check_config(self)
         if self.pacing.enabled:
-            _require(self.mode == "scalar", "pacing.enabled", "needs mode = 'scalar'")
             _require(
                 self.pacing.k_min <= self.perturbation.k <= self.pacing.k_max,
                 "perturbation.k",
@@ -290,6 +312,7 @@ _SECTIONS: dict[str, type] = {
     "validation": ValidationConfig,
     "robust": RobustConfig,
     "checkpoint": CheckpointConfig,
+    "local": LocalConfig,
 }
 _TOP_LEVEL = ("mode", "master_seed", "metrics_path")
 

@@ -18,12 +18,15 @@ A round's life:
    ask the devices that answered for more perturbations (a new request, new ``k_start``).
 4. **Apply** the server optimizer, write a checkpoint, append a metrics line, open the next round.
 
-Modes: ``scalar`` (seeds down, ``(k, d_k)`` up: :meth:`submit`), ``dense`` (FwdLLM's upload of a
-full gradient estimate: :meth:`submit_dense`) and ``fedavg`` (FedFwd: the device uploads its
-locally trained weights, :meth:`submit_weights`; the server applies its optimizer to the
-pseudo-gradient ``w - mean_i(w_i)`` weighted by samples, so ``sgd`` with ``lr = 1`` is plain
-FedAvg). Dense and FedAvg uploads are summed as they arrive (O(n) memory), so their float
-rounding follows arrival order; scalar rounds are reconstructed in device order at close.
+What a device uploads and how a round's uploads become an update is the upload mode's
+(``config.mode``, looked up in the registry :mod:`fwdfleet.aggregator.modes`: ``scalar``, ``dense``,
+``fedavg``, ...); the coordinator never branches on a mode's name. Every upload arrives through
+:meth:`submit_upload` (:meth:`submit`, :meth:`submit_dense` and :meth:`submit_weights` are
+shorthands); the mode validates it (including the sample count it claims, bounded by the task and
+the device's declared shard), the coordinator journals it, the mode adds it to the round.
+
+Reads never change state: :meth:`status` and :meth:`current_trainables` report what is; only
+:meth:`advance` (and the calls that bring news: join, heartbeat, task_for, submit) process time.
 """
 
 from __future__ import annotations
@@ -53,9 +56,10 @@ from fwdfleet.aggregator.checkpoint import (
 )
 from fwdfleet.aggregator.config import AggregatorConfig
 from fwdfleet.aggregator.errors import RejectCode, RejectedError
+from fwdfleet.aggregator.modes import server_mode
 from fwdfleet.aggregator.optim import Optimizer
 from fwdfleet.aggregator.pacing import Pacer
-from fwdfleet.aggregator.reconstruct import Accumulator, accumulate
+from fwdfleet.aggregator.reconstruct import Accumulator
 from fwdfleet.aggregator.records import (
     CoordinatorStatus,
     DeviceProfile,
@@ -66,10 +70,10 @@ from fwdfleet.aggregator.records import (
 )
 from fwdfleet.aggregator.rounds import RoundState, select
 from fwdfleet.aggregator.step_rule import RoundStatistics, StepRule
-from fwdfleet.aggregator.validation import Ledger, check_result, check_round, check_vector, fingerprint
+from fwdfleet.aggregator.validation import Ledger, check_round, fingerprint
 from fwdfleet.bundle import Bundle
 from fwdfleet.perturbation import flatten, split
-from fwdfleet.task import DeviceResult, RoundTask
+from fwdfleet.task import DeviceResult, RoundTask, Upload
 
 __all__ = ["Coordinator", "CoordinatorStatus", "DeviceProfile", "JoinInfo", "RoundEvent", "SubmitReceipt"]
 
@@ -91,6 +95,8 @@ class Coordinator:
                  clock: Callable[[], float] = time.time, evaluate: Evaluate | None = None) -> None:
         self.config = config
         self.bundle = bundle
+        self.mode = server_mode(config.mode)
+        self.mode.check_bundle(bundle.manifest)  # an incompatible model kind is refused before any round
         self._specs = bundle.manifest.trainables
         self._n = bundle.manifest.num_trainable
         self._clock = clock
@@ -100,9 +106,9 @@ class Coordinator:
         self._optimizer = Optimizer(config.optimizer, self._n, total_steps=config.rounds.num_rounds or None)
         self._pacer = Pacer(config.pacing, config.perturbation.k)
         self._step = StepRule(config, self._n)
-        # measured in every scalar round (pacing on or off) so noise_ratio means the same in every metrics log;
+        # measured in every round of a mode with step rules (scalar; pacing on or off) so noise_ratio means the same in every metrics log;
         # costs one more accumulation of half the round's contributions
-        self._halves = config.mode == "scalar" and config.pacing.statistic == "halves"
+        self._halves = self.mode.step_rules and config.pacing.statistic == "halves"
         self._stats = RoundStatistics(self._n, halves=self._halves)
         self._round_id = 0
         self._version = 0
@@ -164,21 +170,31 @@ class Coordinator:
                 batch_size=self.config.rounds.batch_size,
                 data_seed=derive_seed(self.config.master_seed, "data", rnd.round_id, rnd.attempt, dev.index)
                 & 0x7FFFFFFF,
-                deadline_unix=rnd.deadline,
+                deadline_unix=rnd.deadline, upload_mode=self.mode.name,
+                **self.mode.task_fields(self.config, rnd.round_id),
             )
 
+    def submit_upload(self, device_id: str, upload: Upload, *, mode: str | None = None) -> SubmitReceipt:
+        """Accept an upload for this device's outstanding request; :class:`RejectedError` says why not.
+
+        ``mode``: the mode the device says it uploads for (the wire carries it); refused unless it is
+        this aggregator's."""
+        if mode is not None and mode != self.mode.name:
+            raise RejectedError(RejectCode.MALFORMED, f"this aggregator runs mode {self.mode.name!r}; "
+                                f"a {mode!r} upload does not apply (check the device's configuration)")
+        return self._submit(device_id, upload)
+
     def submit(self, device_id: str, result: DeviceResult) -> SubmitReceipt:
-        """Accept a scalar upload (``mode = "scalar"``); raises :class:`RejectedError` otherwise."""
-        return self._submit(device_id, result, None, "scalar")
+        """An upload of ``(k, d_k)`` pairs (modes that carry scalars)."""
+        return self.submit_upload(device_id, Upload(result))
 
     def submit_dense(self, device_id: str, result: DeviceResult, gradient: np.ndarray) -> SubmitReceipt:
-        """Accept a full gradient estimate (``mode = "dense"``); ``result`` carries round, version,
-        samples and loss, with no indices."""
-        return self._submit(device_id, result, np.asarray(gradient), "dense")
+        """A flat vector upload (e.g. ``dense``'s gradient estimate); ``result`` has no indices."""
+        return self.submit_upload(device_id, Upload(result, np.asarray(gradient)))
 
     def submit_weights(self, device_id: str, result: DeviceResult,
                        trainables: Mapping[str, np.ndarray]) -> SubmitReceipt:
-        """Accept locally trained trainables (``mode = "fedavg"``), weighted by ``result.num_samples``."""
+        """Trainables by name (e.g. ``fedavg``'s locally trained weights), flattened in manifest order."""
         try:
             flat = np.concatenate([np.asarray(trainables[t.name], dtype=np.float32).reshape(-1)
                                    for t in self._specs])
@@ -187,7 +203,7 @@ class Coordinator:
                                 f"{[t.name for t in self._specs]}") from e
         except ValueError as e:
             raise RejectedError(RejectCode.MALFORMED, f"trainables cannot be flattened: {e}") from e
-        return self._submit(device_id, result, flat, "fedavg")
+        return self.submit_upload(device_id, Upload(result, flat))
 
     def current_trainables(self) -> tuple[int, dict[str, np.ndarray]]:
         with self._lock:
@@ -195,9 +211,9 @@ class Coordinator:
             return self._version, {t.name: views[t.name].astype(t.dtype) for t in self._specs}
 
     def status(self) -> CoordinatorStatus:
+        """The current state, read only: a deadline that passed is processed by :meth:`advance`, not here."""
         with self._lock:
             now = self._clock()
-            self._tick(now)
             rnd = self._round
             state = "finished" if self._finished() else ("open" if rnd else "waiting")
             return CoordinatorStatus(
@@ -265,10 +281,13 @@ class Coordinator:
                          model_version=self._version, k=k, opened_at=now,
                          deadline=now + self.config.rounds.deadline_s, selected=selected, target=target,
                          acc=Accumulator(self._n))
-        rnd.issue_first(self.config.perturbation.candidate_ratio, self._n)
+        rnd.issue_first(self.config.perturbation.candidate_ratio, self._n, self._sample_budget(self._round_id))
         self._round = rnd
         self._stats = RoundStatistics(self._n, halves=self._halves)
         self._event("round_opened", now, attempt=self._attempt, selected=len(selected), target=target, k=k)
+
+    def _sample_budget(self, round_id: int) -> int | None:
+        return self.mode.sample_budget(self.config, self.mode.task_fields(self.config, round_id))
 
     def _on_deadline(self, rnd: RoundState, now: float) -> None:
         rc = self.config.rounds
@@ -285,14 +304,12 @@ class Coordinator:
             self._round = None
             self._attempt += 1
 
-    def _submit(self, device_id: str, result: DeviceResult, vector: np.ndarray | None, mode: str) -> SubmitReceipt:
+    def _submit(self, device_id: str, upload: Upload) -> SubmitReceipt:
+        result, vector = upload.result, upload.vector
         with self._lock:
             now = self._clock()
-            self._touch(device_id, now)
+            dev = self._touch(device_id, now)
             self._tick(now)
-            if mode != self.config.mode:
-                raise RejectedError(RejectCode.MALFORMED, f"this aggregator runs mode {self.config.mode!r}; "
-                                    f"a {mode!r} upload does not apply (check the device's configuration)")
             fp = fingerprint(result, b"" if vector is None else vector.astype(np.float32).tobytes())
             if self._ledger.is_duplicate(device_id, result.round_id, fp):
                 return SubmitReceipt(accepted=True, duplicate=True, round_id=result.round_id)
@@ -309,32 +326,26 @@ class Coordinator:
             if device_id in rnd.answered:
                 raise RejectedError(RejectCode.ALREADY_SUBMITTED, f"device {device_id!r} already uploaded a "
                                     "different result for this request; only its first upload counts")
-            check_result(result, iss, self.config.validation, scalar=mode == "scalar")
-            if vector is not None:
-                check_vector(vector, self._n, self.config.validation, "gradient" if mode == "dense" else "weights")
+            self.mode.validate(upload, iss, self.config, self._n, dev.profile.num_samples)
             # journaled before it is acknowledged: a restarted server keeps what it accepted
             record: dict[str, Any] = {"e": "submit", "device_id": device_id, "now": now, "result": asdict(result)}
             if vector is not None and self._round_log is not None and not self._replaying:
                 record["vector_file"] = save_upload(self._round_log.path.parent, rnd.round_id, fp[:16], vector)
             self._log(record)
-            self._record(rnd, device_id, result, vector, fp, now)
+            self._record(rnd, device_id, upload, fp, now)
             return SubmitReceipt(accepted=True, duplicate=False, round_id=rnd.round_id)
 
-    def _record(self, rnd: RoundState, device_id: str, result: DeviceResult, vector: np.ndarray | None, fp: str,
-                now: float) -> None:
+    def _record(self, rnd: RoundState, device_id: str, upload: Upload, fp: str, now: float) -> None:
         request = rnd.issued[device_id].request
-        rnd.accept(device_id, self._devices[device_id].index, result, vector, self.config.mode)
+        rnd.count(device_id, upload.result, 0 if upload.vector is None else upload.vector.size)
+        self.mode.accept(rnd, device_id, self._devices[device_id].index, upload)
         self._ledger.record(device_id, rnd.round_id, request, fp)
         if rnd.complete:
             self._close_request(rnd, now, reason="all results in")
 
     def _close_request(self, rnd: RoundState, now: float, reason: str) -> None:
         p = self.config.perturbation
-        if self.config.mode == "scalar":
-            contribs = rnd.scalar_contributions()
-            accumulate(rnd.acc, contribs, round_seed=rnd.seed, distribution=p.distribution,  # type: ignore[arg-type]
-                       shared_seeds=p.shared_seeds, robust=self.config.robust)
-            self._stats.observe(contribs, self.config, rnd.seed)
+        self.mode.close(rnd, self.config, self._stats)
         noise = rnd.acc.noise()
         if self._halves:
             noise = replace(noise, ratio=self._stats.halves_ratio(rnd.acc))
@@ -342,20 +353,17 @@ class Coordinator:
         rnd.decisions.append(decision)
         answered = sorted(rnd.answered, key=lambda d: self._devices[d].index)
         if decision.action == "request_more" and answered:
-            rnd.issue_more(answered, decision.extra_k, p.shared_seeds, now + self.config.rounds.deadline_s)
+            rnd.issue_more(answered, decision.extra_k, p.shared_seeds, now + self.config.rounds.deadline_s,
+                           self._sample_budget(rnd.round_id))
             self._event("extra_requested", now, request=rnd.request, devices=len(answered), extra_k=decision.extra_k,
                         noise_ratio=decision.noise_ratio, reason=reason)
             return
         self._apply(rnd, now, noise, reason)
 
     def _apply(self, rnd: RoundState, now: float, noise: Any, reason: str) -> None:
-        if self.config.mode == "fedavg":
-            mean = rnd.acc.total / np.float32(rnd.fed_weight)
-            grad: np.ndarray = self._params - mean
-        else:
-            grad = rnd.acc.mean()
+        grad = self.mode.gradient(rnd, self._params)
         step_info: dict[str, Any] = {"noise_ratio_spread": rnd.acc.noise().ratio} if self._halves else {}
-        if self.config.mode == "scalar" and self._step.active:
+        if self.mode.step_rules and self._step.active:
             step = self._step.scale(grad, rnd.acc.pairs, self._stats)
             grad = step.direction
             step_info.update(step.info)
@@ -459,6 +467,6 @@ class Coordinator:
                     name = rec.get("vector_file")
                     vector = None if name is None else load_upload(self._round_log.path.parent, str(name))
                     fp = fingerprint(result, b"" if vector is None else vector.tobytes())
-                    self._record(self._round, str(rec["device_id"]), result, vector, fp, now)
+                    self._record(self._round, str(rec["device_id"]), Upload(result, vector), fp, now)
         finally:
             self._replaying = False

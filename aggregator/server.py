@@ -36,10 +36,11 @@ from typing import Any
 import grpc
 
 from fwdfleet.aggregator.auth import BearerAuthInterceptor, TokenAllowList
+from fwdfleet.aggregator.modes import server_mode
 from fwdfleet.aggregator.servicer import BundleArchive, FleetServicer, ServicerSettings
 from fwdfleet.bundle import Bundle
 from fwdfleet.errors import ConfigError
-from fwdfleet.protocol import rpc, serde
+from fwdfleet.protocol import rpc
 
 log = logging.getLogger("fwdfleet.aggregator")
 
@@ -123,8 +124,8 @@ class ServerConfig:
 
 def vector_request_limit(config: ServerConfig, mode: str, num_trainable: int) -> int:
     """SubmitVector's receive limit: a float32 per trainable value plus the scalar limit for the
-    metadata in ``dense``/``fedavg`` mode; just the scalar limit otherwise (the call is refused)."""
-    if mode in serde.VECTOR_MODES:
+    metadata in modes that upload a vector; just the scalar limit otherwise (the call is refused)."""
+    if server_mode(mode).carries == "vector":
         return 4 * num_trainable + config.max_receive_bytes
     return config.max_receive_bytes
 

@@ -10,9 +10,9 @@ for another device's id is ``PERMISSION_DENIED``. Every abort message says why.
 Receive limits are per method: every call but ``SubmitVector`` is refused with
 ``RESOURCE_EXHAUSTED`` above ``max_request_bytes`` (a scalar result is well under 1 KB), while
 ``SubmitVector`` (dense gradients, FedAvg weights) may carry up to ``max_vector_request_bytes``;
-the server sets the transport limit to the larger of the two. ``SubmitVector`` hands the decoded
-vector to ``coordinator.submit_dense`` or ``coordinator.submit_weights`` (split into the
-manifest's trainables), and every JoinReply and GetTaskReply tells devices the coordinator's mode.
+the server sets the transport limit to the larger of the two. ``Submit`` and ``SubmitVector`` both
+hand an :class:`~fwdfleet.task.Upload` to ``coordinator.submit_upload``, whose upload mode decides
+what it accepts; every task, JoinReply and GetTaskReply names the coordinator's mode.
 
 ``GetTask`` is a long poll: it holds the call until a task exists for the device or the wait
 ends, and at most ``long_poll_slots`` calls wait at once so that long polls never starve
@@ -40,8 +40,8 @@ from fwdfleet.aggregator.auth import TokenAllowList
 from fwdfleet.aggregator.errors import RejectedError
 from fwdfleet.bundle import Bundle, TensorSpec, sha256_file, zip_bundle
 from fwdfleet.errors import FwdfleetError
-from fwdfleet.perturbation import split
 from fwdfleet.protocol import PROTOCOL_VERSION, serde, server_codec
+from fwdfleet.task import Upload
 
 log = logging.getLogger("fwdfleet.aggregator")
 T = TypeVar("T")
@@ -127,8 +127,6 @@ class FleetServicer:
         self.settings = settings or ServicerSettings()
         config = getattr(coordinator, "config", None)
         self.mode: serde.UploadMode = getattr(config, "mode", "scalar")
-        if self.mode not in serde.UPLOAD_MODES:
-            raise ValueError(f"coordinator mode {self.mode!r} is not one of {serde.UPLOAD_MODES}")
         if trainable_specs is None:
             bundle = getattr(coordinator, "bundle", None)
             trainable_specs = tuple(bundle.manifest.trainables) if bundle is not None else ()
@@ -249,7 +247,7 @@ class FleetServicer:
             self._small(request, "Submit")
             device_id, result = server_codec.parse_submit(request)
             self._authorize(context, device_id)
-            return self._ack(self.coordinator.submit(device_id, result))
+            return self._ack(self.coordinator.submit_upload(device_id, Upload(result)))
 
         return self._guard(context, run)
 
@@ -261,12 +259,8 @@ class FleetServicer:
                              f"exceeds the {limit}-byte limit for this model ({self.num_values} trainable values)")
             call = server_codec.parse_submit_vector(request, self.num_values)
             self._authorize(context, call.device_id)
-            if call.mode == "dense":
-                receipt = self.coordinator.submit_dense(call.device_id, call.result, call.values)
-            else:
-                weights = split(call.values, self.trainable_specs)
-                receipt = self.coordinator.submit_weights(call.device_id, call.result, weights)
-            return self._ack(receipt)
+            upload = Upload(call.result, call.values)
+            return self._ack(self.coordinator.submit_upload(call.device_id, upload, mode=call.mode))
 
         return self._guard(context, run)
 

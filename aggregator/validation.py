@@ -37,6 +37,7 @@ class Issued:
     k_start: int
     num_perturbations: int
     candidate_ratio: int = 1
+    max_samples: int | None = None  # the most samples an honest answer can claim (None: the shard bounds it)
 
     @property
     def allowed(self) -> range:

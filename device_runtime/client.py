@@ -11,13 +11,12 @@
    difference of the last two model versions, computed locally);
 5. **submit** the result.
 
-The aggregator's mode (told with every task) decides what step 4 computes and step 5 sends:
-``scalar``: the ``(k, d_k)`` pairs with ``Submit``; ``dense``: FwdLLM's dense forward gradient
-``mean_k d_k z_k`` (:func:`~device_runtime.estimator.dense_gradient`) with ``SubmitVector``;
-``fedavg``: weights trained locally from the current ones (``ff_mlp`` bundles with FF layers:
-:func:`~device_runtime.ff_train.train_ff` with the device's ``ff_train`` config; other bundles:
-:func:`~device_runtime.train.train_local`, perturbed-inference SGD with the device's
-``local_train`` steps and lr and the task's K, eps, batch size and seed) with ``SubmitVector``.
+Steps 4 and 5 are the device worker's (:class:`~fwdfleet.device_runtime.worker.DeviceWorker`,
+the same code an emulated device runs): the task names its upload mode and carries every
+hyperparameter of the round, the mode's device half (:mod:`fwdfleet.device_runtime.modes`)
+computes the upload, which goes up with ``Submit`` ((k, d_k) pairs) or ``SubmitVector`` (one flat
+vector). ``local_train`` / ``ff_train`` only fill what a task leaves open. The device declares its
+number of local examples when it joins (the aggregator bounds its upload weight by it).
 
 Transient failures (``UNAVAILABLE``, ``DEADLINE_EXCEEDED``, a stream broken mid-download) are
 retried with jittered exponential backoff (:func:`backoff_delay`, the one such helper). When the
@@ -35,15 +34,13 @@ import math
 import platform
 import random
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 import numpy as np
-import numpy.typing as npt
 
 from fwdfleet import __version__
 from fwdfleet.bundle import Bundle, load_bundle
@@ -55,15 +52,13 @@ from fwdfleet.device_runtime.downloads import (
     read_trainables,
     resume_download,
 )
-from fwdfleet.device_runtime.estimator import EstimatorWorkspace, dense_gradient, estimate
-from fwdfleet.device_runtime.ff_train import FFTrainConfig, train_ff
-from fwdfleet.device_runtime.sampling import guide_from_versions
+from fwdfleet.device_runtime.ff_train import FFTrainConfig
 from fwdfleet.device_runtime.session import BundleSession, SessionOptions
-from fwdfleet.device_runtime.train import LocalTrainConfig, train_local
+from fwdfleet.device_runtime.train import LocalTrainConfig
+from fwdfleet.device_runtime.worker import DeviceWorker, WorkerDefaults
 from fwdfleet.errors import FwdfleetError
-from fwdfleet.perturbation import F32Array
 from fwdfleet.protocol import bearer_metadata, rpc, serde
-from fwdfleet.task import DeviceResult, RoundTask
+from fwdfleet.task import RoundTask, Upload
 
 log = logging.getLogger("fwdfleet.device")
 T = TypeVar("T")
@@ -178,10 +173,9 @@ class DeviceClient:
         ff_train: FFTrainConfig | None = None,
     ) -> None:
         self.config = config
-        # fedavg mode only: how to train locally (the task supplies K, eps, batch size and seed)
-        self.local_train = local_train or DEFAULT_LOCAL_TRAIN
-        self.ff_train = ff_train or FFTrainConfig()
-        self._mode: serde.UploadMode = "scalar"
+        # local-training modes only: what a task leaves open (lr 0, no objective) comes from here
+        self.defaults = WorkerDefaults(local_train=local_train or DEFAULT_LOCAL_TRAIN,
+                                       ff_train=ff_train or FFTrainConfig())
         self.bundle_dir = Path(bundle_dir)
         # A dataset, or a factory building it from the downloaded bundle (a tokenizer ships in it).
         self._dataset_factory = None if hasattr(dataset, "batch") else dataset
@@ -195,10 +189,8 @@ class DeviceClient:
         self._joined: serde.Joined | None = None
         self._bundle: Bundle | None = None
         self._session: BundleSession | None = None
-        self._workspace: EstimatorWorkspace | None = None
-        self._version = -1
-        self._trainables: dict[str, npt.NDArray[Any]] = {}
-        self._previous: tuple[int, dict[str, npt.NDArray[Any]]] | None = None
+        self._worker: DeviceWorker | None = None
+        self._declared = 0  # the number of local examples told at the last join
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -219,8 +211,7 @@ class DeviceClient:
                 task = self._next_task()
                 if task is None:
                     continue
-                result, vector = self._train(task)
-                self._submit(result, vector)
+                self._submit(task, self._train(task))
         except _Stopped:
             pass
         finally:
@@ -232,15 +223,20 @@ class DeviceClient:
     def _ensure_joined(self) -> None:
         if self._joined is not None:
             return
-        profile = serde.DeviceProfile(
-            platform=self.config.platform, ram_mb=self.config.ram_mb, compute_speed=self.config.compute_speed
-        )
+        self._joined = self._join()
+        self._ensure_bundle(self._joined.bundle_sha256)
+        if self.dataset is not None and len(self.dataset) != self._declared:  # built from the bundle just now
+            self._joined = self._join()
+
+    def _join(self) -> serde.Joined:
+        self._declared = len(self.dataset) if self.dataset is not None else 0
+        profile = serde.DeviceProfile(platform=self.config.platform, ram_mb=self.config.ram_mb,
+                                      compute_speed=self.config.compute_speed, num_samples=self._declared)
         request = serde.join_request(self.config.device_id, profile, __version__)
         joined = self._retry("join", lambda: serde.joined_from_bytes(self._unary("Join", request)))
         self.stats.joins += 1
         log.info("joined as device index %d (model version %d)", joined.device_index, joined.model_version)
-        self._joined = joined
-        self._ensure_bundle(joined.bundle_sha256)
+        return joined
 
     def _next_task(self) -> RoundTask | None:
         request = serde.get_task_request(self.config.device_id, self.config.long_poll_s)
@@ -250,76 +246,30 @@ class DeviceClient:
                 self._unary("GetTask", request, timeout=self.config.long_poll_s + self.config.rpc_timeout_s)
             ),
         )
-        self._mode = poll.mode
         if poll.task is None:
             if poll.retry_after_seconds > 0:
                 self._sleep(poll.retry_after_seconds)
             return None
-        if poll.task.model_version != self._version:
+        if poll.task.model_version != self._model_version:
             self._download_trainables(poll.task.model_version)
-            if poll.task.model_version != self._version:
+            if poll.task.model_version != self._model_version:
                 return None  # the model moved on while downloading: ask again
         return poll.task
 
-    def _train(self, task: RoundTask) -> tuple[DeviceResult, F32Array | None]:
-        """The result to upload and, in dense and fedavg mode, its flat vector (manifest order)."""
-        session, bundle, dataset = self._session, self._bundle, self.dataset
-        if session is None or bundle is None or dataset is None:
+    @property
+    def _model_version(self) -> int:
+        return self._worker.version if self._worker is not None else -1
+
+    def _train(self, task: RoundTask) -> Upload:
+        """The upload for ``task``: the device worker runs the task's mode on the local data."""
+        worker, dataset = self._worker, self.dataset
+        if worker is None or dataset is None:
             raise ClientError("no session: the bundle was not loaded")  # unreachable after join
-        if self._mode == "fedavg":
-            return self._train_local(task, session, bundle, dataset)
-        guide = None
-        if task.candidate_ratio > 1 and self._previous is not None and self._previous[0] == self._version - 1:
-            guide = guide_from_versions(self._trainables, self._previous[1], session.trainable_specs)
-        batch = dataset.batch(task.data_seed, task.batch_size)
-        result = estimate(session, self._trainables, batch, task, guide, workspace=self._workspace)
-        if self._mode == "scalar":
-            return result, None
-        n = bundle.manifest.num_trainable
-        if sum(t.size for t in session.trainable_specs) != n:
-            raise ClientError("dense mode needs a graph that takes every trainable of the bundle")
-        gradient = dense_gradient(result, task, n)  # zeros when every perturbation was skipped
-        return replace(result, indices=(), derivatives=()), gradient
+        return worker.run(task, dataset)
 
-    def _train_local(
-        self, task: RoundTask, session: BundleSession, bundle: Bundle, dataset: LocalDataset
-    ) -> tuple[DeviceResult, F32Array]:
-        """FedAvg: train from the current trainables on local data, return the new ones flattened."""
-        start = time.perf_counter()
-        if bundle.manifest.kind == "ff_mlp":
-            data = dataset.batch(task.data_seed, len(dataset))  # every local example, in order
-            if "x" not in data or "labels" not in data:
-                raise ClientError(f"an ff_mlp bundle trains on inputs 'x' and 'labels'; the dataset has {sorted(data)}")
-            config = replace(self.ff_train, seed=task.data_seed & 0xFFFFFFFF)
-            ff = train_ff(bundle, data["x"], data["labels"], config, trainables=self._trainables)
-            losses = [v for k, v in ff.metrics.items() if k.startswith("loss_layer_")]
-            trained, samples, loss = ff.trainables, int(ff.metrics["samples"]), float(np.mean(losses))
-        else:
-            if not hasattr(dataset, "batches"):
-                raise ClientError("fedavg local training needs an ArrayDataset or TextDataset (with batches())")
-            config_l = replace(self.local_train, num_perturbations=task.num_perturbations, eps=task.eps,
-                               batch_size=task.batch_size, seed=task.data_seed, distribution=task.distribution,
-                               difference=task.difference, candidate_ratio=1,
-                               eval_examples=min(self.local_train.eval_examples, task.batch_size))
-            report = train_local(session, dataset, config_l, trainables=self._trainables,  # type: ignore[arg-type]
-                                 progress=False)
-            finite = [v for v in report.train_losses if math.isfinite(v)]
-            trained, samples = report.trainables, report.steps_done * task.batch_size
-            loss = float(np.mean(finite)) if finite else math.nan
-        flat = np.concatenate(
-            [np.asarray(trained[t.name], dtype=np.float32).reshape(-1) for t in bundle.manifest.trainables]
-        )
-        result = DeviceResult(round_id=task.round_id, model_version=task.model_version, indices=(), derivatives=(),
-                              num_samples=samples, loss_mean=loss, compute_seconds=time.perf_counter() - start)
-        return result, flat
-
-    def _submit(self, result: DeviceResult, vector: F32Array | None = None) -> None:
-        result = result.for_upload()
-        if vector is None:
-            method, request = "Submit", serde.submit_request(self.config.device_id, result)
-        else:
-            request = serde.submit_vector_request(self.config.device_id, result, self._mode, vector)
-            method = "SubmitVector"
+    def _submit(self, task: RoundTask, upload: Upload) -> None:
+        result = upload.result.for_upload()
+        method, request = serde.upload_request(self.config.device_id, Upload(result, upload.vector), task.upload_mode)
         self.stats.uplink_bytes += len(request)
         try:
             ack = self._retry("submit", lambda: serde.submit_ack_from_bytes(self._unary(method, request)))
@@ -355,10 +305,10 @@ class DeviceClient:
         bundle = load_bundle(target)
         self._bundle = bundle
         self._session = BundleSession(bundle, self.session_options)
-        self._workspace = EstimatorWorkspace(self._session.trainable_specs)
+        # a new worker holds no tensors: the aggregator's current ones are fetched, not the bundle's initial ones
+        self._worker = DeviceWorker(bundle, self._session, self.defaults)
         if self._dataset_factory is not None:
             self.dataset = self._dataset_factory(bundle)
-        self._version = -1  # fetch the aggregator's current tensors, not the bundle's initial ones
 
     def _download_trainables(self, wanted: int) -> None:
         def fetch() -> tuple[int, dict[str, np.ndarray]]:
@@ -366,13 +316,11 @@ class DeviceClient:
 
         version, tensors = self._retry("download the trainables", fetch)
         self.stats.trainable_downloads += 1
-        session = self._session
-        if session is None:
+        session, worker = self._session, self._worker
+        if session is None or worker is None:
             raise ClientError("no session: the bundle was not loaded")
         session.check_trainables(tensors)
-        if self._version >= 0:
-            self._previous = (self._version, self._trainables)
-        self._trainables, self._version = tensors, version
+        worker.set_model(version, tensors)
         if version != wanted:
             log.info("asked for model version %d, the aggregator now has %d", wanted, version)
 

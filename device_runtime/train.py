@@ -31,7 +31,7 @@ from fwdfleet.device_runtime.estimator import EstimatorWorkspace, accumulate_upd
 from fwdfleet.device_runtime.session import BundleSession
 from fwdfleet.errors import ConfigError
 from fwdfleet.perturbation import DISTRIBUTIONS, Distribution, split
-from fwdfleet.task import DIFFERENCES, Difference, RoundTask
+from fwdfleet.task import DIFFERENCES, DeviceResult, Difference, RoundTask
 
 Schedule = Literal["constant", "cosine"]
 _MASK64 = (1 << 64) - 1
@@ -141,6 +141,39 @@ def _progress(total: int, enabled: bool) -> tuple[Callable[[dict[str, str]], Non
     return (lambda post: None), (lambda line: print(line, file=sys.stderr) if enabled else None), None
 
 
+def local_step_task(config: LocalTrainConfig, step: int) -> RoundTask:
+    """The task of local step ``step``: its own round seed and minibatch seed derived from ``config.seed``."""
+    return RoundTask(
+        round_id=step,
+        model_version=step,
+        round_seed=derive_seed(config.seed, step),
+        device_index=0,
+        num_perturbations=config.num_perturbations,
+        eps=config.eps,
+        distribution=config.distribution,
+        difference=config.difference,
+        candidate_ratio=config.candidate_ratio,
+        batch_size=config.batch_size,
+        data_seed=derive_seed(config.seed ^ 0x5EED, step),
+    )
+
+
+def sgd_step(trainer: BundleSession, current: Mapping[str, npt.NDArray[Any]], w: npt.NDArray[np.float32],
+             batch: Batch, task: RoundTask, lr: float, ws: EstimatorWorkspace,
+             guide: npt.NDArray[np.float32] | None = None, *,
+             track: npt.NDArray[np.float32] | None = None) -> DeviceResult:
+    """One perturbed-inference SGD step: estimate on ``batch``, then ``w -= lr * mean_k d_k z_k`` in place
+    (``current`` are views of ``w``). ``track``, if given, receives the step's change of ``w``."""
+    result = estimate(trainer, current, batch, task, guide, workspace=ws)
+    if result.indices:
+        if track is not None:
+            track[:] = w
+        accumulate_update(result, task, ws.n, scale=-lr / len(result.indices), out=w, buffer=ws.z)
+        if track is not None:
+            np.subtract(w, track, out=track)
+    return result
+
+
 def train_local(
     session: BundleSession,
     train_data: ArrayDataset | TextDataset,
@@ -184,31 +217,13 @@ def train_local(
     write(f"step 0: eval loss {e0.loss:.4f}  accuracy {e0.accuracy:.3f}")
     try:
         for step in range(config.steps):
-            task = RoundTask(
-                round_id=step,
-                model_version=step,
-                round_seed=derive_seed(config.seed, step),
-                device_index=0,
-                num_perturbations=config.num_perturbations,
-                eps=config.eps,
-                distribution=config.distribution,
-                difference=config.difference,
-                candidate_ratio=config.candidate_ratio,
-                batch_size=config.batch_size,
-                data_seed=derive_seed(config.seed ^ 0x5EED, step),
-            )
+            task = local_step_task(config, step)
             batch = train_data.batch(task.data_seed, config.batch_size)
-            result = estimate(trainer, current, batch, task, guide if have_guide else None, workspace=ws)
+            result = sgd_step(trainer, current, w, batch, task, config.lr_at(step), ws,
+                              guide if have_guide else None, track=guide)
+            have_guide = have_guide or (guide is not None and bool(result.indices))
             report.skipped_perturbations += len(result.skipped)
             report.train_losses.append(result.loss_mean)
-            if result.indices:
-                if guide is not None:
-                    guide[:] = w
-                scale = -config.lr_at(step) / len(result.indices)
-                accumulate_update(result, task, ws.n, scale=scale, out=w, buffer=ws.z)
-                if guide is not None:
-                    np.subtract(w, guide, out=guide)
-                    have_guide = True
             report.steps_done = step + 1
             step_fn({"loss": f"{result.loss_mean:.4f}", "skipped": str(report.skipped_perturbations)})
             if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.steps:

@@ -1,10 +1,15 @@
 """In-process fleet emulation: many virtual devices against the real aggregator Coordinator.
 
-The transport is the Coordinator's own API (``join``, ``task_for``, ``submit``): the same calls
-the gRPC servicer makes, so emulation exercises the real round logic, validation, pacing and
-optimizer. Each virtual device computes its result with the real device runtime
-(:func:`device_runtime.estimator.estimate` on an onnxruntime session); a small pool of worker
-processes, each holding one session and the training data, serves many virtual devices in turn.
+The transport is the Coordinator's own API (``join``, ``task_for``, ``submit_upload``): the same
+calls the gRPC servicer makes, so emulation exercises the real round logic, validation, pacing,
+upload modes and optimizer. Each virtual device computes its upload with the device worker a phone
+runs (:class:`~fwdfleet.device_runtime.worker.DeviceWorker`: the task's upload mode, every
+hyperparameter from the task); a small pool of worker processes (or Ray actors), each holding one
+session and the training data, serves many virtual devices in turn.
+
+A refused upload is an error with its cause (:class:`EmulationError`), except the refusals a real
+device meets in a healthy fleet (its round closed or restarted before the upload arrived), which
+drop the upload as a device would. A mode the bundle cannot run is refused before the first round.
 
 Time is simulated: the Coordinator reads a clock this module advances. A device's round takes
 ``profile.round_seconds(measured compute, bytes down, bytes up)``; results arrive in that order,
@@ -27,19 +32,25 @@ import numpy as np
 
 from fwdfleet.aggregator.config import AggregatorConfig
 from fwdfleet.aggregator.coordinator import Coordinator
-from fwdfleet.aggregator.errors import RejectedError
+from fwdfleet.aggregator.errors import RejectCode, RejectedError
 from fwdfleet.aggregator.records import DeviceProfile
 from fwdfleet.bundle import Bundle, load_bundle
 from fwdfleet.device_runtime.data import RawData, dataset_for_bundle
-from fwdfleet.device_runtime.estimator import estimate
-from fwdfleet.device_runtime.sampling import guide_from_versions
 from fwdfleet.device_runtime.session import BundleSession, SessionOptions
 from fwdfleet.device_runtime.train import evaluate
+from fwdfleet.device_runtime.worker import DeviceWorker, WorkerDefaults
+from fwdfleet.errors import FwdfleetError
 from fwdfleet.fleet.profiles import EmulatedProfile, SimulatedClock
 from fwdfleet.protocol import serde
-from fwdfleet.task import DeviceResult, RoundTask
+from fwdfleet.task import RoundTask, Upload
 
 BACKENDS = ("process", "ray")
+# what a device in a healthy fleet may be told: its round closed or restarted first (it drops the upload)
+DROPPED = frozenset({RejectCode.STALE_ROUND, RejectCode.NOT_SELECTED})
+
+
+class EmulationError(FwdfleetError):
+    """The aggregator refused an emulated device's upload for a reason no healthy run meets."""
 
 
 @dataclass(frozen=True)
@@ -120,45 +131,38 @@ class _DeviceShard:
 
 
 class DeviceCompute:
-    """A worker's state: one onnxruntime session and the training data of every device."""
+    """A worker's state: one :class:`DeviceWorker` (one onnxruntime session) and every device's shard."""
 
-    def __init__(self, bundle_path: str, train: RawData, shards: list[np.ndarray], threads: int) -> None:
+    def __init__(self, bundle_path: str, train: RawData, shards: list[np.ndarray], threads: int,
+                 defaults: WorkerDefaults | None = None) -> None:
         self.bundle = load_bundle(bundle_path, verify=False)
         self.session = BundleSession(self.bundle, SessionOptions(intra_op_threads=threads, inter_op_threads=1))
+        self.worker = DeviceWorker(self.bundle, self.session, defaults)
         data = dataset_for_bundle(train, self.bundle)
         self.shards = [_DeviceShard(data, s) for s in shards]
-        self.version = -1
-        self.trainables: dict[str, np.ndarray] = {}
-        self.guide: np.ndarray | None = None  # the last global update, for discriminative sampling
+
+    @property
+    def version(self) -> int:
+        return self.worker.version
 
     def run(self, version: int, trainables: Mapping[str, np.ndarray] | None,
-            jobs: list[tuple[int, RoundTask]]) -> list[tuple[int, DeviceResult]]:
-        if trainables is not None and version != self.version:
-            previous = self.trainables
-            self.trainables = dict(trainables)
-            # as on a real device (device_runtime.client): the guide is w_t - w_{t-1} of consecutive versions
-            consecutive = bool(previous) and version == self.version + 1
-            self.guide = guide_from_versions(self.trainables, previous, self.session.trainable_specs) \
-                if consecutive else None
-            self.version = version
-        out = []
-        for device, task in jobs:
-            batch = self.shards[device].batch(task.data_seed, task.batch_size)
-            guide = self.guide if task.candidate_ratio > 1 else None
-            out.append((device, estimate(self.session, self.trainables, batch, task, guide).for_upload()))
-        return out
+            jobs: list[tuple[int, RoundTask]]) -> list[tuple[int, Upload]]:
+        if trainables is not None:
+            self.worker.set_model(version, dict(trainables))
+        return [(device, self.worker.run(task, self.shards[device])) for device, task in jobs]
 
 
 _WORKER: DeviceCompute | None = None
 
 
-def _init_worker(bundle_path: str, train: RawData, shards: list[np.ndarray], threads: int) -> None:
+def _init_worker(bundle_path: str, train: RawData, shards: list[np.ndarray], threads: int,
+                 defaults: WorkerDefaults | None) -> None:
     global _WORKER
-    _WORKER = DeviceCompute(bundle_path, train, shards, threads)
+    _WORKER = DeviceCompute(bundle_path, train, shards, threads, defaults)
 
 
 def _run_in_worker(version: int, trainables: Mapping[str, np.ndarray] | None,
-                   jobs: list[tuple[int, RoundTask]]) -> list[tuple[int, DeviceResult]]:
+                   jobs: list[tuple[int, RoundTask]]) -> list[tuple[int, Upload]]:
     assert _WORKER is not None, "worker not initialised"
     return _WORKER.run(version, trainables, jobs)
 
@@ -166,9 +170,10 @@ def _run_in_worker(version: int, trainables: Mapping[str, np.ndarray] | None,
 class ComputePool:
     """Runs device jobs in this process (workers=1) or in a pool of worker processes."""
 
-    def __init__(self, bundle: Bundle, train: RawData, shards: list[np.ndarray], settings: EmulationSettings) -> None:
+    def __init__(self, bundle: Bundle, train: RawData, shards: list[np.ndarray], settings: EmulationSettings,
+                 defaults: WorkerDefaults | None = None) -> None:
         self.workers = settings.workers
-        args = (str(bundle.path), train, shards, settings.threads_per_worker)
+        args = (str(bundle.path), train, shards, settings.threads_per_worker, defaults)
         self._local: DeviceCompute | None = None
         self._pool: ProcessPoolExecutor | None = None
         if self.workers == 1:
@@ -178,7 +183,7 @@ class ComputePool:
                                              initializer=_init_worker, initargs=args)
 
     def run(self, version: int, trainables: Mapping[str, np.ndarray],
-            jobs: list[tuple[int, RoundTask]]) -> list[tuple[int, DeviceResult]]:
+            jobs: list[tuple[int, RoundTask]]) -> list[tuple[int, Upload]]:
         if self._local is not None:
             return self._local.run(version, trainables if self._local.version != version else None, jobs)
         assert self._pool is not None
@@ -195,25 +200,26 @@ class DevicePool(Protocol):
     """What the emulation loop needs from a backend computing device results."""
 
     def run(self, version: int, trainables: Mapping[str, np.ndarray],
-            jobs: list[tuple[int, RoundTask]]) -> list[tuple[int, DeviceResult]]: ...
+            jobs: list[tuple[int, RoundTask]]) -> list[tuple[int, Upload]]: ...
 
     def close(self) -> None: ...
 
 
 def in_job_order(jobs: list[tuple[int, RoundTask]],
-                 results: list[tuple[int, DeviceResult]]) -> list[tuple[int, DeviceResult]]:
+                 results: list[tuple[int, Upload]]) -> list[tuple[int, Upload]]:
     """Results in the order of their jobs, whatever worker computed them (keeps runs identical across pools)."""
     by_device = dict(results)
     return [(device, by_device[device]) for device, _ in jobs]
 
 
-def make_pool(bundle: Bundle, train: RawData, shards: list[np.ndarray], settings: EmulationSettings) -> DevicePool:
+def make_pool(bundle: Bundle, train: RawData, shards: list[np.ndarray], settings: EmulationSettings,
+              defaults: WorkerDefaults | None = None) -> DevicePool:
     """The compute backend ``settings.backend`` names."""
     if settings.backend == "ray":
         from fwdfleet.fleet.ray_backend import RayComputePool  # optional: needs the `ray` extra
 
-        return RayComputePool(bundle, train, shards, settings)
-    return ComputePool(bundle, train, shards, settings)
+        return RayComputePool(bundle, train, shards, settings, defaults)
+    return ComputePool(bundle, train, shards, settings, defaults)
 
 
 # ------------------------------------------------------------------------------- the loop
@@ -229,18 +235,25 @@ def emulate(
     *,
     test: RawData | None = None,
     on_round: Callable[[RoundRecord], None] | None = None,
+    evaluator: Callable[[Mapping[str, np.ndarray]], tuple[float, float]] | None = None,
+    defaults: WorkerDefaults | None = None,
 ) -> Generator[RoundRecord, None, None]:
-    """Run ``settings.rounds`` applied rounds; yields one :class:`RoundRecord` per applied round."""
+    """Run ``settings.rounds`` applied rounds; yields one :class:`RoundRecord` per applied round.
+
+    ``evaluator`` (default: test loss and accuracy of the bundle's graph on ``test``) scores the
+    global trainables; ``defaults`` fill what the tasks leave open (the devices' own settings)."""
     if len(shards) != len(profiles):
         raise ValueError(f"{len(shards)} data shards but {len(profiles)} device profiles")
     clock = SimulatedClock()
-    coordinator = Coordinator(settings.bound(config), bundle, clock=lambda: clock.now_s)
+    coordinator = Coordinator(settings.bound(config), bundle, clock=lambda: clock.now_s)  # refuses a bad mode
     rng = np.random.default_rng(settings.seed)
     ids = [f"device-{i:05d}" for i in range(len(shards))]
-    for dev_id, p in zip(ids, profiles):
-        coordinator.join(dev_id, DeviceProfile(platform=p.name, ram_mb=p.memory_cap_mb, compute_speed=p.compute_speed))
-    pool = make_pool(bundle, train, shards, settings)
-    evaluator = Evaluator(bundle, test, settings.eval_batch) if test is not None else None
+    for dev_id, p, shard in zip(ids, profiles, shards):
+        coordinator.join(dev_id, DeviceProfile(platform=p.name, ram_mb=p.memory_cap_mb, compute_speed=p.compute_speed,
+                                               num_samples=int(np.asarray(shard).size)))
+    pool = make_pool(bundle, train, shards, settings, defaults)
+    if evaluator is None and test is not None:
+        evaluator = Evaluator(bundle, test, settings.eval_batch)
     start = time.perf_counter()
     synced_version = dict.fromkeys(ids, -1)
     tally = _RoundTally()
@@ -276,7 +289,7 @@ def emulate(
             for i, res in results:
                 down = 96 + (4 * bundle.manifest.num_trainable if synced_version[ids[i]] != version else 0)
                 synced_version[ids[i]] = version
-                up = len(serde.submit_request(ids[i], res))
+                up = len(serde.upload_request(ids[i], res, config.mode)[1])
                 sim = profiles[i].round_seconds(per_device_s, down, up)
                 tally.bytes_down += down
                 if rng.random() < profiles[i].dropout:
@@ -289,11 +302,13 @@ def emulate(
                 if clock.now_s > deadline:
                     tally.stragglers += 1
                 try:
-                    coordinator.submit(ids[i], res)
+                    coordinator.submit_upload(ids[i], Upload(res.result.for_upload(), res.vector))
                     tally.bytes_up += up
                     tally.per_device_up.append(up)
-                except RejectedError:
-                    pass  # stale (the round closed first) or late: the device just drops it
+                except RejectedError as e:
+                    if e.code not in DROPPED:
+                        raise EmulationError(f"the aggregator refused the upload of {ids[i]} for round "
+                                             f"{res.result.round_id} (mode {config.mode!r}): {e}") from e
                 tally.note(coordinator.advance())
             yield from _flush(tally, coordinator, evaluator, clock, start, settings, on_round)
     finally:
@@ -334,7 +349,8 @@ class Evaluator:
         return ev.loss, ev.accuracy
 
 
-def _flush(tally: _RoundTally, coordinator: Coordinator, evaluator: Evaluator | None, clock: SimulatedClock,
+def _flush(tally: _RoundTally, coordinator: Coordinator,
+           evaluator: Callable[[Mapping[str, np.ndarray]], tuple[float, float]] | None, clock: SimulatedClock,
            start: float, settings: EmulationSettings, on_round: Callable[[RoundRecord], None] | None,
            ) -> Iterator[RoundRecord]:
     """Turn every applied update since the last flush into a RoundRecord."""

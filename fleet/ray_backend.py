@@ -30,9 +30,10 @@ import numpy as np
 
 from fwdfleet.bundle import Bundle, zip_bundle
 from fwdfleet.device_runtime.data import RawData
+from fwdfleet.device_runtime.worker import WorkerDefaults
 from fwdfleet.errors import ConfigError
 from fwdfleet.fleet.emulate import DeviceCompute, in_job_order
-from fwdfleet.task import DeviceResult, RoundTask
+from fwdfleet.task import RoundTask, Upload
 
 if TYPE_CHECKING:
     from fwdfleet.fleet.emulate import EmulationSettings
@@ -51,14 +52,15 @@ def _import_ray() -> Any:
 class _RayWorker:
     """A Ray actor's state: the bundle unpacked on its node, one session, every device's shard."""
 
-    def __init__(self, bundle_zip: bytes, train: RawData, shards: list[np.ndarray], threads: int) -> None:
+    def __init__(self, bundle_zip: bytes, train: RawData, shards: list[np.ndarray], threads: int,
+                 defaults: WorkerDefaults | None) -> None:
         self._dir = Path(tempfile.mkdtemp(prefix="fwdfleet-ray-"))
         path = self._dir / "bundle.zip"
         path.write_bytes(bundle_zip)
-        self.compute = DeviceCompute(str(path), train, shards, threads)
+        self.compute = DeviceCompute(str(path), train, shards, threads, defaults)
 
     def run(self, version: int, trainables: Mapping[str, np.ndarray] | None,
-            jobs: list[tuple[int, RoundTask]]) -> list[tuple[int, DeviceResult]]:
+            jobs: list[tuple[int, RoundTask]]) -> list[tuple[int, Upload]]:
         return self.compute.run(version, trainables, jobs)
 
     def close(self) -> None:
@@ -68,7 +70,8 @@ class _RayWorker:
 class RayComputePool:
     """Runs device jobs on ``settings.workers`` Ray actors (same interface as ``ComputePool``)."""
 
-    def __init__(self, bundle: Bundle, train: RawData, shards: list[np.ndarray], settings: EmulationSettings) -> None:
+    def __init__(self, bundle: Bundle, train: RawData, shards: list[np.ndarray], settings: EmulationSettings,
+                 defaults: WorkerDefaults | None = None) -> None:
         ray = self._ray = _import_ray()
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
@@ -86,7 +89,8 @@ class RayComputePool:
                 blob = zip_bundle(bundle, Path(tmp) / "bundle.zip").read_bytes()
             actor = ray.remote(num_cpus=threads)(_RayWorker)
             blob_ref, train_ref, shards_ref = ray.put(blob), ray.put(train), ray.put(shards)
-            self._actors = [actor.remote(blob_ref, train_ref, shards_ref, threads) for _ in range(settings.workers)]
+            self._actors = [actor.remote(blob_ref, train_ref, shards_ref, threads, defaults)
+                            for _ in range(settings.workers)]
             self._versions = [-1] * settings.workers
             self._trainables_ref: tuple[int, Any] = (-1, None)
         except BaseException:
@@ -94,7 +98,7 @@ class RayComputePool:
             raise
 
     def run(self, version: int, trainables: Mapping[str, np.ndarray],
-            jobs: list[tuple[int, RoundTask]]) -> list[tuple[int, DeviceResult]]:
+            jobs: list[tuple[int, RoundTask]]) -> list[tuple[int, Upload]]:
         if self._trainables_ref[0] != version:
             self._trainables_ref = (version, self._ray.put(dict(trainables)))
         ref = self._trainables_ref[1]

@@ -16,6 +16,9 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+import numpy as np
+import numpy.typing as npt
+
 from fwdfleet.perturbation import DISTRIBUTIONS, Distribution
 
 Difference = Literal["central", "forward"]
@@ -46,6 +49,14 @@ class RoundTask:
     batch_size: int = 16
     data_seed: int = 0  # which minibatch of its local data the device uses this round
     deadline_unix: float = 0.0  # 0: no deadline
+    # what to upload and how to train locally; the aggregator's settings, so that a round is
+    # reproducible by any device (an emulated one or a phone) from the task alone
+    upload_mode: str = "scalar"  # a name in the upload-mode registries (aggregator.modes, device_runtime.modes)
+    lr: float = 0.0  # local learning rate of this round (local-training modes; 0: not used)
+    local_steps: int = 0  # local optimizer steps (0: ``local_epochs`` passes over the local data)
+    local_epochs: int = 1  # passes over the local data when ``local_steps`` is 0
+    objective: str = ""  # local objective (e.g. an FF objective); "": the device's default
+    local_mode: str = ""  # how local training computes its steps (e.g. FF "closed_form"/"perturbed"); "": default
 
     def __post_init__(self) -> None:
         if self.round_id < 0 or self.model_version < 0:
@@ -68,6 +79,13 @@ class RoundTask:
             raise ValueError(f"RoundTask.candidate_ratio must be >= 1, got {self.candidate_ratio}")
         if self.batch_size < 1:
             raise ValueError(f"RoundTask.batch_size must be >= 1, got {self.batch_size}")
+        if not self.upload_mode or len(self.upload_mode) > 64:
+            raise ValueError(f"RoundTask.upload_mode must be a mode name of 1..64 characters, got {self.upload_mode!r}")
+        if not (math.isfinite(self.lr) and self.lr >= 0):
+            raise ValueError(f"RoundTask.lr must be a finite number >= 0, got {self.lr}")
+        if not 0 <= self.local_steps < 1 << 32 or not 1 <= self.local_epochs < 1 << 32:
+            raise ValueError(f"RoundTask.local_steps must be >= 0 and local_epochs >= 1, got "
+                             f"{self.local_steps}, {self.local_epochs}")
 
     @property
     def candidate_indices(self) -> range:
@@ -112,6 +130,16 @@ class DeviceResult:
         return replace(self, extras={}) if self.extras else self
 
 
+@dataclass(frozen=True, eq=False)
+class Upload:
+    """What a device sends for one task: its result and, in vector modes, one flat float32 vector
+    (the trainables' canonical manifest order). Which of the two a mode carries is the mode's
+    ``carries`` (``"scalars"``: the (k, d_k) pairs of ``result``; ``"vector"``: ``vector``)."""
+
+    result: DeviceResult
+    vector: npt.NDArray[np.float32] | None = None
+
+
 @dataclass(frozen=True)
 class DeviceProfile:
     """What a device says about itself when it joins."""
@@ -120,8 +148,11 @@ class DeviceProfile:
     ram_mb: int = 0
     compute_speed: float = 1.0  # relative to a reference device
     labels: dict[str, str] = field(default_factory=dict)
+    num_samples: int = 0  # examples the device holds (its shard); 0: not declared. Bounds its upload weights.
 
     def __post_init__(self) -> None:
+        if not 0 <= self.num_samples < 1 << 63:
+            raise ValueError(f"DeviceProfile.num_samples must be >= 0, got {self.num_samples}")
         if self.ram_mb < 0:
             raise ValueError(f"DeviceProfile.ram_mb must be >= 0, got {self.ram_mb}")
         if not self.compute_speed > 0:

@@ -58,7 +58,7 @@ class LeastSquaresDevice:
         ds = tuple(float(g @ perturbation(task.round_seed, task.device_index, k, w.size, task.distribution))
                    for k in ks)
         return DeviceResult(round_id=task.round_id, model_version=task.model_version, indices=tuple(ks),
-                            derivatives=ds, num_samples=len(self.y), loss_mean=self.loss(w))
+                            derivatives=ds, num_samples=min(len(self.y), task.batch_size), loss_mean=self.loss(w))
 
 
 def make_devices(n: int, count: int, *, seed: int = 0, rows: int = 40, shared_optimum: bool = True,

@@ -183,7 +183,7 @@ def test_dense_mode_applies_the_mean_gradient(tmp_path: Path) -> None:
         task = coord.task_for(d.device_id)
         g = d.grad(w0).astype(np.float32)
         grads.append(g)
-        meta = DeviceResult(task.round_id, task.model_version, (), (), 40, d.loss(w0))
+        meta = DeviceResult(task.round_id, task.model_version, (), (), 16, d.loss(w0))
         with pytest.raises(RejectedError) as e:
             coord.submit(d.device_id, meta)
         assert e.value.code is RejectCode.MALFORMED
@@ -197,8 +197,8 @@ def test_fedavg_mode_with_unit_sgd_is_the_weighted_average(tmp_path: Path) -> No
     n = bundle.manifest.num_trainable
     cfg = _config(mode="fedavg", rounds=RoundsConfig(min_devices=2), optimizer=OptimizerConfig(name="sgd", lr=1.0))
     coord = Coordinator(cfg, bundle, clock=ManualClock())
-    for name in ("a", "b"):
-        coord.join(name, DeviceProfile())
+    for name, shard in (("a", 10), ("b", 30)):
+        coord.join(name, DeviceProfile(num_samples=shard))  # the declared shard bounds the weight
     rng = np.random.default_rng(0)
     uploads = {name: (rng.standard_normal(n).astype(np.float32), samples) for name, samples in (("a", 10), ("b", 30))}
     for name, (flat, samples) in uploads.items():

@@ -179,13 +179,13 @@ def test_fedavg_round_equals_in_process(env) -> None:
         for i, d in enumerate(DEVICES):
             weights = initial + np.random.default_rng(i).standard_normal(initial.size).astype(np.float32) * 0.1
             result = DeviceResult(round_id=tasks[d].round_id, model_version=tasks[d].model_version, indices=(),
-                                  derivatives=(), num_samples=10 * (i + 1), loss_mean=1.0)
+                                  derivatives=(), num_samples=5 * (i + 1), loss_mean=1.0)
             uploads[d] = (result, weights)
             assert submit_vector(ch, d, result, "fedavg", weights).accepted
         wait_for(lambda: server.servicer.coordinator.status().model_version == 1)
         _, tensors = server_trainables(ch)
         expected = in_process(env, config, uploads, "fedavg")
-        mean = (10 * uploads["a"][1] + 20 * uploads["b"][1]) / 30  # weighted by samples
+        mean = (5 * uploads["a"][1] + 10 * uploads["b"][1]) / 15  # weighted by samples
         got = flatten(tensors, env.bundle.manifest.trainables)
         np.testing.assert_allclose(got, mean, rtol=1e-5, atol=1e-6)
         for name, value in expected.items():

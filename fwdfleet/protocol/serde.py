@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 from google.protobuf.message import DecodeError as _PbDecodeError
@@ -32,7 +32,7 @@ from fwdfleet.errors import FwdfleetError
 from fwdfleet.protocol import PROTOCOL_VERSION
 from fwdfleet.protocol.f32 import f32_bytes, sha256_hex
 from fwdfleet.protocol.v1 import fleet_pb2 as pb
-from fwdfleet.task import DeviceProfile, DeviceResult, RoundTask
+from fwdfleet.task import DeviceProfile, DeviceResult, RoundTask, Upload
 
 __all__ = [
     "DecodeError",
@@ -46,12 +46,11 @@ __all__ = [
     "UploadMode",
 ]
 
-UploadMode = Literal["scalar", "dense", "fedavg"]
-UPLOAD_MODES: tuple[UploadMode, ...] = ("scalar", "dense", "fedavg")
-VECTOR_MODES: tuple[UploadMode, ...] = ("dense", "fedavg")
+UploadMode = str  # an upload mode's name (the registries: fwdfleet.aggregator.modes, fwdfleet.device_runtime.modes)
 
 _DISTRIBUTIONS = {"rademacher": pb.DISTRIBUTION_RADEMACHER, "gaussian": pb.DISTRIBUTION_GAUSSIAN}
 _DIFFERENCES = {"central": pb.DIFFERENCE_CENTRAL, "forward": pb.DIFFERENCE_FORWARD}
+# the wire's enum for the first three modes (older peers read only it); every mode also travels by name
 UPLOAD_MODE_CODES = {"scalar": pb.UPLOAD_MODE_SCALAR, "dense": pb.UPLOAD_MODE_DENSE, "fedavg": pb.UPLOAD_MODE_FEDAVG}
 _F32_MAX = float(np.finfo(np.float32).max)
 
@@ -146,10 +145,17 @@ def task_to_proto(task: RoundTask) -> pb.RoundTask:
         batch_size=task.batch_size,
         data_seed=task.data_seed,
         deadline_unix=task.deadline_unix,
+        upload_mode=task.upload_mode,
+        lr=task.lr,
+        local_steps=task.local_steps,
+        local_epochs=task.local_epochs,
+        objective=task.objective,
+        local_mode=task.local_mode,
     )
 
 
-def task_from_proto(msg: pb.RoundTask) -> RoundTask:
+def task_from_proto(msg: pb.RoundTask, default_mode: UploadMode = "scalar") -> RoundTask:
+    """``default_mode``: the mode of a task from an aggregator that did not name it in the task."""
     distribution = _enum_name(_DISTRIBUTIONS, msg.distribution, "RoundTask.distribution")
     difference = _enum_name(_DIFFERENCES, msg.difference, "RoundTask.difference")
     try:
@@ -167,6 +173,12 @@ def task_from_proto(msg: pb.RoundTask) -> RoundTask:
             batch_size=msg.batch_size,
             data_seed=msg.data_seed,
             deadline_unix=msg.deadline_unix,
+            upload_mode=msg.upload_mode or default_mode,
+            lr=msg.lr,
+            local_steps=msg.local_steps,
+            local_epochs=msg.local_epochs or 1,
+            objective=msg.objective,
+            local_mode=msg.local_mode,
         )
     except ValueError as e:
         raise DecodeError("MALFORMED", f"invalid round task: {e}") from e
@@ -239,6 +251,7 @@ def profile_to_proto(profile: DeviceProfile) -> pb.DeviceProfile:
         ram_mb=profile.ram_mb,
         compute_speed=profile.compute_speed,
         labels=dict(profile.labels),
+        num_samples=profile.num_samples,
     )
 
 
@@ -249,6 +262,7 @@ def profile_from_proto(msg: pb.DeviceProfile) -> DeviceProfile:
             ram_mb=msg.ram_mb,
             compute_speed=msg.compute_speed if msg.compute_speed else 1.0,
             labels=dict(msg.labels),
+            num_samples=msg.num_samples,
         )
     except (ValueError, FwdfleetError) as e:
         raise DecodeError("MALFORMED", f"invalid device profile: {e}") from e
@@ -274,14 +288,22 @@ def submit_request(device_id: str, result: DeviceResult) -> bytes:
     return pb.SubmitRequest(device_id=device_id, result=result_to_proto(result)).SerializeToString()
 
 
+def upload_request(device_id: str, upload: Upload, mode: UploadMode) -> tuple[str, bytes]:
+    """``(Fleet method, request bytes)`` of an upload: ``Submit`` for (k, d_k) pairs, ``SubmitVector``
+    when it carries a vector."""
+    if upload.vector is None:
+        return "Submit", submit_request(device_id, upload.result)
+    return "SubmitVector", submit_vector_request(device_id, upload.result, mode, upload.vector)
+
+
 def submit_vector_request(device_id: str, result: DeviceResult, mode: UploadMode, values: np.ndarray) -> bytes:
-    """A dense gradient (``mode="dense"``) or flat trainables (``"fedavg"``) with the result's metadata.
+    """A flat vector (e.g. ``mode="dense"``'s gradient, ``"fedavg"``'s trainables) with the result's metadata.
 
     ``values`` is the flat vector in the manifest's canonical trainable order; it travels as
     little-endian float32 bytes with its length and sha256.
     """
-    if mode not in VECTOR_MODES:
-        raise ValueError(f"a vector upload's mode must be one of {VECTOR_MODES}, got {mode!r}")
+    if not mode:
+        raise ValueError("a vector upload needs its mode's name")
     if result.indices or result.derivatives:
         raise ValueError("a vector upload's result must carry no (index, derivative) pairs")
     flat = np.asarray(values).reshape(-1)
@@ -291,7 +313,8 @@ def submit_vector_request(device_id: str, result: DeviceResult, mode: UploadMode
     return pb.SubmitVectorRequest(
         device_id=device_id,
         result=result_to_proto(result),
-        mode=UPLOAD_MODE_CODES[mode],
+        mode=UPLOAD_MODE_CODES.get(mode, pb.UPLOAD_MODE_UNSPECIFIED),
+        mode_name=mode,
         values=data,
         num_values=flat.size,
         sha256=sha256_hex(data),
@@ -323,15 +346,15 @@ def joined_from_bytes(data: bytes) -> Joined:
         bundle_size=m.bundle_size,
         protocol_version=m.protocol_version,
         heartbeat_interval_seconds=m.heartbeat_interval_seconds,
-        mode=upload_mode_from_proto(m.mode, "JoinReply.mode"),
+        mode=upload_mode_from_proto(m.mode, "JoinReply.mode", m.mode_name),
     )
 
 
 def task_poll_from_bytes(data: bytes) -> TaskPoll:
     m = parse_message(pb.GetTaskReply, data)
-    mode = upload_mode_from_proto(m.mode, "GetTaskReply.mode")
+    mode = upload_mode_from_proto(m.mode, "GetTaskReply.mode", m.mode_name)
     if m.WhichOneof("outcome") == "task":
-        return TaskPoll(task=task_from_proto(m.task), model_version=m.model_version, mode=mode)
+        return TaskPoll(task=task_from_proto(m.task, mode), model_version=m.model_version, mode=mode)
     return TaskPoll(
         task=None,
         model_version=m.model_version,
@@ -392,10 +415,16 @@ def _enum_name(table: Mapping[str, int], value: int, field_name: str) -> str:
     raise DecodeError("MALFORMED", f"{field_name} has unknown value {value}; expected one of {sorted(table)}")
 
 
-def upload_mode_from_proto(value: int, field_name: str) -> UploadMode:
+def upload_mode_from_proto(value: int, field_name: str, name: str = "") -> UploadMode:
+    """A mode from the wire: its name when given, else the enum (unspecified: an aggregator from
+    before vector uploads, so ``scalar``)."""
+    if name:
+        if len(name) > 64:
+            raise DecodeError("MALFORMED", f"{field_name} names a mode of {len(name)} characters; the limit is 64")
+        return name
     if value == pb.UPLOAD_MODE_UNSPECIFIED:
-        return "scalar"  # an aggregator from before vector uploads
-    return _enum_name(UPLOAD_MODE_CODES, value, field_name)  # type: ignore[return-value]
+        return "scalar"
+    return _enum_name(UPLOAD_MODE_CODES, value, field_name)
 
 
 def need_device_id(device_id: str) -> None:

@@ -18,7 +18,6 @@ from fwdfleet.protocol import PROTOCOL_VERSION
 from fwdfleet.protocol.f32 import TensorError, decode_tensor
 from fwdfleet.protocol.serde import (
     UPLOAD_MODE_CODES,
-    VECTOR_MODES,
     DecodeError,
     DownloadChunk,
     HeartbeatAck,
@@ -100,10 +99,7 @@ def parse_submit_vector(data: bytes, num_values: int) -> VectorCall:
     need_device_id(m.device_id)
     if not m.HasField("result"):
         raise DecodeError("MALFORMED", "vector upload carries no result")
-    mode = upload_mode_from_proto(m.mode, "SubmitVectorRequest.mode")
-    if mode not in VECTOR_MODES:
-        raise DecodeError("MALFORMED", f"SubmitVectorRequest.mode must be one of {VECTOR_MODES}, got {mode!r}; "
-                          "scalar results go through Submit")
+    mode = upload_mode_from_proto(m.mode, "SubmitVectorRequest.mode", m.mode_name)
     if m.num_values != num_values:
         raise DecodeError(
             "MALFORMED",
@@ -148,18 +144,20 @@ def joined_to_bytes(j: Joined) -> bytes:
         bundle_size=j.bundle_size,
         protocol_version=j.protocol_version,
         heartbeat_interval_seconds=j.heartbeat_interval_seconds,
-        mode=UPLOAD_MODE_CODES[j.mode],
+        mode=UPLOAD_MODE_CODES.get(j.mode, pb.UPLOAD_MODE_UNSPECIFIED),
+        mode_name=j.mode,
     ))
 
 
 def task_poll_to_bytes(poll: TaskPoll) -> bytes:
-    mode = UPLOAD_MODE_CODES[poll.mode]
+    mode = UPLOAD_MODE_CODES.get(poll.mode, pb.UPLOAD_MODE_UNSPECIFIED)
     if poll.task is not None:
         return _serialized(pb.GetTaskReply(
-            task=task_to_proto(poll.task), model_version=poll.model_version, mode=mode
+            task=task_to_proto(poll.task), model_version=poll.model_version, mode=mode, mode_name=poll.mode
         ))
     no_task = pb.NoTask(retry_after_seconds=poll.retry_after_seconds, reason=poll.reason)
-    return _serialized(pb.GetTaskReply(no_task=no_task, model_version=poll.model_version, mode=mode))
+    return _serialized(pb.GetTaskReply(no_task=no_task, model_version=poll.model_version, mode=mode,
+                                       mode_name=poll.mode))
 
 
 def submit_ack_to_bytes(ack: SubmitAck) -> bytes:

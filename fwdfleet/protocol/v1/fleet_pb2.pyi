@@ -37,7 +37,7 @@ DIFFERENCE_CENTRAL: Difference
 DIFFERENCE_FORWARD: Difference
 
 class DeviceProfile(_message.Message):
-    __slots__ = ("platform", "ram_mb", "compute_speed", "labels")
+    __slots__ = ("platform", "ram_mb", "compute_speed", "labels", "num_samples")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -49,11 +49,13 @@ class DeviceProfile(_message.Message):
     RAM_MB_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SPEED_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     platform: str
     ram_mb: int
     compute_speed: float
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, platform: _Optional[str] = ..., ram_mb: _Optional[int] = ..., compute_speed: _Optional[float] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    num_samples: int
+    def __init__(self, platform: _Optional[str] = ..., ram_mb: _Optional[int] = ..., compute_speed: _Optional[float] = ..., labels: _Optional[_Mapping[str, str]] = ..., num_samples: _Optional[int] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("device_id", "profile", "protocol_version", "client_version")
@@ -68,7 +70,7 @@ class JoinRequest(_message.Message):
     def __init__(self, device_id: _Optional[str] = ..., profile: _Optional[_Union[DeviceProfile, _Mapping]] = ..., protocol_version: _Optional[int] = ..., client_version: _Optional[str] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("device_index", "model_version", "round_id", "bundle_sha256", "bundle_size", "protocol_version", "heartbeat_interval_seconds", "mode")
+    __slots__ = ("device_index", "model_version", "round_id", "bundle_sha256", "bundle_size", "protocol_version", "heartbeat_interval_seconds", "mode", "mode_name")
     DEVICE_INDEX_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +79,7 @@ class JoinReply(_message.Message):
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
+    MODE_NAME_FIELD_NUMBER: _ClassVar[int]
     device_index: int
     model_version: int
     round_id: int
@@ -85,7 +88,8 @@ class JoinReply(_message.Message):
     protocol_version: int
     heartbeat_interval_seconds: float
     mode: UploadMode
-    def __init__(self, device_index: _Optional[int] = ..., model_version: _Optional[int] = ..., round_id: _Optional[int] = ..., bundle_sha256: _Optional[str] = ..., bundle_size: _Optional[int] = ..., protocol_version: _Optional[int] = ..., heartbeat_interval_seconds: _Optional[float] = ..., mode: _Optional[_Union[UploadMode, str]] = ...) -> None: ...
+    mode_name: str
+    def __init__(self, device_index: _Optional[int] = ..., model_version: _Optional[int] = ..., round_id: _Optional[int] = ..., bundle_sha256: _Optional[str] = ..., bundle_size: _Optional[int] = ..., protocol_version: _Optional[int] = ..., heartbeat_interval_seconds: _Optional[float] = ..., mode: _Optional[_Union[UploadMode, str]] = ..., mode_name: _Optional[str] = ...) -> None: ...
 
 class GetTaskRequest(_message.Message):
     __slots__ = ("device_id", "wait_seconds")
@@ -96,7 +100,7 @@ class GetTaskRequest(_message.Message):
     def __init__(self, device_id: _Optional[str] = ..., wait_seconds: _Optional[float] = ...) -> None: ...
 
 class RoundTask(_message.Message):
-    __slots__ = ("round_id", "model_version", "round_seed", "device_index", "num_perturbations", "eps", "k_start", "distribution", "difference", "candidate_ratio", "batch_size", "data_seed", "deadline_unix")
+    __slots__ = ("round_id", "model_version", "round_seed", "device_index", "num_perturbations", "eps", "k_start", "distribution", "difference", "candidate_ratio", "batch_size", "data_seed", "deadline_unix", "upload_mode", "lr", "local_steps", "local_epochs", "objective", "local_mode")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     ROUND_SEED_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +114,12 @@ class RoundTask(_message.Message):
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     DATA_SEED_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_MODE_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_MODE_FIELD_NUMBER: _ClassVar[int]
     round_id: int
     model_version: int
     round_seed: int
@@ -123,7 +133,13 @@ class RoundTask(_message.Message):
     batch_size: int
     data_seed: int
     deadline_unix: float
-    def __init__(self, round_id: _Optional[int] = ..., model_version: _Optional[int] = ..., round_seed: _Optional[int] = ..., device_index: _Optional[int] = ..., num_perturbations: _Optional[int] = ..., eps: _Optional[float] = ..., k_start: _Optional[int] = ..., distribution: _Optional[_Union[Distribution, str]] = ..., difference: _Optional[_Union[Difference, str]] = ..., candidate_ratio: _Optional[int] = ..., batch_size: _Optional[int] = ..., data_seed: _Optional[int] = ..., deadline_unix: _Optional[float] = ...) -> None: ...
+    upload_mode: str
+    lr: float
+    local_steps: int
+    local_epochs: int
+    objective: str
+    local_mode: str
+    def __init__(self, round_id: _Optional[int] = ..., model_version: _Optional[int] = ..., round_seed: _Optional[int] = ..., device_index: _Optional[int] = ..., num_perturbations: _Optional[int] = ..., eps: _Optional[float] = ..., k_start: _Optional[int] = ..., distribution: _Optional[_Union[Distribution, str]] = ..., difference: _Optional[_Union[Difference, str]] = ..., candidate_ratio: _Optional[int] = ..., batch_size: _Optional[int] = ..., data_seed: _Optional[int] = ..., deadline_unix: _Optional[float] = ..., upload_mode: _Optional[str] = ..., lr: _Optional[float] = ..., local_steps: _Optional[int] = ..., local_epochs: _Optional[int] = ..., objective: _Optional[str] = ..., local_mode: _Optional[str] = ...) -> None: ...
 
 class NoTask(_message.Message):
     __slots__ = ("retry_after_seconds", "reason")
@@ -134,16 +150,18 @@ class NoTask(_message.Message):
     def __init__(self, retry_after_seconds: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class GetTaskReply(_message.Message):
-    __slots__ = ("task", "no_task", "model_version", "mode")
+    __slots__ = ("task", "no_task", "model_version", "mode", "mode_name")
     TASK_FIELD_NUMBER: _ClassVar[int]
     NO_TASK_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
+    MODE_NAME_FIELD_NUMBER: _ClassVar[int]
     task: RoundTask
     no_task: NoTask
     model_version: int
     mode: UploadMode
-    def __init__(self, task: _Optional[_Union[RoundTask, _Mapping]] = ..., no_task: _Optional[_Union[NoTask, _Mapping]] = ..., model_version: _Optional[int] = ..., mode: _Optional[_Union[UploadMode, str]] = ...) -> None: ...
+    mode_name: str
+    def __init__(self, task: _Optional[_Union[RoundTask, _Mapping]] = ..., no_task: _Optional[_Union[NoTask, _Mapping]] = ..., model_version: _Optional[int] = ..., mode: _Optional[_Union[UploadMode, str]] = ..., mode_name: _Optional[str] = ...) -> None: ...
 
 class DeviceResult(_message.Message):
     __slots__ = ("round_id", "model_version", "indices", "derivatives", "num_samples", "loss_mean", "loss_std", "skipped", "compute_seconds", "extras")
@@ -195,20 +213,22 @@ class SubmitReply(_message.Message):
     def __init__(self, accepted: _Optional[bool] = ..., duplicate: _Optional[bool] = ..., round_id: _Optional[int] = ...) -> None: ...
 
 class SubmitVectorRequest(_message.Message):
-    __slots__ = ("device_id", "result", "mode", "values", "num_values", "sha256")
+    __slots__ = ("device_id", "result", "mode", "values", "num_values", "sha256", "mode_name")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
     NUM_VALUES_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
+    MODE_NAME_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     result: DeviceResult
     mode: UploadMode
     values: bytes
     num_values: int
     sha256: str
-    def __init__(self, device_id: _Optional[str] = ..., result: _Optional[_Union[DeviceResult, _Mapping]] = ..., mode: _Optional[_Union[UploadMode, str]] = ..., values: _Optional[bytes] = ..., num_values: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+    mode_name: str
+    def __init__(self, device_id: _Optional[str] = ..., result: _Optional[_Union[DeviceResult, _Mapping]] = ..., mode: _Optional[_Union[UploadMode, str]] = ..., values: _Optional[bytes] = ..., num_values: _Optional[int] = ..., sha256: _Optional[str] = ..., mode_name: _Optional[str] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("device_id",)
