@@ -99,14 +99,14 @@ def ff_curve(objective: str, mode: str, bundle_dir: Path, widths: tuple[int, ...
     schedule: LrSchedule = "constant" if perturbed else args.lr_schedule
     start = time.perf_counter()
     run = run_fedfwd(bundle, config, x, y, shards,
-                     FedFwdSettings(rounds=rounds, eval_every=args.eval_every, keep_device_state=False,
+                     FedFwdSettings(rounds=rounds, eval_every=args.eval_every,
                                     lr_schedule=schedule, final_lr_ratio=args.final_lr_ratio),
                      test=(xt, yt))
     recs = run.records
     return {"method": objective, "mode": mode, "curve": [(r.model_version, r.accuracy) for r in recs
                                                          if r.accuracy is not None],
             "bytes_up_per_device_round": recs[-1].bytes_up_per_device,
-            "local_steps_per_device_round": recs[-1].local_steps / max(1, recs[-1].participants),
+            "local_steps_per_device_round": float(np.mean(run.local_steps)),
             "optimizer": config.optimizer, "lr": config.lr, "lr_schedule": schedule,
             "k": config.num_perturbations if perturbed else None,
             "seconds": time.perf_counter() - start}

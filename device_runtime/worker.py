@@ -112,14 +112,14 @@ class DeviceWorker:
         return dm
 
     def run(self, task: RoundTask, data: DeviceData) -> Upload:
-        """The upload for ``task`` (its ``compute_seconds`` measured here) from the current model."""
-        if task.model_version != self.version:
-            raise ValueError(f"the task is for model version {task.model_version} but the worker holds "
-                             f"{self.version}; call set_model first")
+        """The upload for ``task`` (its ``compute_seconds`` measured here) from the model last set."""
         start = time.perf_counter()
         upload = self.check(task.upload_mode).compute(self, task, data)
         seconds = time.perf_counter() - start
-        return Upload(replace(upload.result, compute_seconds=seconds), upload.vector)
+        # a count is of distinct local examples (a minibatch drawn with replacement from a small shard
+        # repeats some): what the aggregator bounds by the shard size the device declared
+        samples = min(upload.result.num_samples, len(data))
+        return Upload(replace(upload.result, compute_seconds=seconds, num_samples=samples), upload.vector)
 
 
 def flat_trainables(trainables: Arrays, bundle: Bundle) -> npt.NDArray[np.float32]:

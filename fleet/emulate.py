@@ -99,7 +99,7 @@ class RoundRecord:
     k: int
     extra_requests: int
     noise_ratio: float | None
-    loss: float | None
+    loss: float | None  # test loss of the global model after the round (when evaluated)
     accuracy: float | None
     bytes_up: int  # real protobuf bytes of the uploads, all devices
     bytes_up_per_device: float  # mean over the devices that uploaded this round
@@ -107,6 +107,7 @@ class RoundRecord:
     sim_time_s: float  # simulated fleet clock at the end of the round
     wall_time_s: float
     pacing: list[dict[str, Any]] = field(default_factory=list)
+    train_loss: float | None = None  # the devices' own loss this round, weighted by their sample counts
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -237,11 +238,13 @@ def emulate(
     on_round: Callable[[RoundRecord], None] | None = None,
     evaluator: Callable[[Mapping[str, np.ndarray]], tuple[float, float]] | None = None,
     defaults: WorkerDefaults | None = None,
+    on_done: Callable[[int, dict[str, np.ndarray]], None] | None = None,
 ) -> Generator[RoundRecord, None, None]:
     """Run ``settings.rounds`` applied rounds; yields one :class:`RoundRecord` per applied round.
 
     ``evaluator`` (default: test loss and accuracy of the bundle's graph on ``test``) scores the
-    global trainables; ``defaults`` fill what the tasks leave open (the devices' own settings)."""
+    global trainables; ``defaults`` fill what the tasks leave open (the devices' own settings);
+    ``on_done`` receives the final model version and trainables after the last round."""
     if len(shards) != len(profiles):
         raise ValueError(f"{len(shards)} data shards but {len(profiles)} device profiles")
     clock = SimulatedClock()
@@ -286,7 +289,8 @@ def emulate(
             per_device_s = (time.perf_counter() - t0) * max(1, settings.workers) / len(tasks)
             round_start = clock.now_s
             arrivals = []
-            for i, res in results:
+            for i, computed in results:
+                res = Upload(computed.result.for_upload(), computed.vector)  # what a device sends: no diagnostics
                 down = 96 + (4 * bundle.manifest.num_trainable if synced_version[ids[i]] != version else 0)
                 synced_version[ids[i]] = version
                 up = len(serde.upload_request(ids[i], res, config.mode)[1])
@@ -302,7 +306,7 @@ def emulate(
                 if clock.now_s > deadline:
                     tally.stragglers += 1
                 try:
-                    coordinator.submit_upload(ids[i], Upload(res.result.for_upload(), res.vector))
+                    coordinator.submit_upload(ids[i], res)
                     tally.bytes_up += up
                     tally.per_device_up.append(up)
                 except RejectedError as e:
@@ -311,6 +315,8 @@ def emulate(
                                              f"{res.result.round_id} (mode {config.mode!r}): {e}") from e
                 tally.note(coordinator.advance())
             yield from _flush(tally, coordinator, evaluator, clock, start, settings, on_round)
+        if on_done is not None:
+            on_done(*coordinator.current_trainables())
     finally:
         pool.close()
 
@@ -372,6 +378,8 @@ def _flush(tally: _RoundTally, coordinator: Coordinator,
             sim_time_s=clock.now_s, wall_time_s=time.perf_counter() - start,
         )
         rec.pacing = [{"next_k": detail.get("next_k")}]
+        train_loss = detail.get("loss_mean")
+        rec.train_loss = float(train_loss) if train_loss is not None and math.isfinite(train_loss) else None
         tally.dropouts = tally.stragglers = tally.bytes_up = tally.bytes_down = tally.extra_requests = 0
         tally.per_device_up.clear()
         if on_round is not None:

@@ -1,58 +1,57 @@
-"""FedFwd: federated Forward-Forward training through the real aggregator in ``fedavg`` mode.
+"""FedFwd: federated Forward-Forward training, run through the fleet emulation in ``fedavg`` mode.
 
+FedFwd is not a loop of its own: :func:`run_fedfwd` configures the aggregator (mode ``fedavg``,
+the local training as ``[local]`` settings the tasks carry) and runs :func:`fleet.emulate.emulate`.
 Each round every selected device downloads the global FF-MLP trainables, trains every layer
-locally on its own shard with :func:`device_runtime.ff_train.train_ff` (layer-local objective,
-closed-form gradients or perturbed inference of the layer graphs, no backpropagation between
-layers) and uploads its weights with :meth:`aggregator.coordinator.Coordinator.submit_weights`.
-The coordinator applies ``w - mean_i(w_i)`` (weighted by samples) through its optimizer; with
+locally on its shard (the ``fedavg`` device mode: :func:`device_runtime.ff_train.train_ff`,
+layer-local objectives, closed-form gradients or perturbed inference of the layer graphs, no
+backpropagation between layers) and uploads its weights; the coordinator applies
+``w - mean_i(w_i)`` (weighted by the examples each device used) through its optimizer, and with
 ``sgd``/``lr = 1`` (the default config here) that is plain FedAvg of the layer weights.
 
-The transport is the Coordinator's own API (``join``, ``task_for``, ``submit_weights``), as in
-:mod:`fleet.emulate`; devices run one after another in this process (FF training is numpy and
-single-threaded). Every random choice derives from the aggregator's master seed: a device's
-local seed is its task's ``data_seed``.
-
-Bytes: what a device would send over gRPC, the real serialized size of its upload
-(``fwdfleet.protocol.serde.submit_vector_request``: its float32 trainables, about
-``4 * num_trainable`` bytes, with the :class:`DeviceResult`'s metadata and a sha256).
+Every setting a device needs travels in its task (learning rate of the round from the server-side
+schedule, epochs or steps, batch size, objective, local mode, K, eps, seed), so the same run over
+real gRPC devices gives the same weights (tests/test_engine_transports.py checks it bit for bit).
+Every random choice derives from the aggregator's master seed: a device's local seed is its
+task's ``data_seed``.
 """
 
 from __future__ import annotations
 
-import time
+import math
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from fwdfleet.aggregator.config import AggregatorConfig, OptimizerConfig, RoundsConfig
-from fwdfleet.aggregator.coordinator import Coordinator
-from fwdfleet.aggregator.errors import RejectedError
-from fwdfleet.aggregator.records import DeviceProfile
+from fwdfleet.aggregator.config import (
+    AggregatorConfig,
+    LocalConfig,
+    OptimizerConfig,
+    RoundsConfig,
+)
 from fwdfleet.bundle import Bundle
-from fwdfleet.device_runtime.ff import FFLayout, NumpyLayers, OnnxLayers, ScoreLayers
-from fwdfleet.device_runtime.ff_train import AdamState, FFTrainConfig, evaluate_ff, train_ff
-from fwdfleet.lr_schedule import LR_SCHEDULES, LrSchedule, round_lr
-from fwdfleet.perturbation import flatten
-from fwdfleet.protocol import serde
-from fwdfleet.task import DeviceResult
+from fwdfleet.device_runtime.data import RawData
+from fwdfleet.device_runtime.ff import FFLayout, ScoreLayers
+from fwdfleet.device_runtime.ff_train import FFTrainConfig, evaluate_ff
+from fwdfleet.device_runtime.worker import WorkerDefaults
+from fwdfleet.fleet.emulate import EmulationSettings, RoundRecord, emulate
+from fwdfleet.fleet.profiles import EmulatedProfile
+from fwdfleet.lr_schedule import LR_SCHEDULES, LrSchedule
 
 
 @dataclass(frozen=True)
 class FedFwdSettings:
-    """How the federated run goes. ``keep_device_state`` keeps each device's Adam moments across rounds.
+    """How the federated run goes.
 
     ``lr_schedule`` / ``final_lr_ratio`` set each round's local learning rate from the training
-    config's ``lr`` (:func:`round_lr`, recorded in ``FedFwdRecord.extras["local_lr"]``). Here the
-    emulation hands it to each device's config; a deployment would send it with the round's task
-    (:class:`~fwdfleet.task.RoundTask` has no field for it yet).
+    config's ``lr`` (:func:`fwdfleet.lr_schedule.round_lr`); the aggregator computes it and sends it
+    with the round's task (``RoundTask.lr``).
     """
 
     rounds: int = 20
     eval_every: int = 1  # 0: evaluate only after the last round
     score_layers: ScoreLayers = "all"  # which layers' scores predict at evaluation
-    keep_device_state: bool = False
     eval_batch: int = 512
     lr_schedule: LrSchedule = "constant"
     final_lr_ratio: float = 0.0
@@ -73,30 +72,10 @@ class FedFwdSettings:
 
 
 @dataclass
-class FedFwdRecord:
-    """One applied round."""
-
-    round_id: int
-    model_version: int
-    participants: int
-    accuracy: float | None  # test accuracy of the global model after this round
-    test_loss: float | None
-    train_loss: dict[str, float]  # sample-weighted mean of the devices' per-layer losses
-    local_steps: int  # optimizer steps per layer, summed over devices
-    bytes_up: int
-    bytes_up_per_device: float
-    device_seconds: float  # FF training compute, summed over devices
-    wall_time_s: float
-    extras: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
 class FedFwdRun:
-    records: list[FedFwdRecord]
-    trainables: Mapping[str, np.ndarray]
+    records: list[RoundRecord]  # one per applied round (accuracy/loss: the FF test evaluation)
+    trainables: Mapping[str, np.ndarray]  # the aggregator's global model at the end
+    local_steps: list[int] = field(default_factory=list)  # optimizer steps per layer of each device per round
 
 
 def fedavg_config(num_devices: int, rounds: int, *, master_seed: int = 0, server_lr: float = 1.0,
@@ -111,6 +90,19 @@ def fedavg_config(num_devices: int, rounds: int, *, master_seed: int = 0, server
     )
 
 
+def with_local_training(config: AggregatorConfig, train: FFTrainConfig, settings: FedFwdSettings) -> AggregatorConfig:
+    """``config`` whose tasks carry ``train``'s local training and ``settings``' lr schedule."""
+    return replace(
+        config,
+        rounds=replace(config.rounds, num_rounds=settings.rounds, batch_size=train.batch_size),
+        perturbation=replace(config.perturbation, k=train.num_perturbations, eps=train.eps,
+                             distribution=train.distribution),
+        local=LocalConfig(lr=train.lr, lr_schedule=settings.lr_schedule, final_lr_ratio=settings.final_lr_ratio,
+                          steps=train.max_steps or 0, epochs=train.epochs, objective=train.objective,
+                          mode=train.mode),
+    )
+
+
 def run_fedfwd(
     bundle: Bundle,
     train_config: FFTrainConfig,
@@ -121,89 +113,35 @@ def run_fedfwd(
     *,
     test: tuple[np.ndarray, np.ndarray] | None = None,
     aggregator: AggregatorConfig | None = None,
-    on_round: Callable[[FedFwdRecord], None] | None = None,
+    on_round: Callable[[RoundRecord], None] | None = None,
 ) -> FedFwdRun:
     """Train ``bundle`` (kind ``ff_mlp``) federated over ``shards`` (index arrays into ``x``/``y``).
 
-    ``train_config`` is each device's local training (its ``seed`` is replaced per device and
-    round). ``aggregator`` defaults to :func:`fedavg_config`; it must use mode ``fedavg``.
-    Returns the records (one :class:`FedFwdRecord` per round) and the final global trainables.
+    ``train_config`` is each device's local training (the tasks carry it; its ``seed`` is each
+    task's data seed). ``aggregator`` defaults to :func:`fedavg_config`; it must use mode ``fedavg``.
     """
     config = aggregator or fedavg_config(len(shards), settings.rounds)
     if config.mode != "fedavg":
         raise ValueError(f"run_fedfwd needs an aggregator in mode 'fedavg', got {config.mode!r}")
     if not shards or any(np.asarray(s).size == 0 for s in shards):
         raise ValueError("run_fedfwd needs at least one shard and no empty shards; repartition with min_samples >= 1")
+    config = with_local_training(config, train_config, settings)
     layout = FFLayout.from_manifest(bundle.manifest)
-    x = np.asarray(x, dtype=np.float32)
-    y = np.asarray(y, dtype=np.int64)
-    now = [0.0]
-    coordinator = Coordinator(replace(config, rounds=replace(config.rounds, num_rounds=settings.rounds)), bundle,
-                              clock=lambda: now[0])
-    ids = [f"device-{i:05d}" for i in range(len(shards))]
-    for dev_id in ids:
-        coordinator.join(dev_id, DeviceProfile(platform="emulated"))
-    runner = OnnxLayers(bundle) if train_config.mode == "perturbed" else NumpyLayers(layout)
-    states: dict[int, AdamState] = {}
-    records: list[FedFwdRecord] = []
-    start = time.perf_counter()
-    while coordinator.status().rounds_completed < settings.rounds:
-        now[0] += 1.0
-        version, weights = coordinator.current_trainables()
-        tasks = [(i, t) for i, dev_id in enumerate(ids) if (t := coordinator.task_for(dev_id)) is not None]
-        if not tasks:
-            raise RuntimeError(f"round {coordinator.status().round_id} issued no task; check the aggregator config "
-                               f"(min_devices={config.rounds.min_devices} for {len(ids)} devices)")
-        losses: dict[str, float] = {}
-        rejected: list[str] = []
-        up = steps = samples = 0
-        compute = 0.0
-        lr = round_lr(train_config.lr, version, settings.rounds, settings.lr_schedule, settings.final_lr_ratio)
-        for i, task in tasks:
-            idx = np.asarray(shards[i])
-            local = replace(train_config, seed=task.data_seed, lr=lr)
-            res = train_ff(bundle, x[idx], y[idx], local, trainables=weights,
-                           state=states.get(i) if settings.keep_device_state else None, runner=runner)
-            if settings.keep_device_state:
-                states[i] = res.state
-            layer_losses = {k: v for k, v in res.metrics.items() if k.startswith("loss_layer_")}
-            result = DeviceResult(round_id=task.round_id, model_version=task.model_version, indices=(),
-                                  derivatives=(), num_samples=int(idx.size),
-                                  loss_mean=float(np.mean(list(layer_losses.values()))) if layer_losses else 0.0,
-                                  compute_seconds=res.metrics["seconds"])
-            try:
-                coordinator.submit_weights(ids[i], result, res.trainables)
-            except RejectedError as e:  # e.g. a diverged device (non-finite or huge weights): it is left out
-                rejected.append(f"{ids[i]}: {e}")
-                continue
-            for k, v in layer_losses.items():
-                losses[k] = losses.get(k, 0.0) + v * idx.size
-            samples += int(idx.size)
-            steps += int(res.metrics["steps"])
-            compute += res.metrics["seconds"]
-            flat = flatten(res.trainables, bundle.manifest.trainables)
-            up += len(serde.submit_vector_request(ids[i], result, "fedavg", flat))  # the real wire size
-        if rejected:  # the round waits for uploads that will not come: let its deadline close it
-            now[0] = coordinator.status().deadline or now[0]
-        coordinator.advance()
-        new_version, new_weights = coordinator.current_trainables()
-        if new_version == version:
-            raise RuntimeError(f"round {coordinator.status().round_id} did not close: {len(rejected)} of {len(tasks)} "
-                               f"uploads were rejected ({'; '.join(rejected[:3])}); lower the local learning rate")
-        last = new_version >= settings.rounds
-        acc = loss = None
-        if test is not None and (last or (settings.eval_every and new_version % settings.eval_every == 0)):
-            ev = evaluate_ff(layout, new_weights, test[0], test[1], score_layers=settings.score_layers,
+    evaluator = None
+    if test is not None:
+        xt, yt = np.asarray(test[0], dtype=np.float32), np.asarray(test[1], dtype=np.int64)
+
+        def evaluator(trainables: Mapping[str, np.ndarray]) -> tuple[float, float]:
+            ev = evaluate_ff(layout, trainables, xt, yt, score_layers=settings.score_layers,
                              batch_size=settings.eval_batch)
-            acc, loss = ev.accuracy, ev.loss
-        rec = FedFwdRecord(
-            round_id=new_version - 1, model_version=new_version, participants=len(tasks) - len(rejected), accuracy=acc,
-            test_loss=loss, train_loss={k: v / samples for k, v in losses.items()}, local_steps=steps,
-            bytes_up=up, bytes_up_per_device=up / max(1, len(tasks) - len(rejected)), device_seconds=compute,
-            wall_time_s=time.perf_counter() - start,
-            extras={"local_lr": lr, **({"rejected": rejected} if rejected else {})},
-        )
-        records.append(rec)
-        if on_round is not None:
-            on_round(rec)
-    return FedFwdRun(records, coordinator.current_trainables()[1])
+            return ev.loss, ev.accuracy
+
+    final: dict[str, np.ndarray] = {}
+    train = RawData(labels=np.asarray(y, dtype=np.int64), features=np.asarray(x, dtype=np.float32))
+    records = list(emulate(bundle, config, train, shards, [EmulatedProfile()] * len(shards),
+                           EmulationSettings(rounds=settings.rounds, eval_every=settings.eval_every),
+                           on_round=on_round, evaluator=evaluator, defaults=WorkerDefaults(ff_train=train_config),
+                           on_done=lambda _version, w: final.update(w)))
+    per_epoch = [max(1, math.ceil(np.asarray(s).size / train_config.batch_size)) for s in shards]
+    steps = [min(train_config.max_steps or p * train_config.epochs, p * train_config.epochs) for p in per_epoch]
+    return FedFwdRun(records, final, steps)

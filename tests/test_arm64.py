@@ -219,7 +219,7 @@ def test_onnxruntime_training_step_on_arm64(arm64, tmp_path):
 _DEVICE_SCRIPT = """
     import json, platform, time
     import grpc, numpy as np
-    import fwdfleet.device_runtime.client as client_mod
+    import fwdfleet.device_runtime.modes.scalar as scalar_mode
     from fwdfleet.device_runtime.client import DeviceClient, DeviceClientConfig
     from fwdfleet.device_runtime.data import ArrayDataset
     from fwdfleet.device_runtime.estimator import estimate as real_estimate
@@ -234,7 +234,7 @@ _DEVICE_SCRIPT = """
         seen.append((task, flatten(trainables, session.trainable_specs), result))
         return result
 
-    client_mod.estimate = recording_estimate
+    scalar_mode.estimate = recording_estimate  # the scalar mode's device half computes the upload
     config = DeviceClientConfig(address={address!r}, device_id="phone-a", token={token!r},
                                 root_cert={ca!r}, long_poll_s=2.0, rpc_timeout_s=60.0, max_retries=20)
     rng = np.random.default_rng(7)

@@ -178,7 +178,7 @@ def test_crash_mid_round_keeps_accepted_dense_uploads(tmp_path: Path) -> None:
     def upload(coord: Coordinator, d) -> tuple[DeviceResult, np.ndarray]:
         task = coord.task_for(d.device_id)
         w = flat_params(coord)
-        return DeviceResult(task.round_id, task.model_version, (), (), 40, d.loss(w)), d.grad(w).astype(np.float32)
+        return DeviceResult(task.round_id, task.model_version, (), (), 16, d.loss(w)), d.grad(w).astype(np.float32)
 
     ref = Coordinator(cfg, bundle, checkpoint_dir=tmp_path / "ref", clock=ManualClock())
     join_all(ref, devices)

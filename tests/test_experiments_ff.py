@@ -18,13 +18,16 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from fwdfleet.aggregator.config import AggregatorConfig  # noqa: E402
+from fwdfleet.aggregator.coordinator import Coordinator  # noqa: E402
 from fwdfleet.bundle import load_bundle  # noqa: E402
 from fwdfleet.device_runtime.ff_train import FFTrainConfig  # noqa: E402
 from fwdfleet.export.ff_mlp import FFMLPConfig, export_ff_mlp  # noqa: E402
 from fwdfleet.fleet.datasets import DatasetConfig, load_split  # noqa: E402
-from fwdfleet.fleet.fedfwd import FedFwdSettings, fedavg_config, run_fedfwd  # noqa: E402
+from fwdfleet.fleet.emulate import EmulationError  # noqa: E402
+from fwdfleet.fleet.fedfwd import FedFwdSettings, fedavg_config, run_fedfwd, with_local_training  # noqa: E402
 from fwdfleet.fleet.partition import PartitionConfig, partition  # noqa: E402
 from fwdfleet.lr_schedule import round_lr  # noqa: E402
+from fwdfleet.task import DeviceProfile, DeviceResult  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 CHANCE = 0.1
@@ -56,7 +59,8 @@ def test_fedfwd_learns_digits(digits, pon_bundle, scheme, floor):
     assert rec.participants == 10
     dense = 4 * pon_bundle.manifest.num_trainable
     assert dense < rec.bytes_up_per_device < dense + 200  # the weights plus a short result message
-    assert rec.train_loss["loss_layer_1"] < run.records[0].train_loss["loss_layer_1"]
+    assert rec.train_loss is not None and run.records[0].train_loss is not None
+    assert rec.train_loss < run.records[0].train_loss  # the devices' local FF loss went down
     # the returned trainables are the aggregator's global model, not the bundle's initial values
     assert not np.allclose(run.trainables["layers.0.weight"], pon_bundle.load_trainables()["layers.0.weight"])
 
@@ -72,7 +76,7 @@ def test_fedfwd_goodness_objective_and_perturbed_mode(digits, tmp_path):
     pert = run_fedfwd(bundle, FFTrainConfig(objective="symmetric", mode="perturbed", optimizer="sgd", lr=0.2,
                                             max_steps=3, num_perturbations=4), x, y, shards,
                       FedFwdSettings(rounds=2, eval_every=0), test=(xt, yt))
-    assert pert.records[-1].local_steps == 5 * 3
+    assert pert.local_steps == [3] * 5
     assert not np.allclose(pert.trainables["layers.1.weight"], bundle.load_trainables()["layers.1.weight"])
 
 
@@ -88,7 +92,7 @@ def test_fedfwd_rejects_wrong_mode_and_drops_diverged_devices(digits, pon_bundle
     cfg = fedavg_config(4, 1)
     strict = AggregatorConfig(mode="fedavg", rounds=cfg.rounds, optimizer=cfg.optimizer,
                               validation=type(cfg.validation)(max_abs_value=1e-9))
-    with pytest.raises(RuntimeError, match="rejected"):
+    with pytest.raises(EmulationError, match=r"refused the upload.*max_abs_value"):
         run_fedfwd(pon_bundle, FFTrainConfig(objective="pon", max_steps=1), x, y, shards, FedFwdSettings(rounds=1),
                    aggregator=strict)
 
@@ -112,11 +116,23 @@ def test_fedfwd_lr_schedule_reaches_the_devices(digits, pon_bundle):
     x, y, _, _ = digits
     shards = partition(y, PartitionConfig("iid", 3, seed=0))
     config = FFTrainConfig(objective="pon", lr=3e-3, max_steps=4)
+    for sched in ("constant", "cosine"):  # the aggregator computes each round's rate and sends it in the task
+        agg = with_local_training(fedavg_config(3, 3), config, FedFwdSettings(rounds=3, lr_schedule=sched))
+        coord = Coordinator(agg, pon_bundle)
+        lrs = []
+        for _ in range(3):
+            for i in range(3):
+                coord.join(f"d{i}", DeviceProfile(num_samples=len(shards[i])))
+            tasks = [coord.task_for(f"d{i}") for i in range(3)]
+            lrs.append(tasks[0].lr)
+            assert {t.lr for t in tasks} == {tasks[0].lr} and tasks[0].local_steps == 4
+            version, w = coord.current_trainables()
+            for i, t in enumerate(tasks):
+                coord.submit_weights(f"d{i}", DeviceResult(t.round_id, version, (), (), 1, 0.5), w)
+        assert lrs == [round_lr(3e-3, i, 3, sched) for i in range(3)]
     runs = {sched: run_fedfwd(pon_bundle, config, x, y, shards,
                               FedFwdSettings(rounds=3, eval_every=0, lr_schedule=sched, final_lr_ratio=0.0))
             for sched in ("constant", "cosine")}
-    assert [r.extras["local_lr"] for r in runs["constant"].records] == [3e-3] * 3
-    assert [r.extras["local_lr"] for r in runs["cosine"].records] == [round_lr(3e-3, i, 3, "cosine") for i in range(3)]
     # same seeds and data: only the later rounds' learning rates differ, and so do the weights
     w_const, w_cos = runs["constant"].trainables, runs["cosine"].trainables
     assert not np.allclose(w_const["layers.0.weight"], w_cos["layers.0.weight"])

@@ -17,7 +17,8 @@ ray = dev_dependency("ray")  # also the optional `ray` extra; the dev extra has 
 
 
 def numbers(results):
-    return [(d, r.indices, r.derivatives, r.num_samples, r.loss_mean, r.loss_std, r.skipped) for d, r in results]
+    return [(d, u.result.indices, u.result.derivatives, u.result.num_samples, u.result.loss_mean, u.result.loss_std,
+             u.result.skipped) for d, u in results]
 
 
 @pytest.fixture(scope="module")
