@@ -37,17 +37,20 @@ def aggregator(devices: int) -> object:
                              "perturbation": {"k": 8}, "optimizer": {"lr": 0.5}})
 
 
-def test_three_device_processes_two_rounds(bundle, digits, tmp_path):
+def test_three_device_processes_learn(bundle, digits, tmp_path):
     shards = partition(digits.train.labels, PartitionConfig("iid", 3, seed=0))
     profiles = [preset("flagship-phone"), preset("budget-phone"), preset("raspberry-pi-4")]
     seen = {}
     records = list(emulate_grpc(bundle, aggregator(3), digits.train, shards, profiles,
-                                EmulationSettings(rounds=2, eval_every=1), tmp_path / "run", test=digits.test,
+                                EmulationSettings(rounds=6, eval_every=1), tmp_path / "run", test=digits.test,
                                 options=GrpcOptions(round_timeout_s=30), on_stop=lambda f: seen.update(fleet=f)))
 
-    assert [r.model_version for r in records] == [1, 2]
+    assert [r.model_version for r in records] == [1, 2, 3, 4, 5, 6]
     assert all(r.participants == 3 and r.k == 8 for r in records)
-    assert all(r.accuracy is not None and 0 <= r.accuracy <= 1 for r in records)
+    accs = [r.accuracy for r in records]
+    assert all(a is not None for a in accs)
+    # chance is 0.1; the same fleet in-process reaches 0.29-0.42 after 6 rounds (master seeds 0-2)
+    assert accs[-1] > 0.2, accs
     assert all(0 < r.bytes_up_per_device < 1024 for r in records)
     assert records[1].sim_time_s >= records[0].sim_time_s > 0
 
@@ -55,7 +58,7 @@ def test_three_device_processes_two_rounds(bundle, digits, tmp_path):
     assert [d.exit_code for d in fleet.devices] == [0, 0, 0]  # stopped cleanly by SIGTERM, not killed
     for device_id, stats in fleet.device_stats.items():
         assert stats is not None, device_id
-        assert stats.joins >= 1 and stats.bundle_downloads == 1 and stats.rounds >= 2
+        assert stats.joins >= 1 and stats.bundle_downloads == 1 and stats.rounds == 6  # every round needs all 3
         assert 0 < stats.uplink_bytes / stats.rounds < 1024  # scalars up, per accepted result
     assert json.loads((tmp_path / "run" / "devices.json").read_text())["device-00001"]["stats"]["rounds"] >= 2
 

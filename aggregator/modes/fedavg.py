@@ -5,7 +5,9 @@ learning rate of this round from the server-side schedule, local steps or epochs
 local mode), so that any device reproduces an emulated run. Uploaded weights are summed as they
 arrive, weighted by the samples each device used, and a claimed count is bounded by what the task
 allowed (batch size x local steps) and by the shard size the device declared at join: no device
-can weigh more than the examples it could have used. The server applies its optimizer to the
+can weigh more than the examples it could have used. The weights are kept per device until the
+round closes (O(n) per upload) and summed in device order, so the result does not depend on the
+order of arrival. The server applies its optimizer to the
 pseudo-gradient ``w - sum_i s_i w_i / sum_i s_i``, so ``sgd`` with ``lr = 1`` is plain FedAvg.
 """
 
@@ -41,10 +43,17 @@ class FedAvgMode(ServerMode):
 
     def accept(self, rnd: RoundState, device_id: str, device_index: int, upload: Upload) -> None:
         assert upload.vector is not None  # validate() refused a missing vector
-        w = float(max(upload.result.num_samples, 1))
-        rnd.acc.total += np.float32(w) * upload.vector.astype(np.float32, copy=False)
-        rnd.fed_weight += w
-        rnd.acc.pairs += 1
+        rnd.kept[device_id] = (device_index, float(max(upload.result.num_samples, 1)),
+                               upload.vector.astype(np.float32, copy=False))
+
+    def close(self, rnd: RoundState, config: AggregatorConfig) -> None:
+        """Sum the kept weights in device-index order: the same float result whatever order the
+        uploads arrived in (threads, network), so any transport reproduces an emulated run bit for bit."""
+        for _, w, v in sorted(rnd.kept.values(), key=lambda kv: kv[0]):
+            rnd.acc.total += np.float32(w) * v
+            rnd.fed_weight += w
+            rnd.acc.pairs += 1
+        rnd.kept.clear()
 
     def gradient(self, rnd: RoundState, params: np.ndarray) -> np.ndarray:
         mean = rnd.acc.total / np.float32(rnd.fed_weight)
