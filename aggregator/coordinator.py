@@ -106,8 +106,8 @@ class Coordinator:
         self._optimizer = Optimizer(config.optimizer, self._n, total_steps=config.rounds.num_rounds or None)
         self._pacer = Pacer(config.pacing, config.perturbation.k)
         self._step = StepRule(config, self._n)
-        # measured in every round of a mode with step rules (scalar; pacing on or off) so noise_ratio means the same in every metrics log;
-        # costs one more accumulation of half the round's contributions
+        # measured in every round of a mode with step rules (scalar; pacing on or off) so noise_ratio means
+        # the same in every metrics log; costs one more accumulation of half the round's contributions
         self._halves = self.mode.step_rules and config.pacing.statistic == "halves"
         self._stats = RoundStatistics(self._n, halves=self._halves)
         self._round_id = 0

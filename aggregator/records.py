@@ -6,23 +6,9 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from fwdfleet.task import DeviceProfile  # what a device says about itself; re-exported here
+from fwdfleet.task import DeviceProfile, JoinInfo, SubmitReceipt  # foundation types, re-exported here
 
 __all__ = ["CoordinatorStatus", "DeviceProfile", "JoinInfo", "RoundEvent", "SubmitReceipt", "derive_seed"]
-
-
-@dataclass(frozen=True)
-class JoinInfo:
-    device_index: int
-    model_version: int
-    round_id: int
-
-
-@dataclass(frozen=True)
-class SubmitReceipt:
-    accepted: bool
-    duplicate: bool  # an identical retry of an upload already counted (not counted again)
-    round_id: int
 
 
 @dataclass(frozen=True)

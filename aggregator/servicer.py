@@ -28,20 +28,22 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 import numpy as np
 
 from fwdfleet import __version__
 from fwdfleet.aggregator.auth import TokenAllowList
+from fwdfleet.aggregator.config import AggregatorConfig
 from fwdfleet.aggregator.errors import RejectedError
+from fwdfleet.aggregator.records import CoordinatorStatus, RoundEvent
 from fwdfleet.bundle import Bundle, TensorSpec, sha256_file, zip_bundle
 from fwdfleet.errors import FwdfleetError
 from fwdfleet.protocol import PROTOCOL_VERSION, serde, server_codec
-from fwdfleet.task import Upload
+from fwdfleet.task import DeviceProfile, JoinInfo, RoundTask, SubmitReceipt, Upload
 
 log = logging.getLogger("fwdfleet.aggregator")
 T = TypeVar("T")
@@ -109,12 +111,34 @@ def _status_for(error: Exception) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal aggregator error ({type(error).__name__}); see the server log"
 
 
+class FleetCoordinator(Protocol):
+    """What the servicer needs of a coordinator (:class:`~fwdfleet.aggregator.coordinator.Coordinator`
+    is one); the servicer only decodes, calls these and encodes."""
+
+    config: AggregatorConfig
+    bundle: Bundle
+
+    def join(self, device_id: str, profile: DeviceProfile) -> JoinInfo: ...
+
+    def heartbeat(self, device_id: str) -> None: ...
+
+    def task_for(self, device_id: str) -> RoundTask | None: ...
+
+    def submit_upload(self, device_id: str, upload: Upload, *, mode: str | None = None) -> SubmitReceipt: ...
+
+    def status(self) -> CoordinatorStatus: ...
+
+    def advance(self, now: float | None = None) -> list[RoundEvent]: ...
+
+    def current_trainables(self) -> tuple[int, dict[str, np.ndarray]]: ...
+
+
 class FleetServicer:
     """Implements ``fwdfleet.v1.Fleet`` on top of a coordinator (register with ``rpc.generic_handler``)."""
 
     def __init__(
         self,
-        coordinator: Any,
+        coordinator: FleetCoordinator,
         archive: BundleArchive,
         *,
         allow_list: TokenAllowList | None = None,
@@ -125,11 +149,9 @@ class FleetServicer:
         self.archive = archive
         self.allow_list = allow_list
         self.settings = settings or ServicerSettings()
-        config = getattr(coordinator, "config", None)
-        self.mode: serde.UploadMode = getattr(config, "mode", "scalar")
+        self.mode: serde.UploadMode = coordinator.config.mode
         if trainable_specs is None:
-            bundle = getattr(coordinator, "bundle", None)
-            trainable_specs = tuple(bundle.manifest.trainables) if bundle is not None else ()
+            trainable_specs = tuple(coordinator.bundle.manifest.trainables)
         self.trainable_specs = trainable_specs
         self.num_values = sum(t.size for t in trainable_specs)
         self._cache_lock = threading.Lock()  # the coordinator locks itself; this guards the npz cache
@@ -172,7 +194,7 @@ class FleetServicer:
         with self._changed:
             self._changed.notify_all()
 
-    def advance(self, now: float | None = None) -> list[Any]:
+    def advance(self, now: float | None = None) -> list[RoundEvent]:
         """Close/open rounds (called periodically by the server); wakes long polls on any event."""
         events = list(self.coordinator.advance(now))
         if events:
@@ -195,9 +217,7 @@ class FleetServicer:
             log.info("device %s joined as index %d (%s)", call.device_id, info.device_index, call.client_version)
             return server_codec.joined_to_bytes(
                 serde.Joined(
-                    device_index=info.device_index,
-                    model_version=info.model_version,
-                    round_id=info.round_id,
+                    **asdict(info),
                     bundle_sha256=self.archive.sha256,
                     bundle_size=self.archive.size,
                     protocol_version=PROTOCOL_VERSION,
@@ -217,7 +237,7 @@ class FleetServicer:
         try:
             while True:
 
-                def poll() -> tuple[Any, int]:
+                def poll() -> tuple[RoundTask | None, int]:
                     return self.coordinator.task_for(device_id), self._versions()[0]
 
                 task, version = self._guard(context, poll)
@@ -264,11 +284,9 @@ class FleetServicer:
 
         return self._guard(context, run)
 
-    def _ack(self, receipt: Any) -> bytes:
+    def _ack(self, receipt: SubmitReceipt) -> bytes:
         self.notify()
-        return server_codec.submit_ack_to_bytes(
-            serde.SubmitAck(accepted=receipt.accepted, duplicate=receipt.duplicate, round_id=receipt.round_id)
-        )
+        return server_codec.submit_ack_to_bytes(receipt)
 
     def Heartbeat(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         def run() -> bytes:
@@ -309,7 +327,7 @@ class FleetServicer:
             self._small(request, "Status")
             server_codec.parse_status(request)
             status = self.coordinator.status()
-            body = asdict(status) if is_dataclass(status) and not isinstance(status, type) else dict(status)
+            body = asdict(status)
             return server_codec.status_to_bytes(
                 serde.ServerStatus(
                     protocol_version=PROTOCOL_VERSION,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -24,7 +23,7 @@ import numpy as np
 
 from fwdfleet.aggregator.config import ValidationConfig
 from fwdfleet.aggregator.errors import RejectCode, RejectedError
-from fwdfleet.task import DeviceResult
+from fwdfleet.task import DeviceResult, InvalidResultError, check_result_fields
 
 
 @dataclass(frozen=True)
@@ -48,37 +47,31 @@ def _reject(code: RejectCode, message: str) -> RejectedError:
     return RejectedError(code, message)
 
 
-def _check_scalars(indices: Sequence[int], derivatives: Sequence[float], loss_mean: float, loss_std: float) -> None:
-    if len(indices) != len(derivatives):
-        raise _reject(RejectCode.MALFORMED, f"{len(indices)} indices but {len(derivatives)} derivatives; "
-                      "send one derivative per index")
-    if len(set(indices)) != len(indices):
-        dup = sorted({k for k in indices if list(indices).count(k) > 1})
-        raise _reject(RejectCode.DUPLICATE_INDEX, f"perturbation indices {dup[:5]} appear more than once; "
-                      "report each index once")
-    bad = [k for k, d in zip(indices, derivatives, strict=True) if not math.isfinite(d)]
-    if bad or not math.isfinite(loss_mean) or not math.isfinite(loss_std):
-        raise _reject(RejectCode.NON_FINITE, f"non-finite value (derivative of indices {bad[:5]} or loss); "
-                      "list NaN/inf perturbations in `skipped` instead of uploading them")
+def _check_scalars(result: DeviceResult) -> None:
+    try:
+        check_result_fields(result.indices, result.derivatives, result.num_samples, result.loss_mean,
+                            result.loss_std)
+    except InvalidResultError as e:
+        raise _reject(RejectCode(e.reason), str(e)) from e
 
 
 def build_result(*, round_id: int, model_version: int, indices: Sequence[int], derivatives: Sequence[float],
                  num_samples: int, loss_mean: float, loss_std: float = 0.0, skipped: Sequence[int] = (),
                  compute_seconds: float = 0.0, extras: Mapping[str, float] | None = None) -> DeviceResult:
     """A :class:`DeviceResult` from raw fields, or :class:`RejectedError` with the reason."""
-    _check_scalars(indices, derivatives, loss_mean, loss_std)
-    if round_id < 0 or model_version < 0 or any(not 0 <= k < 1 << 32 for k in indices):
-        raise _reject(RejectCode.MALFORMED, "round_id, model_version and indices must be non-negative "
-                      "(indices unsigned 32-bit)")
     try:
-        return DeviceResult(round_id=int(round_id), model_version=int(model_version),
-                            indices=tuple(int(k) for k in indices),
-                            derivatives=tuple(float(d) for d in derivatives), num_samples=int(num_samples),
-                            loss_mean=float(loss_mean), loss_std=float(loss_std),
-                            skipped=tuple(int(k) for k in skipped), compute_seconds=float(compute_seconds),
-                            extras=dict(extras or {}))
+        result = DeviceResult(round_id=int(round_id), model_version=int(model_version),
+                              indices=tuple(int(k) for k in indices),
+                              derivatives=tuple(float(d) for d in derivatives), num_samples=int(num_samples),
+                              loss_mean=float(loss_mean), loss_std=float(loss_std),
+                              skipped=tuple(int(k) for k in skipped), compute_seconds=float(compute_seconds),
+                              extras=dict(extras or {}))
+    except InvalidResultError as e:
+        raise _reject(RejectCode(e.reason), str(e)) from e
     except (ValueError, TypeError) as e:
         raise _reject(RejectCode.MALFORMED, f"result fields are invalid: {e}") from e
+    _check_scalars(result)
+    return result
 
 
 def check_round(result: DeviceResult, round_id: int | None, model_version: int) -> None:
@@ -94,9 +87,7 @@ def check_round(result: DeviceResult, round_id: int | None, model_version: int) 
 def check_result(result: DeviceResult, issued: Issued, limits: ValidationConfig, *, scalar: bool = True) -> None:
     """Raise :class:`RejectedError` unless ``result`` answers ``issued`` within ``limits``."""
     check_round(result, issued.round_id, issued.model_version)
-    _check_scalars(result.indices, result.derivatives, result.loss_mean, result.loss_std)
-    if result.num_samples < 0:
-        raise _reject(RejectCode.MALFORMED, "num_samples must be non-negative")
+    _check_scalars(result)
     if not scalar:
         if result.indices:
             raise _reject(RejectCode.MALFORMED, "this round takes a vector upload, not (index, derivative) pairs")

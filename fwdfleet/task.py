@@ -93,6 +93,42 @@ class RoundTask:
         return range(self.k_start, self.k_start + self.candidate_ratio * self.num_perturbations)
 
 
+class InvalidResultError(ValueError):
+    """A result's fields do not make a result. ``reason`` is ``MALFORMED``, ``DUPLICATE_INDEX`` or
+    ``NON_FINITE`` (the wire decoder and the aggregator turn it into their own error with the same reason)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def check_result_fields(indices: tuple[int, ...], derivatives: tuple[float, ...], num_samples: int,
+                        loss_mean: float, loss_std: float, *, finite_loss: bool = True) -> None:
+    """The one check of a result's own consistency, wherever a result is built (device, wire, aggregator):
+    paired indices and derivatives, no index twice, finite values, a non-negative count.
+
+    ``finite_loss=False`` lets a NaN loss through: a device may build such a result (a diverged
+    batch), the aggregator refuses it."""
+    if len(indices) != len(derivatives):
+        raise InvalidResultError("MALFORMED", f"{len(indices)} indices but {len(derivatives)} derivatives; "
+                                 "they must pair up (one derivative per index)")
+    if len(set(indices)) != len(indices):
+        dup = sorted({k for k in indices if indices.count(k) > 1})
+        raise InvalidResultError("DUPLICATE_INDEX", f"perturbation indices {dup[:5]} appear more than once; "
+                                 "report each index once")
+    if any(not 0 <= k < 1 << 32 for k in indices):
+        raise InvalidResultError("MALFORMED", "perturbation indices must be unsigned 32-bit integers")
+    bad = [f"index {k}: {d}" for k, d in zip(indices, derivatives, strict=True) if not math.isfinite(d)]
+    if finite_loss:
+        bad += [f"{name}: {v}" for name, v in (("loss_mean", loss_mean), ("loss_std", loss_std))
+                if not math.isfinite(v)]
+    if bad:
+        raise InvalidResultError("NON_FINITE", f"non-finite values ({', '.join(bad[:5])}); list NaN/inf "
+                                 "perturbations in `skipped` instead of uploading them")
+    if num_samples < 0:
+        raise InvalidResultError("MALFORMED", "num_samples must be non-negative")
+
+
 @dataclass(frozen=True)
 class DeviceResult:
     """A device's answer to a :class:`RoundTask`: scalars only.
@@ -113,14 +149,10 @@ class DeviceResult:
     extras: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if len(self.indices) != len(self.derivatives):
-            raise ValueError("DeviceResult.indices and derivatives must have the same length")
-        if len(set(self.indices)) != len(self.indices):
-            raise ValueError("DeviceResult.indices must not repeat")
-        if not all(math.isfinite(d) for d in self.derivatives):
-            raise ValueError("DeviceResult.derivatives must be finite (skip NaN/inf perturbations instead)")
-        if self.num_samples < 0:
-            raise ValueError("DeviceResult.num_samples must be non-negative")
+        if self.round_id < 0 or self.model_version < 0:
+            raise InvalidResultError("MALFORMED", "DeviceResult.round_id and model_version must be non-negative")
+        check_result_fields(tuple(self.indices), tuple(self.derivatives), self.num_samples, self.loss_mean,
+                            self.loss_std, finite_loss=False)
 
     def for_upload(self) -> DeviceResult:
         """This result without ``extras`` (local diagnostics such as timings): what a device sends.
@@ -138,6 +170,24 @@ class Upload:
 
     result: DeviceResult
     vector: npt.NDArray[np.float32] | None = None
+
+
+@dataclass(frozen=True)
+class JoinInfo:
+    """What joining told a device: its index (the perturbation counter's ``device`` word) and where the fleet is."""
+
+    device_index: int
+    model_version: int
+    round_id: int
+
+
+@dataclass(frozen=True)
+class SubmitReceipt:
+    """The aggregator's answer to an upload (the wire's SubmitReply)."""
+
+    accepted: bool
+    duplicate: bool  # an identical retry of an upload already counted (not counted again)
+    round_id: int
 
 
 @dataclass(frozen=True)

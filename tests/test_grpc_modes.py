@@ -48,7 +48,7 @@ def mode_config(mode: str, **optimizer: Any) -> Any:
 
 
 def submit_vector(ch: grpc.Channel, device_id: str, result: DeviceResult, mode: str,
-                  values: np.ndarray) -> serde.SubmitAck:
+                  values: np.ndarray) -> serde.SubmitReceipt:
     request = serde.submit_vector_request(device_id, result, mode, values)  # type: ignore[arg-type]
     return serde.submit_ack_from_bytes(call(ch, "SubmitVector", request))
 

@@ -31,7 +31,7 @@ def get_task(ch: grpc.Channel, device_id: str, wait: float = 5.0, token: str = F
     return serde.task_poll_from_bytes(call(ch, "GetTask", serde.get_task_request(device_id, wait), token))
 
 
-def submit(ch: grpc.Channel, device_id: str, result: DeviceResult, token: str = FLEET_TOKEN) -> serde.SubmitAck:
+def submit(ch: grpc.Channel, device_id: str, result: DeviceResult, token: str = FLEET_TOKEN) -> serde.SubmitReceipt:
     return serde.submit_ack_from_bytes(call(ch, "Submit", serde.submit_request(device_id, result), token))
 
 

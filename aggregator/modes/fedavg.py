@@ -20,6 +20,7 @@ import numpy as np
 from fwdfleet.aggregator.config import AggregatorConfig
 from fwdfleet.aggregator.modes._base import ServerMode
 from fwdfleet.aggregator.rounds import RoundState
+from fwdfleet.aggregator.step_rule import RoundStatistics
 from fwdfleet.lr_schedule import round_lr
 from fwdfleet.task import Upload
 
@@ -46,7 +47,7 @@ class FedAvgMode(ServerMode):
         rnd.kept[device_id] = (device_index, float(max(upload.result.num_samples, 1)),
                                upload.vector.astype(np.float32, copy=False))
 
-    def close(self, rnd: RoundState, config: AggregatorConfig) -> None:
+    def close(self, rnd: RoundState, config: AggregatorConfig, stats: RoundStatistics) -> None:
         """Sum the kept weights in device-index order: the same float result whatever order the
         uploads arrived in (threads, network), so any transport reproduces an emulated run bit for bit."""
         for _, w, v in sorted(rnd.kept.values(), key=lambda kv: kv[0]):

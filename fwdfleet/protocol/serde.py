@@ -32,7 +32,16 @@ from fwdfleet.errors import FwdfleetError
 from fwdfleet.protocol import PROTOCOL_VERSION
 from fwdfleet.protocol.f32 import f32_bytes, sha256_hex
 from fwdfleet.protocol.v1 import fleet_pb2 as pb
-from fwdfleet.task import DeviceProfile, DeviceResult, RoundTask, Upload
+from fwdfleet.task import (
+    DeviceProfile,
+    DeviceResult,
+    InvalidResultError,
+    JoinInfo,
+    RoundTask,
+    SubmitReceipt,
+    Upload,
+    check_result_fields,
+)
 
 __all__ = [
     "DecodeError",
@@ -41,7 +50,7 @@ __all__ = [
     "HeartbeatAck",
     "Joined",
     "ServerStatus",
-    "SubmitAck",
+    "SubmitReceipt",
     "TaskPoll",
     "UploadMode",
 ]
@@ -70,12 +79,9 @@ class DecodeError(ValueError):
 
 
 @dataclass(frozen=True)
-class Joined:
-    """The aggregator's answer to Join."""
+class Joined(JoinInfo):
+    """The aggregator's answer to Join: the coordinator's :class:`JoinInfo` and what the server adds."""
 
-    device_index: int
-    model_version: int
-    round_id: int
     bundle_sha256: str
     bundle_size: int
     protocol_version: int = PROTOCOL_VERSION
@@ -92,13 +98,6 @@ class TaskPoll:
     retry_after_seconds: float = 0.0
     reason: str = ""
     mode: UploadMode = "scalar"  # what to upload for the task (Submit for scalar, SubmitVector otherwise)
-
-
-@dataclass(frozen=True)
-class SubmitAck:
-    accepted: bool
-    duplicate: bool
-    round_id: int
 
 
 @dataclass(frozen=True)
@@ -206,29 +205,13 @@ def result_to_proto(result: DeviceResult) -> pb.DeviceResult:
 
 
 def result_from_proto(msg: pb.DeviceResult) -> DeviceResult:
-    """Decode a device's result; NaN/inf values and repeated indices are refused with their position."""
-    indices = tuple(msg.indices)
-    derivatives = tuple(msg.derivatives)
-    if len(indices) != len(derivatives):
-        raise DecodeError(
-            "MALFORMED", f"result has {len(indices)} indices but {len(derivatives)} derivatives; they must pair up"
-        )
-    for i, d in enumerate(derivatives):
-        if not math.isfinite(d):
-            raise DecodeError(
-                "NON_FINITE",
-                f"derivative {i} (perturbation index {indices[i]}) is {d}; skip NaN/inf perturbations "
-                "and list them in `skipped` instead of uploading them",
-            )
-    seen: set[int] = set()
-    for k in indices:
-        if k in seen:
-            raise DecodeError("DUPLICATE_INDEX", f"perturbation index {k} appears more than once in the result")
-        seen.add(k)
-    for name in ("loss_mean", "loss_std", "compute_seconds"):
-        if not math.isfinite(getattr(msg, name)):
-            raise DecodeError("NON_FINITE", f"result field {name} is {getattr(msg, name)}; it must be finite")
+    """Decode a device's result; what :func:`fwdfleet.task.check_result_fields` refuses (NaN/inf values,
+    repeated indices, unpaired lists) is a :class:`DecodeError` with the same reason."""
+    if not math.isfinite(msg.compute_seconds):
+        raise DecodeError("NON_FINITE", f"result field compute_seconds is {msg.compute_seconds}; it must be finite")
     try:
+        indices, derivatives = tuple(msg.indices), tuple(msg.derivatives)
+        check_result_fields(indices, derivatives, msg.num_samples, msg.loss_mean, msg.loss_std)
         return DeviceResult(
             round_id=msg.round_id,
             model_version=msg.model_version,
@@ -241,8 +224,8 @@ def result_from_proto(msg: pb.DeviceResult) -> DeviceResult:
             compute_seconds=msg.compute_seconds,
             extras=dict(msg.extras),
         )
-    except ValueError as e:
-        raise DecodeError("MALFORMED", f"invalid result: {e}") from e
+    except InvalidResultError as e:
+        raise DecodeError(e.reason, f"invalid result: {e}") from e
 
 
 def profile_to_proto(profile: DeviceProfile) -> pb.DeviceProfile:
@@ -272,20 +255,20 @@ def profile_from_proto(msg: pb.DeviceProfile) -> DeviceProfile:
 
 
 def join_request(device_id: str, profile: DeviceProfile, client_version: str) -> bytes:
-    return pb.JoinRequest(
+    return wire_bytes(pb.JoinRequest(
         device_id=device_id,
         profile=profile_to_proto(profile),
         protocol_version=PROTOCOL_VERSION,
         client_version=client_version,
-    ).SerializeToString()
+    ))
 
 
 def get_task_request(device_id: str, wait_seconds: float) -> bytes:
-    return pb.GetTaskRequest(device_id=device_id, wait_seconds=wait_seconds).SerializeToString()
+    return wire_bytes(pb.GetTaskRequest(device_id=device_id, wait_seconds=wait_seconds))
 
 
 def submit_request(device_id: str, result: DeviceResult) -> bytes:
-    return pb.SubmitRequest(device_id=device_id, result=result_to_proto(result)).SerializeToString()
+    return wire_bytes(pb.SubmitRequest(device_id=device_id, result=result_to_proto(result)))
 
 
 def upload_request(device_id: str, upload: Upload, mode: UploadMode) -> tuple[str, bytes]:
@@ -310,7 +293,7 @@ def submit_vector_request(device_id: str, result: DeviceResult, mode: UploadMode
     if flat.size and np.isfinite(flat).all() and float(np.abs(flat).max()) > _F32_MAX:
         raise ValueError("the uploaded vector holds a value too large for float32")
     data = f32_bytes(flat)
-    return pb.SubmitVectorRequest(
+    return wire_bytes(pb.SubmitVectorRequest(
         device_id=device_id,
         result=result_to_proto(result),
         mode=UPLOAD_MODE_CODES.get(mode, pb.UPLOAD_MODE_UNSPECIFIED),
@@ -318,19 +301,19 @@ def submit_vector_request(device_id: str, result: DeviceResult, mode: UploadMode
         values=data,
         num_values=flat.size,
         sha256=sha256_hex(data),
-    ).SerializeToString()
+    ))
 
 
 def heartbeat_request(device_id: str) -> bytes:
-    return pb.HeartbeatRequest(device_id=device_id).SerializeToString()
+    return wire_bytes(pb.HeartbeatRequest(device_id=device_id))
 
 
 def download_request(device_id: str, offset: int = 0, model_version: int = 0) -> bytes:
-    return pb.DownloadRequest(device_id=device_id, offset=offset, model_version=model_version).SerializeToString()
+    return wire_bytes(pb.DownloadRequest(device_id=device_id, offset=offset, model_version=model_version))
 
 
 def status_request() -> bytes:
-    return pb.StatusRequest().SerializeToString()
+    return wire_bytes(pb.StatusRequest())
 
 
 # --------------------------------------------------------------------------- replies (client side)
@@ -364,9 +347,9 @@ def task_poll_from_bytes(data: bytes) -> TaskPoll:
     )
 
 
-def submit_ack_from_bytes(data: bytes) -> SubmitAck:
+def submit_ack_from_bytes(data: bytes) -> SubmitReceipt:
     m = parse_message(pb.SubmitReply, data)
-    return SubmitAck(accepted=m.accepted, duplicate=m.duplicate, round_id=m.round_id)
+    return SubmitReceipt(accepted=m.accepted, duplicate=m.duplicate, round_id=m.round_id)
 
 
 def heartbeat_ack_from_bytes(data: bytes) -> HeartbeatAck:
@@ -394,6 +377,13 @@ def status_from_bytes(data: bytes) -> ServerStatus:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def wire_bytes(msg: Message) -> bytes:
+    """A message's wire bytes (typed: the generated classes are not)."""
+    data: bytes = msg.SerializeToString()
+    return data
+
 
 _M = TypeVar("_M", bound=Message)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -23,7 +22,7 @@ from fwdfleet.protocol.serde import (
     HeartbeatAck,
     Joined,
     ServerStatus,
-    SubmitAck,
+    SubmitReceipt,
     TaskPoll,
     UploadMode,
     need_device_id,
@@ -32,6 +31,7 @@ from fwdfleet.protocol.serde import (
     result_from_proto,
     task_to_proto,
     upload_mode_from_proto,
+    wire_bytes,
 )
 from fwdfleet.protocol.v1 import fleet_pb2 as pb
 from fwdfleet.task import DeviceProfile, DeviceResult
@@ -130,13 +130,8 @@ def parse_status(data: bytes) -> None:
     parse_message(pb.StatusRequest, data)
 
 
-def _serialized(message: Any) -> bytes:
-    data: bytes = message.SerializeToString()
-    return data
-
-
 def joined_to_bytes(j: Joined) -> bytes:
-    return _serialized(pb.JoinReply(
+    return wire_bytes(pb.JoinReply(
         device_index=j.device_index,
         model_version=j.model_version,
         round_id=j.round_id,
@@ -152,30 +147,30 @@ def joined_to_bytes(j: Joined) -> bytes:
 def task_poll_to_bytes(poll: TaskPoll) -> bytes:
     mode = UPLOAD_MODE_CODES.get(poll.mode, pb.UPLOAD_MODE_UNSPECIFIED)
     if poll.task is not None:
-        return _serialized(pb.GetTaskReply(
+        return wire_bytes(pb.GetTaskReply(
             task=task_to_proto(poll.task), model_version=poll.model_version, mode=mode, mode_name=poll.mode
         ))
     no_task = pb.NoTask(retry_after_seconds=poll.retry_after_seconds, reason=poll.reason)
-    return _serialized(pb.GetTaskReply(no_task=no_task, model_version=poll.model_version, mode=mode,
+    return wire_bytes(pb.GetTaskReply(no_task=no_task, model_version=poll.model_version, mode=mode,
                                        mode_name=poll.mode))
 
 
-def submit_ack_to_bytes(ack: SubmitAck) -> bytes:
-    return _serialized(pb.SubmitReply(accepted=ack.accepted, duplicate=ack.duplicate, round_id=ack.round_id))
+def submit_ack_to_bytes(ack: SubmitReceipt) -> bytes:
+    return wire_bytes(pb.SubmitReply(accepted=ack.accepted, duplicate=ack.duplicate, round_id=ack.round_id))
 
 
 def heartbeat_ack_to_bytes(ack: HeartbeatAck) -> bytes:
-    return _serialized(pb.HeartbeatReply(model_version=ack.model_version, round_id=ack.round_id))
+    return wire_bytes(pb.HeartbeatReply(model_version=ack.model_version, round_id=ack.round_id))
 
 
 def chunk_to_bytes(c: DownloadChunk) -> bytes:
-    return _serialized(pb.Chunk(
+    return wire_bytes(pb.Chunk(
         offset=c.offset, data=c.data, total_size=c.total_size, sha256=c.sha256, model_version=c.model_version
     ))
 
 
 def status_to_bytes(s: ServerStatus) -> bytes:
-    return _serialized(pb.StatusReply(
+    return wire_bytes(pb.StatusReply(
         protocol_version=s.protocol_version,
         server_version=s.server_version,
         round_id=s.round_id,
