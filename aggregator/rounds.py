@@ -1,7 +1,9 @@
 """One round's state: who was selected, what each was issued, what arrived, the running sums.
 
 The :class:`~aggregator.coordinator.Coordinator` decides *when* things happen (deadlines,
-pacing, applying); this module holds *what* a round is and how an accepted upload changes it.
+pacing, applying); this module holds *what* a round is and the bookkeeping every accepted upload
+shares (:meth:`RoundState.count`); what an upload adds to the round is its upload mode's
+(:mod:`fwdfleet.aggregator.modes`).
 Selection is a pure function of the master seed, the round id and the attempt, so a restarted
 server selects the same devices and issues the same seeds.
 """

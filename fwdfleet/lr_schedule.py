@@ -20,7 +20,8 @@ def round_lr(lr: float, round_index: int, rounds: int, schedule: LrSchedule = "c
     ``constant``: ``lr`` every round. ``linear`` and ``cosine`` start at ``lr`` in the first round
     and decay towards ``final_lr_ratio * lr`` at the end of the last one (evaluated at the start
     of each round, ``progress = round_index / rounds``, so every round's rate stays positive).
-    The same function schedules FedFwd (:mod:`fleet.fedfwd`), its backprop baseline
+    The same function schedules FedFwd (the aggregator's ``fedavg`` mode puts each round's rate in
+    the task), its backprop baseline
     (``benchmarks/baselines_mlp.py``) and pipeline FF's chapters (:mod:`pff.config`).
     """
     if schedule not in LR_SCHEDULES:
