@@ -31,7 +31,7 @@ import resource
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -281,36 +281,34 @@ def worker_parser(prog: str, modes: Sequence[str]) -> argparse.ArgumentParser:
     return p
 
 
-def report_peak(mode: str, stages: dict[str, int], seconds: float, note: str) -> None:
-    """Print a worker's result line (the peak after the work, the baseline after the imports)."""
-    stages["peak"] = peak_rss_kb()
-    print(json.dumps({"mode": mode, "peak_kb": stages["peak"], "baseline_kb": stages["runtime modules"],
-                      "seconds": seconds, "note": note, "stages_kb": stages}))  # fmt: skip
-
-
-def report_error(e: Exception) -> None:
-    """Print a worker's failure as the one-line reason :func:`measure_memory` turns into a note."""
-    print(json.dumps({"error": f"{type(e).__name__}: {e}".splitlines()[0]}))
-
-
-def _main(argv: Sequence[str] | None = None) -> int:
+def run_worker_main(prog: str, modes: Sequence[str], work: Callable[[argparse.Namespace, dict[str, int]],
+                    tuple[float, str]], argv: Sequence[str] | None = None) -> int:
+    """A memory worker's ``main``: parse :func:`worker_parser`'s arguments, do ``work(args, stages)``
+    (seconds, note) and print the peak after it, or the failure as the one-line reason
+    :func:`measure_memory` turns into a note. Always exits 0: the parent reads the JSON line."""
     stages = {"interpreter": peak_rss_kb()}
-    a = worker_parser(f"python -m {WORKER}", tuple(DEVICE_WORKERS)).parse_args(argv)
+    a = worker_parser(prog, modes).parse_args(argv)
     try:
-        opts = RuntimeOptions.from_args(a)
-        import numpy  # noqa: F401  (counted in the baseline, as a device always has it loaded)
-
-        stages["numpy"] = peak_rss_kb()
-        import onnxruntime  # noqa: F401
-
-        stages["onnxruntime"] = peak_rss_kb()
-        seconds, note = _ort_work(a.mode, a.bundle, a.batch_size, a.sequence_length, a.k, opts, stages)
+        seconds, note = work(a, stages)
     except Exception as e:  # reported to the parent as a one-line reason
-        report_error(e)
+        print(json.dumps({"error": f"{type(e).__name__}: {e}".splitlines()[0]}))
         return 0
-    report_peak(a.mode, stages, seconds, note)
+    stages["peak"] = peak_rss_kb()
+    print(json.dumps({"mode": a.mode, "peak_kb": stages["peak"], "baseline_kb": stages["runtime modules"],
+                      "seconds": seconds, "note": note, "stages_kb": stages}))  # fmt: skip
     return 0
 
 
+def _device_work(a: argparse.Namespace, stages: dict[str, int]) -> tuple[float, str]:
+    opts = RuntimeOptions.from_args(a)
+    import numpy  # noqa: F401  (counted in the baseline, as a device always has it loaded)
+
+    stages["numpy"] = peak_rss_kb()
+    import onnxruntime  # noqa: F401
+
+    stages["onnxruntime"] = peak_rss_kb()
+    return _ort_work(a.mode, a.bundle, a.batch_size, a.sequence_length, a.k, opts, stages)
+
+
 if __name__ == "__main__":
-    sys.exit(_main())
+    sys.exit(run_worker_main(f"python -m {WORKER}", tuple(DEVICE_WORKERS), _device_work))

@@ -110,10 +110,7 @@ class CausalLmExport:
             raise ExportError("--template and --label-words belong to --objective prompted-cls")
         if self.method not in PEFT_METHODS:
             raise ExportError(f"CausalLmExport.method must be one of {PEFT_METHODS}, got {self.method!r}")
-        if self.max_length < 2:
-            raise ExportError(f"CausalLmExport.max_length must be >= 2, got {self.max_length}")
-        if self.graph.sequence_length is not None and self.graph.sequence_length > self.max_length:
-            raise ExportError("GraphOptions.sequence_length must not exceed CausalLmExport.max_length")
+        self.graph.check_lengths("CausalLmExport", self.max_length)
 
 
 class CausalLanguageModel(nn.Module):

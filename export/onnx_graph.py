@@ -62,6 +62,13 @@ class GraphOptions:
         if self.exporter not in EXPORTERS:
             raise ExportError(f"GraphOptions.exporter must be one of {EXPORTERS}, got {self.exporter!r}")
 
+    def check_lengths(self, owner: str, max_length: int) -> None:
+        """A traced text kind's ``max_length`` against these options (``owner`` names the config)."""
+        if max_length < 2:
+            raise ExportError(f"{owner}.max_length must be >= 2, got {max_length}")
+        if self.sequence_length is not None and self.sequence_length > max_length:
+            raise ExportError(f"GraphOptions.sequence_length must not exceed {owner}.max_length")
+
     def batch_dim(self) -> Dim:
         return "batch" if self.batch_size is None else self.batch_size
 

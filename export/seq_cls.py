@@ -72,10 +72,7 @@ class SeqClsExport:
             raise ExportError(f"SeqClsExport.method must be one of {ENCODER_METHODS}, got {self.method!r}")
         if self.pooling not in POOLINGS:
             raise ExportError(f"SeqClsExport.pooling must be one of {POOLINGS}, got {self.pooling!r}")
-        if self.max_length < 2:
-            raise ExportError(f"SeqClsExport.max_length must be >= 2, got {self.max_length}")
-        if self.graph.sequence_length is not None and self.graph.sequence_length > self.max_length:
-            raise ExportError("GraphOptions.sequence_length must not exceed SeqClsExport.max_length")
+        self.graph.check_lengths("SeqClsExport", self.max_length)
 
 
 class SequenceClassifier(nn.Module):

@@ -16,20 +16,14 @@ torch's) to its worker, for callers that want them all.
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from fwdfleet.device_runtime.memory import (
-    DEVICE_WORKERS,
-    peak_rss_kb,
-    report_error,
-    report_peak,
-    worker_batch,
-    worker_parser,
-)
+from fwdfleet.device_runtime.memory import DEVICE_WORKERS, peak_rss_kb, run_worker_main, worker_batch
 
 WORKER = "fwdfleet.export.torch_memory"
 TORCH_MODES = ("torch", "torch-ckpt")
@@ -74,17 +68,13 @@ def torch_step(bundle_path: str, batch_size: int, seq: int, threads: int, stages
     return time.perf_counter() - start, f"forward + backward{how} + AdamW over {values:,} values"
 
 
+def _work(a: argparse.Namespace, stages: dict[str, int]) -> tuple[float, str]:
+    ckpt = a.mode == "torch-ckpt"
+    return torch_step(a.bundle, a.batch_size, a.sequence_length, a.threads, stages, checkpointing=ckpt)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    stages = {"interpreter": peak_rss_kb()}
-    a = worker_parser(f"python -m {WORKER}", TORCH_MODES).parse_args(argv)
-    try:
-        seconds, note = torch_step(a.bundle, a.batch_size, a.sequence_length, a.threads, stages,
-                                   checkpointing=a.mode == "torch-ckpt")
-    except Exception as e:  # reported to the parent as a one-line reason
-        report_error(e)
-        return 0
-    report_peak(a.mode, stages, seconds, note)
-    return 0
+    return run_worker_main(f"python -m {WORKER}", TORCH_MODES, _work, argv)
 
 
 if __name__ == "__main__":
