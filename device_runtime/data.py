@@ -173,6 +173,8 @@ class RawData:
     one_based_labels: bool = False
     # text labels ("ham"/"spam"): the class names, sorted; ``labels`` then index into them
     label_names: tuple[str, ...] | None = None
+    # instruction data: ``texts`` are the prompts and these the responses (the loss is on these)
+    responses: tuple[str, ...] | None = None
 
 
 def _label_column(
@@ -213,10 +215,18 @@ def read_csv(path: str | Path, label_column: str = "label") -> RawData:
     if len(rows) < 2:
         raise DataError(f"{path} needs a header row and at least one example row")
     header = [h.strip().lower() for h in rows[0]]
+    if "prompt" in header and "response" in header:  # instruction data: no labels
+        pi, ri = header.index("prompt"), header.index("response")
+        body = [r for r in rows[1:] if r]
+        short = next((n for n, r in enumerate(body, start=2) if len(r) <= max(pi, ri)), None)
+        if short is not None:
+            raise DataError(f"{path}: row {short} lacks its prompt or response")
+        return RawData(labels=None, texts=tuple(r[pi] for r in body), responses=tuple(r[ri] for r in body),
+                       source=str(path))
     if label_column not in header:
         raise DataError(
             f"{path} has no {label_column!r} column in its header {rows[0]}; expected e.g. "
-            "label,title,description (AG News) or label,f1,f2,... (numbers)"
+            "label,title,description (AG News), label,f1,f2,... (numbers) or prompt,response (instructions)"
         )
     li = header.index(label_column)
     body = [r for r in rows[1:] if r]
@@ -404,15 +414,19 @@ class TextDataset(_Examples):
         padding_side: str = "right",
         pad_to_max_length: bool = False,
         prompt: PromptTemplate | None = None,
+        responses: Sequence[str] | None = None,
     ) -> None:
         if labels is not None and len(labels) != len(texts):
             raise DataError(f"{len(texts)} texts but {len(labels)} labels")
+        if responses is not None and len(responses) != len(texts):
+            raise DataError(f"{len(texts)} prompts but {len(responses)} responses")
         if prompt is not None and padding_side != "right":
             raise DataError("prompted classification reads the answer after the last real token: pad on the right")
         self.texts = tuple(texts)
         self.labels = labels
         self.max_length = max_length
         self.prompt = prompt
+        self.responses = None if responses is None else tuple(responses)
         self._pad = (pad_id, max_length if pad_to_max_length else 0)
         self._tok = tokenizer
         self._tok.enable_truncation(max_length=max_length)
@@ -429,6 +443,16 @@ class TextDataset(_Examples):
             rows = self.prompt.encode(self._tok, texts, self.max_length)
             pad_id, fixed = self._pad
             out: Batch = pad_right(rows, max(fixed, max(len(r) for r in rows)), pad_id)
+        elif self.responses is not None:  # prompt + response as one text; the loss mask marks the response
+            responses = [self.responses[int(i)] for i in indices]
+            encodings = self._tok.encode_batch([p + r for p, r in zip(texts, responses, strict=True)])
+            out = {
+                "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
+                "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
+                "loss_mask": np.array([[int(m and start >= len(p)) for (start, _), m in zip(e.offsets, e.attention_mask,
+                                                                                              strict=True)]
+                                       for e, p in zip(encodings, texts, strict=True)], dtype=np.int64),
+            }
         else:
             encodings = self._tok.encode_batch(texts)
             out = {
@@ -447,6 +471,7 @@ class TextDataset(_Examples):
             new.texts = tuple(self.texts[int(i)] for i in idx)
             new.labels = None if self.labels is None else self.labels[idx]
             new.max_length, new._tok, new.prompt, new._pad = self.max_length, self._tok, self.prompt, self._pad
+            new.responses = None if self.responses is None else tuple(self.responses[int(i)] for i in idx)
             return new
 
         return part(keep), part(held)
@@ -488,6 +513,9 @@ def dataset_for_bundle(raw: RawData, bundle: Bundle, graph: str = "model") -> Ar
             pad_id = next((i for i in found if i is not None), 0)
         assert tok_spec is not None  # load_tokenizer checked it
         template = bundle.manifest.settings.get("template")
+        if "loss_mask" in names and raw.responses is None:
+            raise DataError(f"bundle kind {bundle.manifest.kind!r} trains on responses (objective 'response') but "
+                            f"{raw.source} holds no prompt/response pairs; give a CSV with prompt,response columns")
         return TextDataset(
             raw.texts,
             labels if "labels" in names else None,
@@ -496,6 +524,7 @@ def dataset_for_bundle(raw: RawData, bundle: Bundle, graph: str = "model") -> Ar
             pad_id=int(pad_id),
             padding_side=tok_spec.padding_side,
             prompt=PromptTemplate(template) if isinstance(template, str) and template else None,
+            responses=raw.responses if "loss_mask" in names else None,
         )
     if "x" in names:
         if raw.features is None:

@@ -117,3 +117,23 @@ def test_generate_matches_greedy_decoding_in_torch(prompted: Bundle, tmp_path: P
         generate(moved, "word " * 60)
     assert main(["bundle", "generate", str(moved.path), "--text", "Oil prices fall", "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.strip() == (prompt + text).strip()
+
+
+def test_instruction_data_trains_on_the_response_tokens(source: Path, tmp_path: Path) -> None:
+    from fwdfleet.device_runtime.data import read_data
+
+    cfg = CausalLmExport(source=source, lora=LoraSettings(rank=2, alpha=4), max_length=48, objective="response")
+    bundle = export_causal_lm(cfg, tmp_path / "resp").bundle
+    data_file = tmp_path / "instructions.csv"
+    data_file.write_text('prompt,response\n"Q: what rose?\nA:"," stocks rose"\n"Q: who won?\nA:"," the home team"\n')
+    raw = read_data(data_file)
+    assert raw.responses == (" stocks rose", " the home team") and raw.labels is None
+    batch = dataset_for_bundle(raw, bundle).take(np.arange(2))
+    tok = load_tokenizer(bundle)
+    for row, (prompt, response) in enumerate(zip(raw.texts, raw.responses, strict=True)):
+        n = int(batch["attention_mask"][row].sum())
+        marked = batch["input_ids"][row][batch["loss_mask"][row] == 1]
+        assert tok.decode(marked.tolist()) == tok.decode(tok.encode(prompt + response).ids[len(tok.encode(prompt).ids):])
+        assert batch["loss_mask"][row][:n].sum() < n and batch["loss_mask"][row][n:].sum() == 0
+    with pytest.raises(DataError, match="holds no prompt/response pairs"):
+        dataset_for_bundle(RawData(source="plain", texts=("just text",), labels=None), bundle)
