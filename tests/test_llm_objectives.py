@@ -133,7 +133,8 @@ def test_instruction_data_trains_on_the_response_tokens(source: Path, tmp_path: 
     for row, (prompt, response) in enumerate(zip(raw.texts, raw.responses, strict=True)):
         n = int(batch["attention_mask"][row].sum())
         marked = batch["input_ids"][row][batch["loss_mask"][row] == 1]
-        assert tok.decode(marked.tolist()) == tok.decode(tok.encode(prompt + response).ids[len(tok.encode(prompt).ids):])
+        response_ids = tok.encode(prompt + response).ids[len(tok.encode(prompt).ids):]
+        assert tok.decode(marked.tolist()) == tok.decode(response_ids)
         assert batch["loss_mask"][row][:n].sum() < n and batch["loss_mask"][row][n:].sum() == 0
     with pytest.raises(DataError, match="holds no prompt/response pairs"):
         dataset_for_bundle(RawData(source="plain", texts=("just text",), labels=None), bundle)
