@@ -74,7 +74,13 @@ def cache_prefix(
     n = len(dataset)
     if n == 0:
         raise BundleError("cannot cache the prefix of an empty dataset")
-    batches = list(dataset.batches(batch_size))
+    # every example, in order (a DeviceData's batch of its own size is all of it, in order), cut into
+    # chunks of batch_size so that the prefix's activations stay small
+    if hasattr(dataset, "batches"):
+        batches = list(dataset.batches(batch_size))
+    else:
+        whole = dataset.batch(0, n)
+        batches = [{k: v[i: i + batch_size] for k, v in whole.items()} for i in range(0, n, batch_size)]
     width = max(int(b["attention_mask"].shape[1]) for b in batches)
     parts: dict[str, list[npt.NDArray[Any]]] = {name: [] for name in suffix_inputs}
     for batch in batches:

@@ -12,6 +12,11 @@ task, so the same task and data give the same upload on any device. What the tas
 (``lr = 0``, an empty objective) falls back to the worker's ``local_train`` / ``ff_train``
 defaults.
 
+With a split bundle (:mod:`fwdfleet.device_runtime.prefix_cache`) the worker trains on the
+``suffix`` graph: the first time it sees a device's data it runs the frozen ``prefix`` once over
+every example and keeps the features, so every perturbed forward of every later round runs only
+the trainable top layers, with the same examples drawn from the same seeds.
+
 The worker keeps the model between rounds: :meth:`DeviceWorker.set_model` installs a version's
 trainables and remembers the previous version, whose difference guides discriminative sampling
 (``candidate_ratio > 1``) when the two versions are consecutive.
@@ -30,6 +35,7 @@ from fwdfleet.bundle import Bundle
 from fwdfleet.device_runtime.data import Batch
 from fwdfleet.device_runtime.estimator import EstimatorWorkspace
 from fwdfleet.device_runtime.ff_train import FFTrainConfig
+from fwdfleet.device_runtime.prefix_cache import cache_prefix, split_graphs
 from fwdfleet.device_runtime.sampling import guide_from_versions
 from fwdfleet.device_runtime.session import BundleSession
 from fwdfleet.device_runtime.train import LocalTrainConfig
@@ -79,6 +85,9 @@ class DeviceWorker:
 
     def __init__(self, bundle: Bundle, session: BundleSession, defaults: WorkerDefaults | None = None) -> None:
         self.bundle = bundle
+        self.split = split_graphs(bundle)
+        if self.split is not None and session.graph.name != self.split[1]:
+            session = BundleSession(bundle, session.options, graph=self.split[1])  # probes run the suffix only
         self.session = session
         self.defaults = defaults or WorkerDefaults()
         self.workspace = EstimatorWorkspace(session.trainable_specs)
@@ -87,6 +96,7 @@ class DeviceWorker:
         self._previous: tuple[int, Arrays] | None = None
         self._guide: tuple[int, F32Array | None] | None = None
         self.cache: dict[str, Any] = {}  # what a mode keeps for this bundle (e.g. FF layer runners)
+        self._features: dict[int, tuple[DeviceData, DeviceData]] = {}  # id(data) -> (data, its prefix features)
 
     def set_model(self, version: int, trainables: Arrays) -> None:
         """Install model ``version`` (a no-op if it is already installed)."""
@@ -111,10 +121,22 @@ class DeviceWorker:
         dm.check(self)
         return dm
 
+    def features(self, data: DeviceData) -> DeviceData:
+        """``data`` as the training graph takes it: itself, or for a split bundle its cached prefix
+        features (computed on first use, then kept for as long as the data object lives here)."""
+        if self.split is None:
+            return data
+        held = self._features.get(id(data))
+        if held is None or held[0] is not data:
+            prefix = BundleSession(self.bundle, self.session.options, graph=self.split[0])
+            held = (data, cache_prefix(self.bundle, data, session=prefix))
+            self._features[id(data)] = held
+        return held[1]
+
     def run(self, task: RoundTask, data: DeviceData) -> Upload:
         """The upload for ``task`` (its ``compute_seconds`` measured here) from the model last set."""
         start = time.perf_counter()
-        upload = self.check(task.upload_mode).compute(self, task, data)
+        upload = self.check(task.upload_mode).compute(self, task, self.features(data))
         seconds = time.perf_counter() - start
         # a count is of distinct local examples (a minibatch drawn with replacement from a small shard
         # repeats some): what the aggregator bounds by the shard size the device declared

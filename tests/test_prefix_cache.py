@@ -72,3 +72,23 @@ def test_split_bundle_errors(source: Path, tmp_path: Path) -> None:
     assert split_graphs(plain) is None
     with pytest.raises(BundleError, match="not a split bundle"):
         cache_prefix(plain, dataset_for_bundle(RawData(source="t", texts=TEXTS, labels=None), plain))
+
+
+def test_the_device_worker_trains_a_split_bundle_on_cached_features(source: Path, tmp_path: Path) -> None:
+    from fwdfleet.device_runtime.worker import DeviceWorker
+
+    bundle = _export(source, tmp_path / "w", objective="prompted-cls", template="Topic: {text}\nAnswer:",
+                     label_words=(" the", " a", " to", " of"))
+    data = dataset_for_bundle(RawData(source="t", texts=TEXTS, labels=np.array([0, 1, 3, 2, 1, 0])), bundle)
+    worker = DeviceWorker(bundle, BundleSession(bundle))
+    assert worker.session.graph.name == "suffix"  # every probe runs the top layer only
+    w = bundle.load_trainables()
+    worker.set_model(0, w)
+    whole = BundleSession(bundle)
+    for round_id in range(2):
+        task = RoundTask(round_id=round_id, model_version=0, round_seed=11 + round_id, device_index=2,
+                         num_perturbations=4, batch_size=3, data_seed=round_id)
+        upload = worker.run(task, data)
+        expected = estimate(whole, w, data.batch(task.data_seed, task.batch_size), task)  # the whole model, raw text
+        np.testing.assert_allclose(upload.result.derivatives, expected.derivatives, rtol=1e-3, atol=2e-4)
+    assert len(worker._features) == 1  # the prefix ran once for this data, not once per round
