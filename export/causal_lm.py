@@ -56,7 +56,14 @@ from fwdfleet.export.hf import (
     peft_record,
 )
 from fwdfleet.export.kinds import ExportResult
-from fwdfleet.export.onnx_graph import ExtraGraph, GraphOptions, TracedKind, TracedModel, TrainablesAsInputs
+from fwdfleet.export.onnx_graph import (
+    ExtraGraph,
+    GraphOptions,
+    TracedKind,
+    TracedModel,
+    TrainablesAsInputs,
+    example_token_batch,
+)
 
 Objective = Literal["lm", "response", "prompted-cls"]
 OBJECTIVES: tuple[Objective, ...] = ("lm", "response", "prompted-cls")
@@ -244,18 +251,6 @@ def render_prompts(tokenizer: Any, template: str, texts: tuple[str, ...], seq: i
     return pad_right(PromptTemplate(template).encode(tokenizer, texts, seq), seq, pad_id)
 
 
-def example_batch(batch: int, seq: int, vocab: int, pad_id: int, seed: int) -> dict[str, np.ndarray]:
-    """Random token ids, right-padded with ``pad_id`` in every other row."""
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(0, vocab, size=(batch, seq), dtype=np.int64)
-    mask = np.ones((batch, seq), dtype=np.int64)
-    for row in range(1, batch, 2):
-        keep = max(2, seq - 2 - row)
-        mask[row, keep:] = 0
-        ids[row, keep:] = pad_id
-    return {"input_ids": ids, "attention_mask": mask}
-
-
 class CausalLmKind(TracedKind):
     name = "causal_lm_lora"
     config_type = CausalLmExport
@@ -313,7 +308,7 @@ class CausalLmKind(TracedKind):
                 texts = tuple(PARITY_TEXTS[i % len(PARITY_TEXTS)] for i in range(bb))
                 rng = np.random.default_rng(seed)
                 ids = (render_prompts(tokenizer, config.template, texts, ss, pad_id) if template_tokens < ss
-                       else example_batch(bb, ss, vocab, pad_id, seed))
+                       else example_token_batch(bb, ss, vocab, pad_id, seed))
                 return {**ids, "labels": rng.integers(0, len(labels), size=bb, dtype=np.int64)}
         else:
             output_specs = {"logits": ((b, s, vocab), "float32"), "loss": ((b,), "float32")}
@@ -321,7 +316,7 @@ class CausalLmKind(TracedKind):
                 data_specs["loss_mask"] = ((b, s), "int64")
 
             def make_batch(bb: int, ss: int, seed: int) -> dict[str, np.ndarray]:
-                batch = example_batch(bb, ss, vocab, pad_id, seed)
+                batch = example_token_batch(bb, ss, vocab, pad_id, seed)
                 if config.objective == "response":  # the second half of each row is the response
                     batch["loss_mask"] = (np.arange(ss)[None, :] >= ss // 2).astype(np.int64).repeat(bb, 0)
                 return batch

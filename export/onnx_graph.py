@@ -194,6 +194,19 @@ def name_dims(model: onnx.ModelProto, shapes: Mapping[str, Sequence[Dim]]) -> No
 
 
 
+def example_token_batch(batch: int, seq: int, vocab: int, pad_id: int, seed: int) -> dict[str, np.ndarray]:
+    """Random token ids for a traced text kind's samples, right-padded with ``pad_id`` in every
+    other row (so the attention mask is exercised)."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(min(5, vocab - 1), vocab, size=(batch, seq), dtype=np.int64)
+    mask = np.ones((batch, seq), dtype=np.int64)
+    for row in range(1, batch, 2):
+        keep = max(2, seq - 2 - row)
+        mask[row, keep:] = 0
+        ids[row, keep:] = pad_id
+    return {"input_ids": ids, "attention_mask": mask}
+
+
 @dataclass(frozen=True)
 class TracedModel:
     """What a traced kind hands :class:`TracedKind`: the wrapped torch model and its graph's contract.

@@ -40,7 +40,7 @@ from fwdfleet.export.hf import (
     peft_record,
 )
 from fwdfleet.export.kinds import ExportResult
-from fwdfleet.export.onnx_graph import GraphOptions, TracedKind, TracedModel, TrainablesAsInputs
+from fwdfleet.export.onnx_graph import GraphOptions, TracedKind, TracedModel, TrainablesAsInputs, example_token_batch
 
 POOLINGS = ("mean", "cls")
 DATA_INPUTS = ("input_ids", "attention_mask", "labels")
@@ -138,16 +138,9 @@ def _settings(cfg: SeqClsExport, folder: Path, hf_config: Mapping[str, Any]) -> 
 
 
 def example_batch(batch: int, seq: int, vocab: int, num_labels: int, seed: int) -> dict[str, np.ndarray]:
-    """Random token ids with right padding in every other row (exercises the mask)."""
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(5, vocab, size=(batch, seq), dtype=np.int64)
-    mask = np.ones((batch, seq), dtype=np.int64)
-    for row in range(1, batch, 2):
-        keep = max(1, seq - 1 - row)
-        mask[row, keep:] = 0
-        ids[row, keep:] = 0
-    return {"input_ids": ids, "attention_mask": mask,
-            "labels": rng.integers(0, num_labels, size=(batch,), dtype=np.int64)}
+    """Random token ids (right padding in every other row) and labels."""
+    labels = np.random.default_rng(seed + 1).integers(0, num_labels, size=(batch,), dtype=np.int64)
+    return {**example_token_batch(batch, seq, vocab, 0, seed), "labels": labels}
 
 
 class SeqClsKind(TracedKind):
