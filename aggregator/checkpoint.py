@@ -9,6 +9,9 @@ Layout of a checkpoint folder::
     round.jsonl         journal of the round in progress: its opening (selection), deadline
                         decisions and every accepted upload, fsynced before the upload is
                         acknowledged; emptied after each checkpoint
+    receipts.jsonl      fingerprints of counted uploads (the newest few per device), appended at each
+                        checkpoint and compacted when it grows: a retried upload is acknowledged as a
+                        duplicate after any number of restarts, whatever round it was for
     uploads/            the accepted dense-gradient / FedAvg vectors of the round in progress
                         (one atomic .npy each, named in round.jsonl); removed after each checkpoint
 
@@ -25,7 +28,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +42,7 @@ FORMAT_VERSION = 1
 LATEST = "latest.json"
 DEVICES = "devices.jsonl"
 ROUND_JOURNAL = "round.jsonl"
+RECEIPTS = "receipts.jsonl"
 UPLOADS = "uploads"
 
 
@@ -148,6 +152,23 @@ class Journal:
             f.flush()
             if self.fsync:
                 os.fsync(f.fileno())
+
+    def extend(self, records: Iterable[Mapping[str, Any]]) -> int:
+        """Append several records with one fsync; returns how many."""
+        lines = [json.dumps(r, sort_keys=True, separators=(",", ":")) + "\n" for r in records]
+        if lines:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write("".join(lines))
+                f.flush()
+                if self.fsync:
+                    os.fsync(f.fileno())
+        return len(lines)
+
+    def rewrite(self, records: Iterable[Mapping[str, Any]]) -> int:
+        """Replace the journal by ``records`` (compaction), atomically; returns how many."""
+        lines = [json.dumps(r, sort_keys=True, separators=(",", ":")) + "\n" for r in records]
+        _atomic_write(self.path, lambda f: f.write("".join(lines).encode()))
+        return len(lines)
 
     def reset(self) -> None:
         """Start an empty journal (atomically: a crash leaves the old or the empty one)."""

@@ -44,6 +44,7 @@ import numpy as np
 
 from fwdfleet.aggregator.checkpoint import (
     DEVICES,
+    RECEIPTS,
     ROUND_JOURNAL,
     CheckpointError,
     CheckpointState,
@@ -122,6 +123,8 @@ class Coordinator:
         self._journal = Journal(self._ckdir / DEVICES) if self._ckdir else None
         self._round_log = (Journal(self._ckdir / ROUND_JOURNAL, fsync=config.checkpoint.fsync_journal)
                            if self._ckdir else None)
+        self._receipts = Journal(self._ckdir / RECEIPTS, fsync=config.checkpoint.fsync_journal) if self._ckdir else None
+        self._receipt_lines = 0
         self._replaying = False
         if self._ckdir:
             self._restore(self._clock())
@@ -328,7 +331,8 @@ class Coordinator:
                                     "different result for this request; only its first upload counts")
             self.mode.validate(upload, iss, self.config, self._n, dev.profile.num_samples)
             # journaled before it is acknowledged: a restarted server keeps what it accepted
-            record: dict[str, Any] = {"e": "submit", "device_id": device_id, "now": now, "result": asdict(result)}
+            record: dict[str, Any] = {"e": "submit", "device_id": device_id, "now": now, "fp": fp,
+                                      "result": asdict(result)}
             if vector is not None and self._round_log is not None and not self._replaying:
                 record["vector_file"] = save_upload(self._round_log.path.parent, rnd.round_id, fp[:16], vector)
             self._log(record)
@@ -377,6 +381,7 @@ class Coordinator:
         self._ledger.start_round(self._round_id)
         if self._ckdir:
             self._save()
+            self._keep_receipts(rnd.round_id)
             if self._round_log is not None and not self._replaying:
                 self._round_log.reset()
                 drop_uploads(self._round_log.path.parent)
@@ -422,12 +427,27 @@ class Coordinator:
             round_id=self._round_id, model_version=self._version, trainables=self._params,
             optimizer=self._optimizer.state_arrays(), pacing=self._pacer.state_json(), meta=self._meta()))
 
+    def _keep_receipts(self, round_id: int) -> None:
+        """Make the receipts of a checkpointed round durable before its journal is emptied (compacting
+        the receipts journal once it holds far more lines than the ledger keeps)."""
+        if self._receipts is None or self._replaying:
+            return
+        self._receipt_lines += self._receipts.extend(
+            {"d": d, "fp": fp} for d, fp in self._ledger.round_receipts(round_id))
+        kept = self._ledger.receipts()
+        if self._receipt_lines > 4 * len(kept) + 1024:
+            self._receipt_lines = self._receipts.rewrite({"d": d, "fp": fp} for d, fp in kept)
+
     def _restore(self, now: float) -> None:
         assert self._ckdir is not None and self._journal is not None
         for rec in self._journal.records():
             prof = rec.get("profile", {})
             self._devices[rec["device_id"]] = _Device(rec["device_id"], int(rec["index"]),
                                                       DeviceProfile(**prof), now)
+        if self._receipts is not None:
+            for rec in self._receipts.records():
+                self._ledger.remember(str(rec["d"]), str(rec["fp"]))
+                self._receipt_lines += 1
         state = load_checkpoint(self._ckdir)
         if state is not None:
             self._load_state(state)
@@ -453,6 +473,8 @@ class Coordinator:
         try:
             for rec in self._round_log.records():
                 if rec.get("round_id") != self._round_id:
+                    if rec["e"] == "submit" and "fp" in rec:  # a crash before its receipts were kept
+                        self._ledger.remember(str(rec["device_id"]), str(rec["fp"]))
                     continue  # an older round, already in the checkpoint
                 now = float(rec["now"])
                 if rec["e"] == "open":

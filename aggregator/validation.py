@@ -133,10 +133,14 @@ def fingerprint(result: DeviceResult, payload: bytes = b"") -> str:
 
 
 class Ledger:
-    """Accepted uploads of the current and the previous round, by device and request."""
+    """Accepted uploads: who answered which request of the current and the previous round, and the
+    last ``keep`` fingerprints of every device whatever their round, so that the retry of a counted
+    upload is recognised however many rounds (and, restored from the receipts journal, restarts) later."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep: int = 8) -> None:
         self._rounds: dict[int, dict[str, dict[int, str]]] = {}
+        self._recent: dict[str, list[str]] = {}
+        self._keep = keep
 
     def start_round(self, round_id: int) -> None:
         for r in [r for r in self._rounds if r < round_id - 1]:
@@ -144,10 +148,28 @@ class Ledger:
         self._rounds.setdefault(round_id, {})
 
     def is_duplicate(self, device_id: str, round_id: int, fp: str) -> bool:
-        return fp in self._rounds.get(round_id, {}).get(device_id, {}).values()
+        return fp in self._recent.get(device_id, ()) or fp in self._rounds.get(round_id, {}).get(device_id, {}).values()
 
     def answered(self, device_id: str, round_id: int, request: int) -> bool:
         return request in self._rounds.get(round_id, {}).get(device_id, {})
 
     def record(self, device_id: str, round_id: int, request: int, fp: str) -> None:
         self._rounds.setdefault(round_id, {}).setdefault(device_id, {})[request] = fp
+        self.remember(device_id, fp)
+
+    def remember(self, device_id: str, fp: str) -> None:
+        """A receipt of a counted upload (the fingerprint names its round): kept per device, newest last."""
+        recent = self._recent.setdefault(device_id, [])
+        if fp in recent:
+            return
+        recent.append(fp)
+        if len(recent) > self._keep:
+            del recent[: len(recent) - self._keep]
+
+    def round_receipts(self, round_id: int) -> list[tuple[str, str]]:
+        """(device id, fingerprint) of every upload counted in ``round_id``."""
+        return [(d, fp) for d, requests in self._rounds.get(round_id, {}).items() for fp in requests.values()]
+
+    def receipts(self) -> list[tuple[str, str]]:
+        """Every receipt kept (what a compacted receipts journal holds)."""
+        return [(d, fp) for d, fps in self._recent.items() for fp in fps]
