@@ -63,6 +63,7 @@ class ServerConfig:
     tokens_file: str | None = None
     max_receive_bytes: int = 16 * 1024
     max_workers: int = 16
+    max_concurrent_rpcs: int = 128  # calls in progress or queued; beyond it the transport answers RESOURCE_EXHAUSTED
     advance_interval_s: float = 0.5
     shutdown_grace_s: float = 5.0
     long_poll_max_s: float = 20.0
@@ -88,6 +89,8 @@ class ServerConfig:
             raise ValueError(f"server.max_receive_bytes must be in [1 KiB, 4 MiB], got {self.max_receive_bytes}")
         if self.max_workers < 2:
             raise ValueError(f"server.max_workers must be >= 2, got {self.max_workers}")
+        if self.max_concurrent_rpcs < 2:
+            raise ValueError(f"server.max_concurrent_rpcs must be >= 2, got {self.max_concurrent_rpcs}")
         if self.long_poll_slots >= self.max_workers:
             raise ValueError(
                 f"server.long_poll_slots ({self.long_poll_slots}) must be below server.max_workers "
@@ -218,7 +221,7 @@ def serve(config: ServerConfig, coordinator: Any, bundle: Bundle) -> RunningServ
                 ("grpc.max_send_message_length", config.chunk_bytes + 4096),
                 ("grpc.so_reuseport", 0),
             ],
-            maximum_concurrent_rpcs=max(64, config.max_workers * 8),
+            maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         )
         address = f"{config.host}:{config.port}"
         if config.insecure:

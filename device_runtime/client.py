@@ -18,8 +18,9 @@ computes the upload, which goes up with ``Submit`` ((k, d_k) pairs) or ``SubmitV
 vector). ``local_train`` / ``ff_train`` only fill what a task leaves open. The device declares its
 number of local examples when it joins (the aggregator bounds its upload weight by it).
 
-Transient failures (``UNAVAILABLE``, ``DEADLINE_EXCEEDED``, a stream broken mid-download) are
-retried with jittered exponential backoff (:func:`backoff_delay`, the one such helper). When the
+Transient failures (``UNAVAILABLE``, ``RESOURCE_EXHAUSTED`` from a busy server, ``DEADLINE_EXCEEDED``,
+a stream broken mid-download) are retried with jittered exponential backoff, never sooner than a
+busy server's ``retry-after`` (:mod:`fwdfleet.protocol.retry`, the one such helper). When the
 aggregator forgot the device (it restarted), the client joins again and resubmits the same
 result: submissions are idempotent on the server, so a retry is never counted twice. A refused
 result (stale round, invalid value) is dropped with a log line and the loop goes on; a refused
@@ -58,15 +59,16 @@ from fwdfleet.device_runtime.train import LocalTrainConfig
 from fwdfleet.device_runtime.worker import DeviceWorker, WorkerDefaults
 from fwdfleet.errors import FwdfleetError
 from fwdfleet.protocol import bearer_metadata, rpc, serde
+from fwdfleet.protocol.retry import TRANSIENT, Backoff, is_transient, retry_after
+from fwdfleet.protocol.retry import backoff_delay as _backoff_delay
 from fwdfleet.task import RoundTask, Upload
 
 log = logging.getLogger("fwdfleet.device")
 T = TypeVar("T")
 
-# Transient: the server is away, slow, or restarting (a stopping server cancels running calls; this
+# Transient: the server is away, slow, busy or restarting (a stopping server cancels running calls; this
 # client never cancels its own, so CANCELLED means the other side went away).
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED,
-                       grpc.StatusCode.CANCELLED})
+RETRYABLE = TRANSIENT
 _DROP_RESULT = frozenset(
     {grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS}
 )
@@ -130,11 +132,14 @@ class DeviceClientConfig:
         if self.ram_mb < 0 or not self.compute_speed > 0:
             raise ValueError("DeviceClientConfig.ram_mb must be >= 0 and compute_speed > 0")
 
+    @property
+    def backoff(self) -> Backoff:
+        return Backoff(self.initial_backoff_s, self.max_backoff_s, self.backoff_multiplier, self.jitter)
 
-def backoff_delay(attempt: int, config: DeviceClientConfig, rng: random.Random) -> float:
-    """Jittered exponential backoff: ``min(max, initial * multiplier**attempt)``, minus up to ``jitter`` of it."""
-    base = min(config.max_backoff_s, config.initial_backoff_s * config.backoff_multiplier ** min(attempt, 64))
-    return base * (1.0 - config.jitter * rng.random())
+
+def backoff_delay(attempt: int, config: DeviceClientConfig, rng: random.Random, floor_s: float = 0.0) -> float:
+    """Jittered exponential backoff with this device's settings (:func:`fwdfleet.protocol.retry.backoff_delay`)."""
+    return _backoff_delay(attempt, config.backoff, rng, floor_s)
 
 
 @dataclass
@@ -351,22 +356,24 @@ class DeviceClient:
                 return fn()
             except grpc.RpcError as e:
                 code = e.code()
+                floor = retry_after(e)
                 if code == grpc.StatusCode.UNAUTHENTICATED and "UNKNOWN_DEVICE" in (e.details() or ""):
                     log.info("the aggregator does not know this device (restarted?); joining again")
                     self._joined = None
                     self._ensure_joined()
                 elif code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
                     raise ClientError(f"the aggregator refused this device's token: {e.details()}") from e
-                elif code not in RETRYABLE:
+                elif not is_transient(e):
                     raise
                 log.info("could not %s (%s: %s); retrying", what, code.name, e.details())
             except CorruptDownload as e:
                 log.warning("could not %s: %s", what, e)
+                floor = 0.0
             attempt += 1
             self.stats.retries += 1
             if self.config.max_retries and attempt >= self.config.max_retries:
                 raise ClientError(f"could not {what} after {attempt} attempts; is the aggregator reachable?")
-            self._sleep(backoff_delay(attempt - 1, self.config, self._rng))
+            self._sleep(backoff_delay(attempt - 1, self.config, self._rng, floor))
 
     def _sleep(self, seconds: float) -> None:
         if self._stop.wait(seconds):

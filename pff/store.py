@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -46,10 +47,12 @@ from fwdfleet.pff.wire import (
     check_stored,
 )
 from fwdfleet.protocol.f32 import EncodedTensor, encode_tensors
+from fwdfleet.protocol.retry import Backoff, backoff_delay, is_transient, retry_after
 
 MAX_MESSAGE_BYTES = 512 << 20  # a layer travels in one message
 MAX_WAIT_SECONDS = 30.0
 T = TypeVar("T")
+STORE_BACKOFF = Backoff(initial_s=0.05, max_s=2.0, multiplier=2.0, jitter=0.5)
 GRPC_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
 
@@ -211,10 +214,12 @@ class StoreClient:
         self.retry_seconds = retry_seconds
         self._channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
         self._stub = StoreStub(self._channel)
+        self._rng = random.Random()
 
     def _call(self, call: Callable[[], T]) -> T:
         """``call()``, retried while the store is unreachable; its refusals as :class:`StoreError`."""
-        deadline, delay = time.monotonic() + self.retry_seconds, 0.05
+        deadline = time.monotonic() + self.retry_seconds
+        attempt = 0
         while True:
             try:
                 return call()
@@ -222,12 +227,12 @@ class StoreClient:
                 code = e.code()
                 if code == grpc.StatusCode.FAILED_PRECONDITION:
                     raise StoreError(e.details()) from e
-                if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) \
-                        or time.monotonic() + delay > deadline:
+                delay = backoff_delay(attempt, STORE_BACKOFF, self._rng, retry_after(e))
+                if not is_transient(e) or time.monotonic() + delay > deadline:
                     raise StoreError(f"PFF store at {self.address}: {code.name} ({e.details()}); "
                                      "is the store running?") from e
                 time.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                attempt += 1
 
     def publish(self, layer: int, version: int, params: Mapping[str, np.ndarray], record: TaskRecord) -> bool:
         return self._call(lambda: self._stub.publish(layer, version, params, record, timeout=120.0))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import grpc
@@ -46,7 +47,6 @@ def _version(server) -> int:
 
 
 def _wait(predicate, timeout: float = 10.0) -> None:
-    import time
 
     end = time.monotonic() + timeout
     while not predicate():
@@ -83,3 +83,55 @@ def test_a_counted_upload_is_a_duplicate_after_any_number_of_restarts_whatever_i
         finally:
             ch.close()
             server.stop()
+
+
+def _big_env(tmp_path: Path):
+    """A bundle of ~14 MB of trainables: a download that is not read holds its call (a few MB are buffered)."""
+    from _grpc_fixtures import Env
+    from _tiny_bundles import make_classifier_bundle
+
+    small = make_env(tmp_path)
+    return Env(small.tmp, make_classifier_bundle(tmp_path / "big", in_dim=4, num_classes=3, hidden=1 << 19),
+               small.certs, small.tokens)
+
+
+def _unread_streams(ch: grpc.Channel, method: str, n: int, device_id: str = "a") -> list:
+    from _grpc_fixtures import FLEET_TOKEN
+
+    from fwdfleet.protocol import bearer_metadata, rpc
+
+    calls = [rpc.stream_call(ch, method)(serde.download_request(device_id), timeout=60,
+                                         metadata=bearer_metadata(FLEET_TOKEN)) for _ in range(n)]
+    return calls
+
+
+def test_a_device_retries_resource_exhausted_with_backoff_and_finishes(tmp_path) -> None:
+    import threading
+
+    from fwdfleet.device_runtime.client import DeviceClient, DeviceClientConfig
+
+    env = _big_env(tmp_path)
+    server = start(env, aggregator_config(rounds={"num_rounds": 1}), max_concurrent_rpcs=2, chunk_bytes=64 * 1024)
+    holder = channel(env, server.port)
+    try:
+        held = _unread_streams(holder, "DownloadTrainables", 2)  # every call slot is taken
+        time.sleep(0.5)
+        with pytest.raises(grpc.RpcError) as info:
+            call(channel(env, server.port), "Status", serde.status_request(), timeout=5)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        clients = [DeviceClient(DeviceClientConfig(address=f"127.0.0.1:{server.port}", device_id=d,
+                                                   token="fleet-token-for-tests", root_cert=str(env.certs["ca"]),
+                                                   long_poll_s=1.0, initial_backoff_s=0.05, max_backoff_s=0.3,
+                                                   rpc_timeout_s=10), env.tmp / d, dataset(i))
+                   for i, d in enumerate(("a", "b"))]
+        threads = [threading.Thread(target=c.run, args=(1,), daemon=True) for c in clients]
+        for t in threads:
+            t.start()
+        threading.Timer(1.5, lambda: [c.cancel() for c in held]).start()  # the crowd leaves
+        for t in threads:
+            t.join(60)
+        assert [c.stats.rounds for c in clients] == [1, 1]
+        assert all(c.stats.retries > 0 for c in clients)  # they were turned away, waited and came back
+    finally:
+        holder.close()
+        server.stop()
