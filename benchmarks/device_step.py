@@ -47,6 +47,7 @@ from fwdfleet.device_runtime.estimator import (
 )
 from fwdfleet.device_runtime.memory import RuntimeOptions, add_runtime_args, measure_memory, worker_batch
 from fwdfleet.device_runtime.session import BundleSession
+from fwdfleet.export.torch_memory import WORKERS
 from fwdfleet.perturbation import perturbation, perturbation_chunks, split
 from fwdfleet.task import DeviceResult, RoundTask
 
@@ -245,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for path in a.bundles:
             mem = measure_memory(path, batch_size=a.batch_size, sequence_length=a.sequence_length,
-                                 num_perturbations=a.k, options=opts, modes=modes)  # fmt: skip
+                                 num_perturbations=a.k, options=opts, modes=modes, workers=WORKERS)  # fmt: skip
             timing = time_step(path, a.batch_size, a.sequence_length, a.k, a.repeats, opts)
             result = timing.pop("last_result")
             entry: dict[str, Any] = {"bundle": str(path), "memory": mem.to_json(), "timing": timing,
