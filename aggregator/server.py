@@ -70,6 +70,9 @@ class ServerConfig:
     long_poll_slots: int = 8
     retry_after_s: float = 1.0
     chunk_bytes: int = 1 << 20
+    download_slots: int = 4
+    downloads_per_device: int = 2
+    download_timeout_s: float = 300.0
     heartbeat_interval_s: float = 10.0
 
     def __post_init__(self) -> None:
@@ -91,10 +94,11 @@ class ServerConfig:
             raise ValueError(f"server.max_workers must be >= 2, got {self.max_workers}")
         if self.max_concurrent_rpcs < 2:
             raise ValueError(f"server.max_concurrent_rpcs must be >= 2, got {self.max_concurrent_rpcs}")
-        if self.long_poll_slots >= self.max_workers:
+        if self.long_poll_slots + self.download_slots >= self.max_workers:
             raise ValueError(
-                f"server.long_poll_slots ({self.long_poll_slots}) must be below server.max_workers "
-                f"({self.max_workers}) so that long polls never take every worker thread"
+                f"server.long_poll_slots + server.download_slots ({self.long_poll_slots} + {self.download_slots}) "
+                f"must be below server.max_workers ({self.max_workers}) so that long polls and downloads never "
+                "take every worker thread"
             )
         if not self.advance_interval_s > 0:
             raise ValueError(f"server.advance_interval_s must be > 0, got {self.advance_interval_s}")
@@ -111,6 +115,9 @@ class ServerConfig:
             heartbeat_interval_s=self.heartbeat_interval_s,
             max_request_bytes=self.max_receive_bytes,
             max_vector_request_bytes=self.max_receive_bytes,
+            download_slots=self.download_slots,
+            downloads_per_device=self.downloads_per_device,
+            download_timeout_s=self.download_timeout_s,
         )
 
     @classmethod

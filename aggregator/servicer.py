@@ -17,6 +17,13 @@ what it accepts; every task, JoinReply and GetTaskReply names the coordinator's 
 ``GetTask`` is a long poll: it holds the call until a task exists for the device or the wait
 ends, and at most ``long_poll_slots`` calls wait at once so that long polls never starve
 ``Submit`` of worker threads (a device turned away is told to retry shortly).
+
+Downloads are flow-controlled the same way, since a stream its reader does not drain holds a
+worker thread: at most ``download_slots`` streams at once over the whole server and
+``downloads_per_device`` per device id, each cancelled after ``download_timeout_s`` (the device
+resumes from its last byte). A stream beyond a cap is answered ``RESOURCE_EXHAUSTED`` at once,
+with ``retry-after-ms`` trailing metadata; a request over a size limit is ``RESOURCE_EXHAUSTED``
+marked ``fwdfleet-retry: no`` (sending it again cannot help; see :mod:`fwdfleet.protocol.retry`).
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from fwdfleet.aggregator.records import CoordinatorStatus, RoundEvent
 from fwdfleet.bundle import Bundle, TensorSpec, sha256_file, zip_bundle
 from fwdfleet.errors import FwdfleetError
 from fwdfleet.protocol import PROTOCOL_VERSION, serde, server_codec
+from fwdfleet.protocol.retry import PERMANENT_KEY, RETRY_AFTER_KEY
 from fwdfleet.task import DeviceProfile, JoinInfo, RoundTask, SubmitReceipt, Upload
 
 log = logging.getLogger("fwdfleet.aggregator")
@@ -58,6 +66,9 @@ class ServicerSettings:
     heartbeat_interval_s: float = 10.0
     max_request_bytes: int = 16 * 1024  # every call but SubmitVector
     max_vector_request_bytes: int = 16 * 1024  # SubmitVector (the server sizes it from the bundle)
+    download_slots: int = 4  # download streams served at once (each holds a worker thread)
+    downloads_per_device: int = 2  # download streams one device id may hold at once
+    download_timeout_s: float = 300.0  # a stream still open after this is cancelled (the device resumes)
 
     def __post_init__(self) -> None:
         for name in ("max_request_bytes", "max_vector_request_bytes"):
@@ -73,6 +84,10 @@ class ServicerSettings:
             raise ValueError(f"server.chunk_bytes must be in [1 KiB, 3 MiB], got {self.chunk_bytes}")
         if not self.heartbeat_interval_s > 0:
             raise ValueError(f"server.heartbeat_interval_s must be > 0, got {self.heartbeat_interval_s}")
+        if self.download_slots < 1 or self.downloads_per_device < 1:
+            raise ValueError("server.download_slots and server.downloads_per_device must be >= 1")
+        if not self.download_timeout_s > 0:
+            raise ValueError(f"server.download_timeout_s must be > 0, got {self.download_timeout_s}")
 
 
 @dataclass(frozen=True)
@@ -90,10 +105,17 @@ class BundleArchive:
 
 
 class _Abort(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str,
+                 trailing: tuple[tuple[str, str], ...] = ()) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.trailing = trailing
+
+
+def _too_large(message: str) -> _Abort:
+    """A request over a size limit: RESOURCE_EXHAUSTED that a retry cannot cure (so clients do not retry)."""
+    return _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message, ((PERMANENT_KEY, "no"),))
 
 
 def _status_for(error: Exception) -> tuple[grpc.StatusCode, str]:
@@ -157,6 +179,8 @@ class FleetServicer:
         self._cache_lock = threading.Lock()  # the coordinator locks itself; this guards the npz cache
         self._changed = threading.Condition()  # notified when a round may have opened
         self._slots = threading.BoundedSemaphore(self.settings.long_poll_slots)
+        self._downloads_lock = threading.Lock()
+        self._downloads: dict[str, int] = {}  # open download streams by device id
         self._trainables_cache: tuple[int, bytes, str] | None = None
         self._started = time.monotonic()
 
@@ -167,6 +191,8 @@ class FleetServicer:
             return fn()
         except Exception as e:  # mapped in one place; context.abort raises outside the try
             code, message = _status_for(e)
+            if isinstance(e, _Abort) and e.trailing:
+                context.set_trailing_metadata(e.trailing)
         context.abort(code, message)
         raise AssertionError("unreachable")  # context.abort raises
 
@@ -174,9 +200,8 @@ class FleetServicer:
         """The per-method receive limit of every call but SubmitVector (the transport's may be larger)."""
         limit = self.settings.max_request_bytes
         if len(request) > limit:
-            raise _Abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"{method} request of {len(request)} bytes exceeds the {limit}-byte limit (server.max_receive_bytes)",
+            raise _too_large(
+                f"{method} request of {len(request)} bytes exceeds the {limit}-byte limit (server.max_receive_bytes)"
             )
 
     def _authorize(self, context: grpc.ServicerContext, device_id: str) -> None:
@@ -275,8 +300,8 @@ class FleetServicer:
         def run() -> bytes:
             limit = self.settings.max_vector_request_bytes
             if len(request) > limit:
-                raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"SubmitVector request of {len(request)} bytes "
-                             f"exceeds the {limit}-byte limit for this model ({self.num_values} trainable values)")
+                raise _too_large(f"SubmitVector request of {len(request)} bytes exceeds the {limit}-byte limit "
+                                 f"for this model ({self.num_values} trainable values)")
             call = server_codec.parse_submit_vector(request, self.num_values)
             self._authorize(context, call.device_id)
             upload = Upload(call.result, call.values)
@@ -299,9 +324,47 @@ class FleetServicer:
 
         return self._guard(context, run)
 
+    def _download_slot(self, context: grpc.ServicerContext, request: bytes, method: str) -> server_codec.DownloadCall:
+        """Admit a download stream (authorized, under the global and the per-device cap) and arrange
+        for its slot to be released when the call ends and for the call to be cancelled at its deadline."""
+        self._small(request, method)
+        call = server_codec.parse_download(request)
+        self._authorize(context, call.device_id)
+        s = self.settings
+        busy = ((RETRY_AFTER_KEY, str(int(s.retry_after_s * 1000))),)
+        with self._downloads_lock:
+            if self._downloads.get(call.device_id, 0) >= s.downloads_per_device:
+                raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"device {_quote(call.device_id)} already has "
+                             f"{s.downloads_per_device} downloads open (server.downloads_per_device); retry later",
+                             busy)
+            if sum(self._downloads.values()) >= s.download_slots:
+                raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "server busy: every download slot is taken "
+                             "(server.download_slots); retry after the delay given", busy)
+            self._downloads[call.device_id] = self._downloads.get(call.device_id, 0) + 1
+        released = threading.Event()
+        timer = threading.Timer(s.download_timeout_s, context.cancel)  # unblocks a stream nobody reads
+
+        def release() -> None:
+            timer.cancel()
+            with self._downloads_lock:
+                if released.is_set():
+                    return
+                released.set()
+                left = self._downloads.get(call.device_id, 1) - 1
+                if left > 0:
+                    self._downloads[call.device_id] = left
+                else:
+                    self._downloads.pop(call.device_id, None)
+
+        if not context.add_callback(release):  # the call already ended
+            release()
+        else:
+            timer.daemon = True
+            timer.start()
+        return call
+
     def DownloadBundle(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
-        self._guard(context, lambda: self._small(request, "DownloadBundle"))
-        call = self._guard(context, lambda: server_codec.parse_download(request))
+        call = self._guard(context, lambda: self._download_slot(context, request, "DownloadBundle"))
         if call.offset > self.archive.size:
             self._guard(context, lambda: _raise_offset(call.offset, self.archive.size))
         with open(self.archive.path, "rb") as f:
@@ -309,8 +372,7 @@ class FleetServicer:
             yield from self._chunks(f, call.offset, self.archive.size, self.archive.sha256, 0)
 
     def DownloadTrainables(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
-        self._guard(context, lambda: self._small(request, "DownloadTrainables"))
-        call = self._guard(context, lambda: server_codec.parse_download(request))
+        call = self._guard(context, lambda: self._download_slot(context, request, "DownloadTrainables"))
         version, data, digest = self._guard(context, self._trainables_npz)
         if call.offset and call.model_version != version:
             context.abort(
@@ -369,3 +431,7 @@ class FleetServicer:
 
 def _raise_offset(offset: int, size: int) -> None:
     raise _Abort(grpc.StatusCode.OUT_OF_RANGE, f"download offset {offset} is beyond the file's {size} bytes")
+
+
+def _quote(text: str) -> str:
+    return repr(text[:64])

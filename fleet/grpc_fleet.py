@@ -153,7 +153,7 @@ class GrpcFleet:
         self.server = serve(
             ServerConfig(host="127.0.0.1", port=0, tls_cert=str(certs["cert"]), tls_key=str(certs["key"]),
                          tokens_file=str(tokens), advance_interval_s=self.options.advance_interval_s,
-                         shutdown_grace_s=0.5, max_workers=n + 8, long_poll_slots=n + 4),
+                         shutdown_grace_s=0.5, max_workers=n + 10, long_poll_slots=n + 4),
             coordinator, self.bundle)
         self.started_at = time.time()
         for dev, profile in zip(self.devices, self.profiles):

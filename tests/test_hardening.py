@@ -135,3 +135,55 @@ def test_a_device_retries_resource_exhausted_with_backoff_and_finishes(tmp_path)
     finally:
         holder.close()
         server.stop()
+
+
+def test_unread_downloads_cannot_starve_the_server(tmp_path) -> None:
+    from fwdfleet.protocol.retry import retry_after
+
+    env = _big_env(tmp_path)
+    server = start(env, aggregator_config(), chunk_bytes=64 * 1024, download_timeout_s=3.0)
+    holder = channel(env, server.port)
+    ch = channel(env, server.port)
+    try:
+        held = _unread_streams(holder, "DownloadBundle", 16)  # 16 slow readers, one token, one device id
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        status = serde.status_from_bytes(call(ch, "Status", serde.status_request(), timeout=5))
+        assert status.model_version == 0 and time.monotonic() - t0 < 2  # the pool still serves
+        turned_away = []
+        for c in held:
+            if c.done() and c.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                turned_away.append(c)
+        assert len(turned_away) == 14  # downloads_per_device = 2: the rest are told to come back
+        assert all(retry_after(c) == 1.0 for c in turned_away)  # with the delay to wait
+        assert "downloads_per_device" in turned_away[0].details()
+        # the two admitted streams are cancelled at their deadline (3 s), freeing their threads and slots:
+        # device "a" downloads again, in full
+        time.sleep(3.5)
+        data = b"".join(serde.chunk_from_bytes(b).data for b in _unread_streams(ch, "DownloadBundle", 1)[0])
+        assert len(data) == server.servicer.archive.size
+    finally:
+        holder.close()
+        ch.close()
+        server.stop()
+
+
+def test_the_global_download_cap_answers_with_a_retry_after(tmp_path) -> None:
+    from fwdfleet.protocol.retry import retry_after
+
+    env = _big_env(tmp_path)
+    server = start(env, aggregator_config(), chunk_bytes=64 * 1024, download_slots=3, downloads_per_device=4)
+    holder = channel(env, server.port)
+    try:
+        for d in ("a", "b"):
+            _join(holder, d)
+        held = [*_unread_streams(holder, "DownloadTrainables", 2, "a"),
+                *_unread_streams(holder, "DownloadTrainables", 2, "b")]
+        time.sleep(0.5)
+        refused = [c for c in held if c.done()]
+        assert len(refused) == 1 and refused[0].code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "download_slots" in refused[0].details() and retry_after(refused[0]) == 1.0
+        assert serde.status_from_bytes(call(holder, "Status", serde.status_request(), timeout=5)).model_version == 0
+    finally:
+        holder.close()
+        server.stop()
