@@ -49,7 +49,7 @@ from fwdfleet.aggregator.errors import RejectedError
 from fwdfleet.aggregator.records import CoordinatorStatus, RoundEvent
 from fwdfleet.bundle import Bundle, TensorSpec, sha256_file, zip_bundle
 from fwdfleet.errors import FwdfleetError
-from fwdfleet.protocol import PROTOCOL_VERSION, serde, server_codec
+from fwdfleet.protocol import PROTOCOL_VERSION, loggable, serde, server_codec
 from fwdfleet.protocol.retry import PERMANENT_KEY, RETRY_AFTER_KEY
 from fwdfleet.task import DeviceProfile, JoinInfo, RoundTask, SubmitReceipt, Upload
 
@@ -239,7 +239,8 @@ class FleetServicer:
             self._authorize(context, call.device_id)
             info = self.coordinator.join(call.device_id, call.profile)
             self.notify()
-            log.info("device %s joined as index %d (%s)", call.device_id, info.device_index, call.client_version)
+            log.info("device %s joined as index %d (%s)", loggable(call.device_id), info.device_index,
+                     loggable(call.client_version))
             return server_codec.joined_to_bytes(
                 serde.Joined(
                     **asdict(info),
@@ -434,4 +435,4 @@ def _raise_offset(offset: int, size: int) -> None:
 
 
 def _quote(text: str) -> str:
-    return repr(text[:64])
+    return repr(loggable(text))

@@ -187,3 +187,25 @@ def test_the_global_download_cap_answers_with_a_retry_after(tmp_path) -> None:
     finally:
         holder.close()
         server.stop()
+
+
+def test_untrusted_strings_are_escaped_and_bounded_before_they_are_logged(env, caplog) -> None:
+    import logging
+
+    server = start(env, aggregator_config())
+    ch = channel(env, server.port)
+    forged = "1.0\nWARNING fwdfleet.aggregator: token of device dev-b REVOKED\x00" + "x" * 5000
+    try:
+        with caplog.at_level(logging.INFO, logger="fwdfleet.aggregator"):
+            call(ch, "Join", serde.join_request("dev-a\n\x00evil", PROFILE, forged))
+        lines = [r.getMessage() for r in caplog.records if r.name == "fwdfleet.aggregator"]
+        joined = [m for m in lines if "joined as index" in m]
+        assert joined, lines
+        for message in lines:
+            assert "\n" not in message and "\x00" not in message and "\r" not in message, message
+            assert len(message) < 400, len(message)
+        assert "REVOKED" in joined[0] and "\\n" in joined[0] and "\\x00" in joined[0]  # shown, escaped
+        assert "(+" in joined[0]  # and the cut is said
+    finally:
+        ch.close()
+        server.stop()

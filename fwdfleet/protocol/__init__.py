@@ -18,3 +18,12 @@ AUTH_METADATA_KEY = "authorization"
 def bearer_metadata(token: str) -> tuple[tuple[str, str], ...]:
     """Call metadata carrying a device token (``authorization: Bearer <token>``)."""
     return ((AUTH_METADATA_KEY, f"Bearer {token}"),)
+
+
+def loggable(value: object, limit: int = 64) -> str:
+    """An untrusted string (a device id, a client version, ...) made safe to log: at most ``limit``
+    characters kept, every control, non-ASCII and backslash character escaped (a newline cannot
+    forge a log line, a NUL cannot reach the log), and what was cut said."""
+    text = value if isinstance(value, str) else str(value)
+    shown = text[:limit].encode("unicode_escape").decode("ascii")
+    return shown if len(text) <= limit else f"{shown}...(+{len(text) - limit} chars)"
