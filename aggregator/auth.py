@@ -15,14 +15,23 @@ handler runs; a token used for another device's id is refused by the servicer wi
 
 Hashes are compared with :func:`hmac.compare_digest` against every entry (no early exit), so the
 time a check takes does not depend on how much of a guess was right.
+
+A list loaded from a file (:meth:`TokenAllowList.load`) watches it: at most every ``reload_s``
+seconds a check looks at the file's size, modification time and inode, and re-reads it when they
+changed, so a revoked token is refused within seconds without a restart. A file that no longer
+parses (or vanished) keeps the last good list in force and the error is logged.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
+import os
 import re
 import secrets
+import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +44,7 @@ from fwdfleet.protocol import AUTH_METADATA_KEY as METADATA_KEY
 from fwdfleet.protocol import bearer_metadata
 
 __all__ = ["BearerAuthInterceptor", "Principal", "TokenAllowList", "bearer_metadata", "hash_token", "new_token"]
+log = logging.getLogger("fwdfleet.aggregator")
 _SCHEME = "bearer "
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 ANY_DEVICE = "*"
@@ -71,45 +81,53 @@ class TokenAllowList:
     """The accepted token hashes and whom they belong to."""
 
     def __init__(self, entries: Iterable[tuple[str, Principal]]) -> None:
-        self._entries: list[_Entry] = []
-        for digest, principal in entries:
-            if not _HEX64.match(digest):
-                raise ConfigError(f"token hash {digest[:16]!r}... is not a 64-character lowercase hex SHA-256")
-            self._entries.append(_Entry(bytes.fromhex(digest), principal))
-        if not self._entries:
-            raise ConfigError("the token allow-list is empty; add a token with `fwdfleet aggregator add-token`")
+        self._entries: list[_Entry] = _entries(entries)
+        self._path: Path | None = None
+        self._stamp: tuple[int, int, int] | None = None
+        self._reload_s = 0.0
+        self._checked = 0.0
+        self._reload_lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._entries)
 
     @classmethod
-    def load(cls, path: str | Path) -> TokenAllowList:
+    def load(cls, path: str | Path, *, reload_s: float = 2.0) -> TokenAllowList:
+        """The list in ``path``, re-read when the file changes (checked at most every ``reload_s``
+        seconds; 0: never)."""
         path = Path(path)
+        stamp = _stamp(path)
+        allow_list = cls(_parse(path))
+        allow_list._path, allow_list._stamp, allow_list._reload_s = path, stamp, reload_s
+        allow_list._checked = time.monotonic()
+        return allow_list
+
+    def _maybe_reload(self) -> None:
+        if self._path is None or self._reload_s <= 0:
+            return
+        now = time.monotonic()
+        if now - self._checked < self._reload_s or not self._reload_lock.acquire(blocking=False):
+            return
         try:
-            text = path.read_text()
-        except OSError as e:
-            raise ConfigError(f"cannot read the token allow-list {path}: {e}") from e
-        entries = []
-        for lineno, raw in enumerate(text.splitlines(), start=1):
-            line = raw.split("#", 1)[0].strip()
-            if not line:
-                continue
-            parts = line.split()
-            if len(parts) not in (2, 3):
-                raise ConfigError(
-                    f"{path}:{lineno}: expected '<sha256-hex> <name> [<device-id or *>]', got {len(parts)} fields"
-                )
-            digest, name = parts[0].lower(), parts[1]
-            if not _HEX64.match(digest):
-                raise ConfigError(f"{path}:{lineno}: {parts[0][:16]!r}... is not a hex SHA-256 of a token")
-            entries.append((digest, Principal(name=name, device=parts[2] if len(parts) == 3 else ANY_DEVICE)))
-        try:
-            return cls(entries)
-        except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from e
+            self._checked = now
+            stamp = _stamp(self._path)
+            if stamp == self._stamp:
+                return
+            try:
+                entries = _entries(_parse(self._path))
+            except ConfigError as e:
+                log.error("token allow-list %s changed but cannot be used (%s); the previous list stays in force",
+                          self._path, e)
+                return
+            before = len(self._entries)
+            self._entries, self._stamp = entries, stamp
+            log.warning("token allow-list %s reloaded: %d token(s), was %d", self._path, len(entries), before)
+        finally:
+            self._reload_lock.release()
 
     def identify(self, token: str | None) -> Principal | None:
         """The principal holding ``token``, or None; constant time in where a guess differs."""
+        self._maybe_reload()
         if not token:
             return None
         digest = hashlib.sha256(token.encode("utf-8")).digest()
@@ -121,6 +139,51 @@ class TokenAllowList:
 
     def identify_metadata(self, metadata: Sequence[tuple[str, Any]] | None) -> Principal | None:
         return self.identify(token_from_metadata(metadata))
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+def _entries(entries: Iterable[tuple[str, Principal]]) -> list[_Entry]:
+    out = []
+    for digest, principal in entries:
+        if not _HEX64.match(digest):
+            raise ConfigError(f"token hash {digest[:16]!r}... is not a 64-character lowercase hex SHA-256")
+        out.append(_Entry(bytes.fromhex(digest), principal))
+    if not out:
+        raise ConfigError("the token allow-list is empty; add a token with `fwdfleet aggregator add-token`")
+    return out
+
+
+def _parse(path: Path) -> list[tuple[str, Principal]]:
+    """The entries of an allow-list file (:class:`ConfigError` naming the line when one is wrong)."""
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read the token allow-list {path}: {e}") from e
+    entries = []
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        if len(parts) not in (2, 3):
+            raise ConfigError(
+                f"{path}:{lineno}: expected '<sha256-hex> <name> [<device-id or *>]', got {len(parts)} fields"
+            )
+        digest, name = parts[0].lower(), parts[1]
+        if not _HEX64.match(digest):
+            raise ConfigError(f"{path}:{lineno}: {parts[0][:16]!r}... is not a hex SHA-256 of a token")
+        entries.append((digest, Principal(name=name, device=parts[2] if len(parts) == 3 else ANY_DEVICE)))
+    if not entries:
+        raise ConfigError(f"{path}: the token allow-list is empty; add a token with "
+                          "`fwdfleet aggregator add-token`")
+    return entries
 
 
 def token_from_metadata(metadata: Sequence[tuple[str, Any]] | None) -> str | None:

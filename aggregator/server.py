@@ -61,6 +61,7 @@ class ServerConfig:
     tls_key: str | None = None
     insecure: bool = False
     tokens_file: str | None = None
+    tokens_reload_s: float = 2.0  # the tokens file is re-read this soon after it changes (0: never)
     max_receive_bytes: int = 16 * 1024
     max_workers: int = 16
     max_concurrent_rpcs: int = 128  # calls in progress or queued; beyond it the transport answers RESOURCE_EXHAUSTED
@@ -92,6 +93,8 @@ class ServerConfig:
             raise ValueError(f"server.max_receive_bytes must be in [1 KiB, 4 MiB], got {self.max_receive_bytes}")
         if self.max_workers < 2:
             raise ValueError(f"server.max_workers must be >= 2, got {self.max_workers}")
+        if not self.tokens_reload_s >= 0:
+            raise ValueError(f"server.tokens_reload_s must be >= 0, got {self.tokens_reload_s}")
         if self.max_concurrent_rpcs < 2:
             raise ValueError(f"server.max_concurrent_rpcs must be >= 2, got {self.max_concurrent_rpcs}")
         if self.long_poll_slots + self.download_slots >= self.max_workers:
@@ -203,7 +206,8 @@ class RunningServer:
 def serve(config: ServerConfig, coordinator: Any, bundle: Bundle) -> RunningServer:
     """Start serving ``coordinator`` and ``bundle``; returns once the port is bound."""
     interceptors: list[grpc.ServerInterceptor] = []
-    allow_list = TokenAllowList.load(config.tokens_file) if config.tokens_file else None
+    allow_list = (TokenAllowList.load(config.tokens_file, reload_s=config.tokens_reload_s)
+                  if config.tokens_file else None)
     if allow_list is not None:
         interceptors.append(BearerAuthInterceptor(allow_list))
     if config.insecure:

@@ -209,3 +209,37 @@ def test_untrusted_strings_are_escaped_and_bounded_before_they_are_logged(env, c
     finally:
         ch.close()
         server.stop()
+
+
+def test_a_revoked_token_is_refused_within_seconds_and_a_new_one_admitted_without_a_restart(env) -> None:
+    from _grpc_fixtures import DEVICE_TOKEN, FLEET_TOKEN
+
+    from fwdfleet.aggregator.auth import append_token
+
+    server = start(env, aggregator_config(), tokens_reload_s=0.5)
+    ch = channel(env, server.port)
+    try:
+        call(ch, "Join", serde.join_request("phone-a", PROFILE, "test"), DEVICE_TOKEN)
+        kept = [line for line in env.tokens.read_text().splitlines() if "phone-a" not in line]
+        env.tokens.write_text("\n".join(kept) + "\n")  # the operator revokes phone-a's token
+        append_token(env.tokens, "token-of-phone-b", "phone-b", "phone-b")  # and issues phone-b's
+        t0 = time.monotonic()
+
+        def refused() -> bool:
+            try:
+                call(ch, "Heartbeat", serde.heartbeat_request("phone-a"), DEVICE_TOKEN)
+                return False
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.UNAUTHENTICATED, e
+                return True
+
+        _wait(refused, timeout=5)
+        assert time.monotonic() - t0 < 5
+        call(ch, "Join", serde.join_request("phone-b", PROFILE, "test"), "token-of-phone-b")
+        call(ch, "Status", serde.status_request(), FLEET_TOKEN)  # the others are untouched
+        env.tokens.write_text("garbage\n")  # a broken edit keeps the last good list in force
+        time.sleep(1.0)
+        call(ch, "Status", serde.status_request(), FLEET_TOKEN)
+    finally:
+        ch.close()
+        server.stop()
