@@ -243,3 +243,29 @@ def test_a_revoked_token_is_refused_within_seconds_and_a_new_one_admitted_withou
     finally:
         ch.close()
         server.stop()
+
+
+def test_gen_certs_creates_the_private_key_owner_only_from_its_first_byte(tmp_path) -> None:
+    import os
+    import sys
+
+    from fwdfleet.aggregator.tls import write_dev_certificates
+
+    key = tmp_path / "certs" / "server.key"
+    exposed: list[int] = []
+    watching = [True]
+
+    def hook(event: str, args: tuple) -> None:  # after every audited step: was the key ever readable by others?
+        if watching[0] and key.is_file() and key.stat().st_size > 0 and key.stat().st_mode & 0o077:
+            exposed.append(key.stat().st_mode & 0o777)
+
+    sys.addaudithook(hook)
+    old = os.umask(0o022)
+    try:
+        write_dev_certificates(tmp_path / "certs")
+        write_dev_certificates(tmp_path / "certs")  # again, over the existing files
+    finally:
+        os.umask(old)
+        watching[0] = False
+    assert not exposed, f"the private key held data with mode {oct(exposed[0])}"
+    assert key.stat().st_mode & 0o777 == 0o600
