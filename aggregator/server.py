@@ -3,7 +3,8 @@
 :func:`serve` starts a ``grpc.server`` for a :class:`~aggregator.coordinator.Coordinator`:
 
 * **TLS by default** (``tls_cert`` / ``tls_key`` PEM paths); ``insecure = true`` serves plaintext
-  for local development only and says so loudly;
+  for local development only and says so loudly, on the loopback interface (127.0.0.1) unless
+  ``host`` is given (a non-loopback host in insecure mode is warned about again);
 * **device tokens** (:mod:`aggregator.auth`): with ``tokens_file`` every call must carry a token
   on the allow-list; without one the server refuses to start unless insecure;
 * a **small receive limit** (``max_receive_bytes``, 16 KiB: a result is well under 1 KB). The
@@ -23,6 +24,7 @@ The ``[server]`` table of the aggregator's TOML file fills :class:`ServerConfig`
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import shutil
 import tempfile
@@ -54,7 +56,7 @@ INSECURE_WARNING = (
 class ServerConfig:
     """The ``[server]`` table: transport settings (never saved in a bundle or a checkpoint)."""
 
-    host: str = "0.0.0.0"
+    host: str | None = None  # None: 0.0.0.0 with TLS, 127.0.0.1 (loopback only) when insecure
     port: int = 50051  # 0: any free port (the bound port is reported)
     bundle: str | None = None  # the bundle folder or zip devices download
     tls_cert: str | None = None
@@ -77,6 +79,8 @@ class ServerConfig:
     heartbeat_interval_s: float = 10.0
 
     def __post_init__(self) -> None:
+        if self.host is None:
+            object.__setattr__(self, "host", "127.0.0.1" if self.insecure else "0.0.0.0")
         if not 0 <= self.port < 65536:
             raise ValueError(f"server.port must be in [0, 65535], got {self.port}")
         if not self.insecure and not (self.tls_cert and self.tls_key):
@@ -133,6 +137,25 @@ class ServerConfig:
             return cls(**table)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{source}: {e}") from e
+
+
+def insecure_binding(config: ServerConfig) -> str:
+    """What an insecure server says about where it listens."""
+    if _is_loopback(str(config.host)):
+        return (f"insecure mode listens on the loopback interface only ({config.host}); other machines cannot "
+                "connect. To expose it anyway pass --host (e.g. --host 0.0.0.0), or better use TLS")
+    return (f"WARNING: insecure mode listening on {config.host}, reachable from the network WITHOUT TLS "
+            f"{'and without tokens' if not config.tokens_file else ''}: anyone who can reach this port can "
+            "read and submit; use TLS (`fwdfleet aggregator gen-certs`)")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def vector_request_limit(config: ServerConfig, mode: str, num_trainable: int) -> int:
@@ -214,6 +237,7 @@ def serve(config: ServerConfig, coordinator: Any, bundle: Bundle) -> RunningServ
         log.warning(INSECURE_WARNING)
         if allow_list is None:
             log.warning("WARNING: no server.tokens_file: any client may join (development only)")
+        log.warning(insecure_binding(config))
 
     workdir = Path(tempfile.mkdtemp(prefix="fwdfleet-aggregator-"))
     try:

@@ -269,3 +269,28 @@ def test_gen_certs_creates_the_private_key_owner_only_from_its_first_byte(tmp_pa
         watching[0] = False
     assert not exposed, f"the private key held data with mode {oct(exposed[0])}"
     assert key.stat().st_mode & 0o777 == 0o600
+
+
+def test_insecure_mode_binds_loopback_unless_told_otherwise_and_says_so(env, caplog) -> None:
+    import logging
+
+    from fwdfleet.aggregator.coordinator import Coordinator
+    from fwdfleet.aggregator.server import ServerConfig, serve
+
+    assert ServerConfig(tls_cert="c", tls_key="k", tokens_file="t").host == "0.0.0.0"  # TLS: every interface
+    config = ServerConfig(insecure=True, port=0, advance_interval_s=0.05)
+    assert config.host == "127.0.0.1"
+    with caplog.at_level(logging.WARNING, logger="fwdfleet.aggregator"):
+        server = serve(config, Coordinator(aggregator_config(), env.bundle), env.bundle)
+    try:
+        assert server.address == f"127.0.0.1:{server.port}"
+        assert any("loopback interface only" in r.getMessage() for r in caplog.records)
+        ch = grpc.insecure_channel(server.address)
+        assert serde.status_from_bytes(call(ch, "Status", serde.status_request(), token=None)).model_version == 0
+        ch.close()
+    finally:
+        server.stop()
+    exposed = ServerConfig(insecure=True, host="0.0.0.0")
+    from fwdfleet.aggregator.server import insecure_binding
+
+    assert "reachable from the network WITHOUT TLS" in insecure_binding(exposed)

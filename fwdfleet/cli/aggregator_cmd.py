@@ -37,7 +37,7 @@ def register(sub: Any) -> None:
                    help="override a config value, e.g. --set rounds.deadline_s=30 (repeatable)")
     s.add_argument("--bundle", help="bundle folder or zip devices train (server.bundle)")
     s.add_argument("--checkpoint-dir", help="checkpoint folder: resume from it, write to it (checkpoint.dir)")
-    s.add_argument("--host", help="address to bind (server.host)")
+    s.add_argument("--host", help="address to bind (server.host; default 0.0.0.0 with TLS, 127.0.0.1 with --insecure)")
     s.add_argument("--port", type=int, help="port to bind; 0 picks a free one and prints it (server.port)")
     s.add_argument("--tls-cert", help="server certificate PEM (server.tls_cert)")
     s.add_argument("--tls-key", help="server private key PEM (server.tls_key)")
@@ -105,7 +105,7 @@ def build_configs(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
 
 def _serve(args: argparse.Namespace) -> int:
     from fwdfleet.aggregator.coordinator import Coordinator
-    from fwdfleet.aggregator.server import INSECURE_WARNING, serve
+    from fwdfleet.aggregator.server import INSECURE_WARNING, insecure_binding, serve
     from fwdfleet.bundle import load_bundle
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -122,6 +122,7 @@ def _serve(args: argparse.Namespace) -> int:
     running = serve(server_config, coordinator, bundle)
     if server_config.insecure:
         print(INSECURE_WARNING, file=sys.stderr, flush=True)
+        print(insecure_binding(server_config), file=sys.stderr, flush=True)
     mode = "INSECURE" if server_config.insecure else "TLS"
     print(f"listening on {server_config.host}:{running.port} ({mode})", flush=True)
     try:
