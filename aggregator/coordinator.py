@@ -442,8 +442,9 @@ class Coordinator:
         assert self._ckdir is not None and self._journal is not None
         for rec in self._journal.records():
             prof = rec.get("profile", {})
+            # not live until heard from: a restart must not make every device ever seen selectable
             self._devices[rec["device_id"]] = _Device(rec["device_id"], int(rec["index"]),
-                                                      DeviceProfile(**prof), now)
+                                                      DeviceProfile(**prof), -math.inf)
         if self._receipts is not None:
             for rec in self._receipts.records():
                 self._ledger.remember(str(rec["d"]), str(rec["fp"]))

@@ -294,3 +294,33 @@ def test_insecure_mode_binds_loopback_unless_told_otherwise_and_says_so(env, cap
     from fwdfleet.aggregator.server import insecure_binding
 
     assert "reachable from the network WITHOUT TLS" in insecure_binding(exposed)
+
+
+def test_restored_devices_are_not_live_until_heard_from(env, tmp_path) -> None:
+    ckpt = tmp_path / "ckpt"
+    config = aggregator_config(rounds={"min_devices": 2, "deadline_s": 30})
+    server = start(env, config, checkpoint_dir=ckpt)
+    ch = channel(env, server.port)
+    try:
+        for d in ("a", "b", *(f"junk-{i}" for i in range(8))):
+            _join(ch, d)
+    finally:
+        ch.close()
+        server.stop()
+    server = start(env, config, checkpoint_dir=ckpt)
+    ch = channel(env, server.port)
+    try:
+        status = server.servicer.coordinator.status()
+        assert status.devices_registered == 10 and status.devices_available == 0
+        assert status.state in ("waiting", "open")
+        for d in ("a", "b"):  # only these come back
+            call(ch, "Heartbeat", serde.heartbeat_request(d))
+        status = server.servicer.coordinator.status()
+        assert status.devices_available == 2
+        _wait(lambda: server.servicer.coordinator.status().selected > 0)
+        for d in ("a", "b"):  # a round selects only devices that were heard from
+            poll = serde.task_poll_from_bytes(call(ch, "GetTask", serde.get_task_request(d, 5)))
+            assert poll.task is not None
+    finally:
+        ch.close()
+        server.stop()
