@@ -71,7 +71,7 @@ from fwdfleet.aggregator.records import (
 )
 from fwdfleet.aggregator.rounds import RoundState, select
 from fwdfleet.aggregator.step_rule import RoundStatistics, StepRule
-from fwdfleet.aggregator.validation import Ledger, check_round, fingerprint
+from fwdfleet.aggregator.validation import Ledger, check_profile, check_round, fingerprint
 from fwdfleet.bundle import Bundle
 from fwdfleet.perturbation import flatten, split
 from fwdfleet.task import DeviceResult, RoundTask, Upload
@@ -87,6 +87,7 @@ class _Device:
     index: int
     profile: DeviceProfile
     last_seen: float
+    owner: str | None = None  # who registered it (a fleet-wide token's name): registrations are capped per owner
 
 
 class Coordinator:
@@ -115,6 +116,8 @@ class Coordinator:
         self._version = 0
         self._attempt = 0
         self._devices: dict[str, _Device] = {}
+        self._owned: dict[str | None, int] = {}  # devices registered per owner
+        self._device_lines = 0  # records in devices.jsonl (compacted when far more than devices)
         self._round: RoundState | None = None
         self._ledger = Ledger()
         self._events: list[RoundEvent] = []
@@ -133,20 +136,45 @@ class Coordinator:
             self._tick(self._clock())
 
     # ----------------------------------------------------------------------------- public API
-    def join(self, device_id: str, profile: DeviceProfile) -> JoinInfo:
+    def join(self, device_id: str, profile: DeviceProfile, *, owner: str | None = None,
+             owner_limit: int = 0) -> JoinInfo:
+        """Register (or re-register) a device. ``owner``: who registers it; a new device is refused
+        (``TOO_MANY_DEVICES``) once ``owner`` registered ``owner_limit`` of them (0: no limit)."""
         if not device_id:
             raise RejectedError(RejectCode.MALFORMED, "device_id must not be empty")
+        check_profile(profile)
         with self._lock:
             now = self._clock()
             dev = self._devices.get(device_id)
             if dev is None:
-                dev = _Device(device_id, len(self._devices) + 1, profile, now)  # index 0 is the shared stream
+                if owner_limit and self._owned.get(owner, 0) >= owner_limit:
+                    raise RejectedError(RejectCode.TOO_MANY_DEVICES, f"this token already registered {owner_limit} "
+                                        "devices (server.max_devices_per_token); reuse a device id or ask the "
+                                        "operator for a limit raise")
+                dev = _Device(device_id, len(self._devices) + 1, profile, now, owner)  # index 0: the shared stream
                 self._devices[device_id] = dev
-                if self._journal:
-                    self._journal.append({"device_id": device_id, "index": dev.index, "profile": asdict(profile)})
+                self._owned[owner] = self._owned.get(owner, 0) + 1
+                self._journal_device(dev, profile)
+            elif profile != dev.profile:
+                self._journal_device(dev, profile)
             dev.profile, dev.last_seen = profile, now
             self._tick(now)
             return JoinInfo(dev.index, self._version, self._round_id)
+
+    def _journal_device(self, dev: _Device, profile: DeviceProfile) -> None:
+        if self._journal is None:
+            return
+        self._journal.append({"device_id": dev.device_id, "index": dev.index, "profile": asdict(profile),
+                              "owner": dev.owner})
+        self._device_lines += 1
+        self._compact_devices()
+
+    def _compact_devices(self) -> None:
+        """Rewrite devices.jsonl with one record per device once it holds many more (profile updates)."""
+        if self._journal is not None and self._device_lines > 2 * len(self._devices) + 64:
+            self._device_lines = self._journal.rewrite(
+                {"device_id": d.device_id, "index": d.index, "profile": asdict(d.profile), "owner": d.owner}
+                for d in sorted(self._devices.values(), key=lambda d: d.index))
 
     def heartbeat(self, device_id: str) -> None:
         with self._lock:
@@ -441,10 +469,17 @@ class Coordinator:
     def _restore(self, now: float) -> None:
         assert self._ckdir is not None and self._journal is not None
         for rec in self._journal.records():
-            prof = rec.get("profile", {})
+            self._device_lines += 1
+            prof = DeviceProfile(**rec.get("profile", {}))
+            known = self._devices.get(rec["device_id"])
+            if known is not None:  # a later profile of the same device
+                known.profile = prof
+                continue
+            owner = rec.get("owner")
             # not live until heard from: a restart must not make every device ever seen selectable
-            self._devices[rec["device_id"]] = _Device(rec["device_id"], int(rec["index"]),
-                                                      DeviceProfile(**prof), -math.inf)
+            self._devices[rec["device_id"]] = _Device(rec["device_id"], int(rec["index"]), prof, -math.inf, owner)
+            self._owned[owner] = self._owned.get(owner, 0) + 1
+        self._compact_devices()
         if self._receipts is not None:
             for rec in self._receipts.records():
                 self._ledger.remember(str(rec["d"]), str(rec["fp"]))

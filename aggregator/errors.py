@@ -25,6 +25,7 @@ class RejectCode(str, Enum):  # noqa: UP042  (str(code) must stay "RejectCode.X"
     NOT_SELECTED = "NOT_SELECTED"  # the device has no outstanding request in this round
     MALFORMED = "MALFORMED"  # the upload does not have the shape the round asks for
     ALREADY_SUBMITTED = "ALREADY_SUBMITTED"  # a *different* second upload for the same request
+    TOO_MANY_DEVICES = "TOO_MANY_DEVICES"  # the token already registered as many devices as it may
 
     @property
     def grpc_status(self) -> str:
@@ -42,6 +43,7 @@ _GRPC_STATUS: dict[RejectCode, str] = {
     RejectCode.NOT_SELECTED: "FAILED_PRECONDITION",
     RejectCode.MALFORMED: "INVALID_ARGUMENT",
     RejectCode.ALREADY_SUBMITTED: "ALREADY_EXISTS",
+    RejectCode.TOO_MANY_DEVICES: "PERMISSION_DENIED",
 }
 
 

@@ -76,6 +76,7 @@ class ServerConfig:
     download_slots: int = 4
     downloads_per_device: int = 2
     download_timeout_s: float = 300.0
+    max_devices_per_token: int = 10_000  # new device ids one token may register (a '*' token's whole fleet)
     heartbeat_interval_s: float = 10.0
 
     def __post_init__(self) -> None:
@@ -125,6 +126,7 @@ class ServerConfig:
             download_slots=self.download_slots,
             downloads_per_device=self.downloads_per_device,
             download_timeout_s=self.download_timeout_s,
+            max_devices_per_token=self.max_devices_per_token,
         )
 
     @classmethod

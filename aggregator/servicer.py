@@ -69,6 +69,7 @@ class ServicerSettings:
     download_slots: int = 4  # download streams served at once (each holds a worker thread)
     downloads_per_device: int = 2  # download streams one device id may hold at once
     download_timeout_s: float = 300.0  # a stream still open after this is cancelled (the device resumes)
+    max_devices_per_token: int = 10_000  # devices one token (a fleet-wide one) may register
 
     def __post_init__(self) -> None:
         for name in ("max_request_bytes", "max_vector_request_bytes"):
@@ -84,6 +85,8 @@ class ServicerSettings:
             raise ValueError(f"server.chunk_bytes must be in [1 KiB, 3 MiB], got {self.chunk_bytes}")
         if not self.heartbeat_interval_s > 0:
             raise ValueError(f"server.heartbeat_interval_s must be > 0, got {self.heartbeat_interval_s}")
+        if self.max_devices_per_token < 1:
+            raise ValueError(f"server.max_devices_per_token must be >= 1, got {self.max_devices_per_token}")
         if self.download_slots < 1 or self.downloads_per_device < 1:
             raise ValueError("server.download_slots and server.downloads_per_device must be >= 1")
         if not self.download_timeout_s > 0:
@@ -140,7 +143,8 @@ class FleetCoordinator(Protocol):
     config: AggregatorConfig
     bundle: Bundle
 
-    def join(self, device_id: str, profile: DeviceProfile) -> JoinInfo: ...
+    def join(self, device_id: str, profile: DeviceProfile, *, owner: str | None = None,
+             owner_limit: int = 0) -> JoinInfo: ...
 
     def heartbeat(self, device_id: str) -> None: ...
 
@@ -237,7 +241,9 @@ class FleetServicer:
             self._small(request, "Join")
             call = server_codec.parse_join(request)
             self._authorize(context, call.device_id)
-            info = self.coordinator.join(call.device_id, call.profile)
+            principal = self.allow_list.identify_metadata(context.invocation_metadata()) if self.allow_list else None
+            info = self.coordinator.join(call.device_id, call.profile, owner=principal.name if principal else None,
+                                         owner_limit=self.settings.max_devices_per_token)
             self.notify()
             log.info("device %s joined as index %d (%s)", loggable(call.device_id), info.device_index,
                      loggable(call.client_version))

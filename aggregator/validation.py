@@ -23,7 +23,7 @@ import numpy as np
 
 from fwdfleet.aggregator.config import ValidationConfig
 from fwdfleet.aggregator.errors import RejectCode, RejectedError
-from fwdfleet.task import DeviceResult, InvalidResultError, check_result_fields
+from fwdfleet.task import DeviceProfile, DeviceResult, InvalidResultError, check_result_fields
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,18 @@ def build_result(*, round_id: int, model_version: int, indices: Sequence[int], d
         raise _reject(RejectCode.MALFORMED, f"result fields are invalid: {e}") from e
     _check_scalars(result)
     return result
+
+
+MAX_PROFILE_TEXT = 64  # characters of the platform name and of each label key and value
+MAX_PROFILE_LABELS = 16
+
+
+def check_profile(profile: DeviceProfile) -> None:
+    """A join's profile is kept in memory and journaled: its strings are bounded (MALFORMED beyond)."""
+    texts = [profile.platform, *profile.labels, *profile.labels.values()]
+    if len(profile.labels) > MAX_PROFILE_LABELS or any(len(t) > MAX_PROFILE_TEXT for t in texts):
+        raise _reject(RejectCode.MALFORMED, f"the device profile is too large: at most {MAX_PROFILE_LABELS} labels "
+                      f"and {MAX_PROFILE_TEXT} characters per platform name, label key and value")
 
 
 def check_round(result: DeviceResult, round_id: int | None, model_version: int) -> None:

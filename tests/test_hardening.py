@@ -324,3 +324,38 @@ def test_restored_devices_are_not_live_until_heard_from(env, tmp_path) -> None:
     finally:
         ch.close()
         server.stop()
+
+
+def test_registrations_are_capped_per_token_and_the_registry_journal_is_compacted(env, tmp_path) -> None:
+    from _grpc_fixtures import DEVICE_TOKEN
+
+    from fwdfleet.aggregator.checkpoint import DEVICES
+
+    ckpt = tmp_path / "ckpt"
+    config = aggregator_config(rounds={"min_devices": 50})
+
+    def expect(code, fn, word: str) -> None:
+        with pytest.raises(grpc.RpcError) as info:
+            fn()
+        assert info.value.code() == code and word in info.value.details(), info.value
+
+    for _restart in range(2):
+        server = start(env, config, checkpoint_dir=ckpt, max_devices_per_token=5)
+        ch = channel(env, server.port)
+        try:
+            for i in range(5):  # the fleet-wide token registers its five (again after the restart)
+                _join(ch, f"dev-{i}")
+            expect(grpc.StatusCode.PERMISSION_DENIED, lambda ch=ch: _join(ch, "dev-5"), "max_devices_per_token")
+            call(ch, "Join", serde.join_request("phone-a", PROFILE, "test"), DEVICE_TOKEN)  # another token's own
+            big = serde.DeviceProfile(platform="x" * 15_000)
+            expect(grpc.StatusCode.INVALID_ARGUMENT,
+                   lambda ch=ch, big=big: call(ch, "Join", serde.join_request("dev-0", big, "test")),
+                   "profile is too large")
+            for n in range(200):  # re-joins with a changing profile: journaled, but compacted
+                call(ch, "Join", serde.join_request("dev-0", serde.DeviceProfile(platform="p", ram_mb=n), "t"))
+            assert server.servicer.coordinator.status().devices_registered == 6
+        finally:
+            ch.close()
+            server.stop()
+        lines = (ckpt / DEVICES).read_text().splitlines()
+        assert len(lines) <= 2 * 6 + 64 + 1, len(lines)
