@@ -4,7 +4,7 @@ FwdLLM's headline is that perturbed inference fine-tunes billion-parameter LLMs 
 an inference. This script builds a folder with TinyLlama's shape (22 layers, hidden 2048, 32 query
 / 4 key-value heads, intermediate 5632, vocabulary 32,000, random weights drawn from a seed: the
 weights' values do not change memory), exports it as a ``causal_lm_lora`` bundle with LoRA r=8 on
-q and v in fp32, weight-only int8 and weight-only 4-bit (``MatMulNBits``), and measures with
+q and v in fp32, derives weight-only int8 and 4-bit (``MatMulNBits``) copies of it, and measures with
 :func:`fwdfleet.device_runtime.memory.measure_memory` (each figure the VmHWM of a fresh process):
 
 * ``inference``: two forwards of the batch;
@@ -62,22 +62,29 @@ def tinyllama_folder(path: Path) -> Path:
     return path
 
 
-def export(folder: Path, out: Path, quantize: str, batch: int, seq: int) -> Path:
+def export(folder: Path, work: Path, quantize: str, batch: int, seq: int) -> Path:
+    """The fp32 bundle (exported once), or a quantized copy of it (:func:`export.quantize.quantize_bundle`:
+    the same graph with its frozen weights quantized, much faster than a second export)."""
+    from fwdfleet.bundle import load_bundle
     from fwdfleet.export.causal_lm import CausalLmExport, export_causal_lm
     from fwdfleet.export.hf import LoraSettings
     from fwdfleet.export.onnx_graph import GraphOptions
+    from fwdfleet.export.quantize import quantize_bundle
 
-    if (out / "manifest.json").exists():
-        return out
-    cfg = CausalLmExport(
-        source=folder, lora=LoraSettings(rank=8, alpha=16, target_modules=("q_proj", "v_proj")), max_length=seq,
-        quantize=None if quantize == "none" else quantize, random_init=True, seed=0,
-        graph=GraphOptions(batch_size=batch, sequence_length=seq, exporter="legacy"),
-    )  # fmt: skip
-    start = time.perf_counter()
-    export_causal_lm(cfg, out, overwrite=True)
-    print(f"exported {out.name} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
-    return out
+    fp32, out = work / "bundle-none", work / f"bundle-{quantize}"
+    if not (fp32 / "manifest.json").exists():
+        cfg = CausalLmExport(
+            source=folder, lora=LoraSettings(rank=8, alpha=16, target_modules=("q_proj", "v_proj")), max_length=seq,
+            random_init=True, seed=0, graph=GraphOptions(batch_size=batch, sequence_length=seq, exporter="legacy"),
+        )  # fmt: skip
+        start = time.perf_counter()
+        export_causal_lm(cfg, fp32, overwrite=True)
+        print(f"exported {fp32.name} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    if quantize != "none" and not (out / "manifest.json").exists():
+        start = time.perf_counter()
+        quantize_bundle(load_bundle(fp32), out, quantize, overwrite=True)
+        print(f"quantized {out.name} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    return fp32 if quantize == "none" else out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     folder = tinyllama_folder(work / "tinyllama-shape")
     rows: list[dict[str, Any]] = []
     for q in [s.strip() for s in a.quantize.split(",") if s.strip()]:
-        bundle = export(folder, work / f"bundle-{q}", q, a.batch_size, a.sequence_length)
+        bundle = export(folder, work, q, a.batch_size, a.sequence_length)
         modes = [m for m in a.modes.split(",") if m and (q == "none" or not m.startswith("torch"))]
         report = measure_memory(bundle, batch_size=a.batch_size, sequence_length=a.sequence_length,
                                 num_perturbations=a.k, options=RuntimeOptions(threads=a.threads), modes=modes,
@@ -104,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"quantization": q, **report.to_json()})
         for f in report.figures:
             print(f"{q:<12} {f.mode:<11} {f.peak_mb or float('nan'):9.1f} MB  {f.note}", file=sys.stderr)
-    if a.out:
-        Path(a.out).write_text(json.dumps({"model": TINYLLAMA_SHAPE, "rows": rows}, indent=2) + "\n")
+        if a.out:  # after every bundle, so a long run keeps what it measured
+            Path(a.out).write_text(json.dumps({"model": TINYLLAMA_SHAPE, "rows": rows}, indent=2) + "\n")
     print("| weights | mode | peak RSS (MB) | step / inference | note |")
     print("| --- | --- | ---: | ---: | --- |")
     for r in rows:

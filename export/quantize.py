@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import onnx
 
@@ -139,3 +140,39 @@ def _quantize(source: onnx.ModelProto, src: Path, dst: Path, mode: str) -> None:
         raise ExportError("the graph has no MatMul/Gemm with constant weights to quantize; export it "
                           "without --quantize")
     save_model(result, dst)
+
+
+def quantize_bundle(bundle: Any, out: str | Path, mode: str, *, overwrite: bool = False) -> Path:
+    """A copy of an fp32 ``bundle`` in ``out`` with every graph's frozen weights quantized (``mode``),
+    the trainables and everything else unchanged: a quantized variant without re-exporting from torch.
+
+    Written into ``<out>.partial`` and renamed at the end (nothing half-written on failure)."""
+    import shutil
+    from dataclasses import replace
+
+    from fwdfleet.bundle import write_bundle
+    from fwdfleet.export.kinds import prepare_out
+
+    label = manifest_label(mode)
+    if bundle.manifest.quantization:
+        raise ExportError(f"{bundle.path} is already quantized ({bundle.manifest.quantization}); start from fp32")
+    out = Path(out)
+    work = prepare_out(out, overwrite)
+    try:
+        graph_files = {g.file for g in bundle.manifest.graphs}
+        for rel in bundle.manifest.files:  # tokenizer and the rest as they are
+            if rel not in graph_files and rel != bundle.manifest.trainables_file and not rel.endswith(".data"):
+                (work / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(bundle.path / rel, work / rel)
+        for g in bundle.manifest.graphs:
+            quantize_bundle_graph(bundle.path / g.file, work / g.file, mode)
+        write_bundle(work, replace(bundle.manifest, quantization=label,
+                                   settings={**bundle.manifest.settings, "quantization_mode": mode}),
+                     bundle.load_trainables())
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        work.rename(out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return out
