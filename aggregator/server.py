@@ -40,6 +40,7 @@ import grpc
 from fwdfleet.aggregator.auth import BearerAuthInterceptor, TokenAllowList
 from fwdfleet.aggregator.modes import server_mode
 from fwdfleet.aggregator.servicer import BundleArchive, FleetServicer, ServicerSettings
+from fwdfleet.aggregator.tls import server_credentials
 from fwdfleet.bundle import Bundle
 from fwdfleet.errors import ConfigError
 from fwdfleet.protocol import rpc
@@ -168,13 +169,6 @@ def vector_request_limit(config: ServerConfig, mode: str, num_trainable: int) ->
     return config.max_receive_bytes
 
 
-def _read(path: str, what: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as e:
-        raise ConfigError(f"cannot read the {what} {path}: {e}") from e
-
-
 class RunningServer:
     """A started server: its bound port, its servicer, and how to stop it."""
 
@@ -264,10 +258,7 @@ def serve(config: ServerConfig, coordinator: Any, bundle: Bundle) -> RunningServ
         if config.insecure:
             port = server.add_insecure_port(address)
         else:
-            credentials = grpc.ssl_server_credentials(
-                [(_read(config.tls_key or "", "TLS key"), _read(config.tls_cert or "", "TLS certificate"))]
-            )
-            port = server.add_secure_port(address, credentials)
+            port = server.add_secure_port(address, server_credentials(config.tls_cert or "", config.tls_key or ""))
         if port == 0:
             raise ConfigError(f"cannot bind {address}: is the port in use? choose another with --port")
         server.start()

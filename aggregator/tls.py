@@ -12,6 +12,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import grpc
+
 from fwdfleet.errors import ConfigError
 
 
@@ -65,6 +67,17 @@ def write_dev_certificates(out: str | Path, hosts: Sequence[str] = (), days: int
     write_private(paths["key"], key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                   serialization.NoEncryption()))
     return paths
+
+
+def server_credentials(cert: str, key: str) -> grpc.ServerCredentials:
+    """gRPC server credentials from PEM files (the aggregator's and the PFF store's)."""
+    def read(path: str, what: str) -> bytes:
+        try:
+            return Path(path).read_bytes()
+        except OSError as e:
+            raise ConfigError(f"cannot read the {what} {path}: {e}") from e
+
+    return grpc.ssl_server_credentials([(read(key, "TLS key"), read(cert, "TLS certificate"))])
 
 
 def write_private(path: Path, data: bytes) -> None:

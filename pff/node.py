@@ -208,8 +208,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plan", required=True, type=Path, help="the run's plan.json")
     p.add_argument("--node", required=True, type=int, help="this node's index")
     p.add_argument("--attempt", type=int, default=0, help="how many times this node was restarted")
+    p.add_argument("--ca", help="CA certificate (PEM) of a TLS store")
+    p.add_argument("--token-file", help="file holding this node's token for the store (or $FWDFLEET_TOKEN)")
     args = p.parse_args(argv)
-    client = StoreClient(args.store)
+    from fwdfleet.device_runtime.credentials import read_token
+
+    client = StoreClient(args.store, root_cert=args.ca, token=read_token(None, args.token_file))
     try:
         run_node(RunPlan.read(args.plan), args.node, client, attempt=args.attempt)
     except FwdfleetError as e:

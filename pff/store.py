@@ -189,14 +189,32 @@ class ParameterStore:
 
 
 class StoreServer:
-    """The store served on ``host:port`` (port 0: any free port; see :attr:`address`)."""
+    """The store served on ``host:port`` (port 0: any free port; see :attr:`address`).
 
-    def __init__(self, directory: str | Path, *, host: str = "127.0.0.1", port: int = 0, workers: int = 16) -> None:
+    With ``tls_cert`` / ``tls_key`` it serves TLS and with ``tokens_file`` every call must carry a
+    token of that allow-list (the aggregator's files and rules: :mod:`fwdfleet.aggregator.auth`,
+    reloaded on change). Without TLS it only listens on a loopback address (a local run's nodes)."""
+
+    def __init__(self, directory: str | Path, *, host: str = "127.0.0.1", port: int = 0, workers: int = 16,
+                 tls_cert: str | None = None, tls_key: str | None = None, tokens_file: str | None = None) -> None:
+        from fwdfleet.aggregator.auth import BearerAuthInterceptor, TokenAllowList
+        from fwdfleet.aggregator.server import _is_loopback
+        from fwdfleet.aggregator.tls import server_credentials
+
+        if bool(tls_cert) != bool(tls_key):
+            raise StoreError("give both --tls-cert and --tls-key (or neither, on a loopback address)")
+        if not tls_cert and not _is_loopback(host):
+            raise StoreError(f"the PFF store serves plaintext only on a loopback address, not {host}: give "
+                             "--tls-cert/--tls-key (`fwdfleet aggregator gen-certs`) and --tokens-file")
+        interceptors = [BearerAuthInterceptor(TokenAllowList.load(tokens_file))] if tokens_file else []
         self.store = ParameterStore(directory)
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pff-store"),
-                                   options=GRPC_OPTIONS)
+                                   options=GRPC_OPTIONS, interceptors=interceptors)
         add_store_servicer(self._server, self.store)
-        bound = self._server.add_insecure_port(f"{host}:{port}")
+        if tls_cert and tls_key:
+            bound = self._server.add_secure_port(f"{host}:{port}", server_credentials(tls_cert, tls_key))
+        else:
+            bound = self._server.add_insecure_port(f"{host}:{port}")
         if bound == 0:
             raise StoreError(f"cannot listen on {host}:{port}; choose another --port")
         self.address = f"{host}:{bound}"
@@ -209,10 +227,19 @@ class StoreServer:
 class StoreClient:
     """Calls to the store; retries while it is unreachable (e.g. being restarted) for ``retry_seconds``."""
 
-    def __init__(self, address: str, *, retry_seconds: float = 60.0) -> None:
+    def __init__(self, address: str, *, retry_seconds: float = 60.0, root_cert: str | None = None,
+                 token: str | None = None, server_name: str | None = None) -> None:
+        """``root_cert``: the CA of a TLS store (its PEM path); ``token``: a bearer token (TLS only)."""
         self.address = address
         self.retry_seconds = retry_seconds
-        self._channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+        if root_cert or token:
+            creds = grpc.ssl_channel_credentials(root_certificates=Path(root_cert).read_bytes() if root_cert else None)
+            if token:
+                creds = grpc.composite_channel_credentials(creds, grpc.access_token_call_credentials(token))
+            options = [*GRPC_OPTIONS, *([("grpc.ssl_target_name_override", server_name)] if server_name else [])]
+            self._channel = grpc.secure_channel(address, creds, options=options)
+        else:
+            self._channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
         self._stub = StoreStub(self._channel)
         self._rng = random.Random()
 
@@ -225,8 +252,9 @@ class StoreClient:
                 return call()
             except grpc.RpcError as e:
                 code = e.code()
-                if code == grpc.StatusCode.FAILED_PRECONDITION:
-                    raise StoreError(e.details()) from e
+                if code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT,
+                            grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                    raise StoreError(f"PFF store at {self.address}: {e.details()}") from e
                 delay = backoff_delay(attempt, STORE_BACKOFF, self._rng, retry_after(e))
                 if not is_transient(e) or time.monotonic() + delay > deadline:
                     raise StoreError(f"PFF store at {self.address}: {code.name} ({e.details()}); "
@@ -265,8 +293,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("directory")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
+    p.add_argument("--tls-cert", help="server certificate (PEM); required unless --host is a loopback address")
+    p.add_argument("--tls-key", help="server private key (PEM)")
+    p.add_argument("--tokens-file", help="token allow-list (`fwdfleet aggregator add-token`), as the aggregator's")
     args = p.parse_args(argv)
-    server = StoreServer(args.directory, host=args.host, port=args.port)
+    server = StoreServer(args.directory, host=args.host, port=args.port, tls_cert=args.tls_cert,
+                         tls_key=args.tls_key, tokens_file=args.tokens_file)
     print(f"pff store serving {args.directory} on {server.address}", flush=True)
     try:
         while True:

@@ -141,8 +141,11 @@ class _Servicer(pb_grpc.PffStoreServicer):
 
     def Publish(self, request: pb.PublishRequest, context: grpc.ServicerContext) -> pb.PublishReply:
         try:
-            dup = self.store.publish_encoded(request.layer, request.version, encoded_from_proto(request.tensors),
-                                             record_from_proto(request.record))
+            tensors, record = encoded_from_proto(request.tensors), record_from_proto(request.record)
+        except (StoreError, TypeError, ValueError) as e:  # a malformed message: its sender must fix it
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        try:
+            dup = self.store.publish_encoded(request.layer, request.version, tensors, record)
         except StoreError as e:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         return pb.PublishReply(duplicate=dup)

@@ -359,3 +359,45 @@ def test_registrations_are_capped_per_token_and_the_registry_journal_is_compacte
             server.stop()
         lines = (ckpt / DEVICES).read_text().splitlines()
         assert len(lines) <= 2 * 6 + 64 + 1, len(lines)
+
+
+def test_the_pff_store_serves_tls_with_tokens_and_refuses_an_overflowing_shape(env, tmp_path) -> None:
+    import numpy as np
+    from _grpc_fixtures import FLEET_TOKEN
+
+    from fwdfleet.pff.store import StoreClient, StoreServer
+    from fwdfleet.pff.wire import StoreError, TaskRecord
+    from fwdfleet.protocol import bearer_metadata
+    from fwdfleet.protocol.v1 import pff_pb2 as pb
+    from fwdfleet.protocol.v1 import pff_pb2_grpc as pb_grpc
+
+    server = StoreServer(tmp_path / "store", tls_cert=str(env.certs["cert"]), tls_key=str(env.certs["key"]),
+                         tokens_file=str(env.tokens))
+    ca = str(env.certs["ca"])
+    try:
+        client = StoreClient(server.address, root_cert=ca, token=FLEET_TOKEN, retry_seconds=5)
+        params = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+        assert client.publish(0, 1, params, TaskRecord()) is False
+        np.testing.assert_array_equal(client.fetch(0, 1).params["w"], params["w"])
+        client.close()
+        for token in (None, "not-a-token"):  # no token, a wrong one: refused before any handler runs
+            stranger = StoreClient(server.address, root_cert=ca, token=token, retry_seconds=2)
+            with pytest.raises(StoreError, match="token"):
+                stranger.fetch(0, 1)
+            stranger.close()
+        with pytest.raises(grpc.RpcError):  # plaintext cannot talk to it
+            pb_grpc.PffStoreStub(grpc.insecure_channel(server.address)).Status(pb.PffStatusRequest(), timeout=5)
+        ch = grpc.secure_channel(server.address, grpc.ssl_channel_credentials(env.certs["ca"].read_bytes()))
+        stub = pb_grpc.PffStoreStub(ch)
+        huge = pb.Tensor(name="w", shape=[2**32, 2**32], data=b"", sha256="e3b0c44298fc1c149afbf4c8996fb924"
+                         "27ae41e4649b934ca495991b7852b855")  # sha256 of nothing: only the shape is wrong
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Publish(pb.PublishRequest(layer=0, version=2, tensors=[huge]), timeout=5,
+                         metadata=bearer_metadata(FLEET_TOKEN))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value
+        assert "bytes for shape" in info.value.details()
+        ch.close()
+    finally:
+        server.stop()
+    with pytest.raises(StoreError, match="loopback"):
+        StoreServer(tmp_path / "store2", host="0.0.0.0")

@@ -9,6 +9,7 @@ tensors with these functions, so both sides of every link agree on the bytes.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -75,7 +76,9 @@ def check_tensor(name: str, shape: tuple[int, ...], data: bytes, sha256: str, *,
     """The received tensor ``name`` as a read-only float32 view, after checking that ``data`` holds
     exactly ``shape``'s values, that its sha256 is ``sha256`` and (``finite``) that every value is
     finite; :class:`TensorError` says which check failed, with the numbers."""
-    count = int(np.prod(shape, dtype=np.int64))
+    if any(d < 0 for d in shape):
+        raise TensorError(f"tensor {name}: shape {shape} has a negative dimension")
+    count = math.prod(shape)  # Python integers: a shape like [2**32, 2**32] cannot wrap around to 0
     if len(data) != 4 * count:
         raise TensorError(f"tensor {name}: {len(data)} bytes for shape {shape} "
                           f"(expected {4 * count}: {count} float32 values)")
