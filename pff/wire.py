@@ -168,9 +168,37 @@ class _Servicer(pb_grpc.PffStoreServicer):
             nodes=[progress_to_proto(p) for p in nodes])
 
 
+def _serialize(reply: Any) -> bytes:
+    data: bytes = reply.SerializeToString()
+    return data
+
+
+_STORE_METHODS = {"Publish": (pb.PublishRequest, pb.PublishReply), "Fetch": (pb.FetchRequest, pb.FetchReply),
+                  "Report": (pb.ProgressReport, pb.ReportReply), "Status": (pb.PffStatusRequest, pb.PffStatus)}
+
+
+def _decoding(method: Any, request_type: Any) -> Any:
+    """``method`` fed a request it decodes itself, so that bytes that do not parse are answered
+    INVALID_ARGUMENT saying so (grpc's own deserializer answers INTERNAL)."""
+
+    def handle(data: bytes, context: grpc.ServicerContext) -> Any:
+        try:
+            request = request_type.FromString(data)
+        except Exception as e:  # protobuf raises DecodeError, and RuntimeWarning-like errors on odd input
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"the request is not a valid {request_type.DESCRIPTOR.name} message ({e})")
+        return method(request, context)
+
+    return handle
+
+
 def add_store_servicer(server: grpc.Server, store: StoreBackend) -> None:
-    """Serve ``store`` as ``service PffStore`` on ``server``."""
-    pb_grpc.add_PffStoreServicer_to_server(_Servicer(store), server)  # type: ignore[no-untyped-call]
+    """Serve ``store`` as ``service PffStore`` on ``server`` (requests decoded by the handlers)."""
+    servicer = _Servicer(store)
+    handlers = {name: grpc.unary_unary_rpc_method_handler(_decoding(getattr(servicer, name), req),
+                                                          response_serializer=_serialize)
+                for name, (req, _reply) in _STORE_METHODS.items()}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("fwdfleet.v1.PffStore", handlers),))
 
 
 class StoreStub:
