@@ -6,7 +6,8 @@ regenerating every ``z_k`` from its seed into one reused buffer (the K vectors a
 at once). Step ``s`` uses the round seed ``derive_seed(config.seed, s)``, so a run is
 reproducible and, like a federated round, fully described by seeds and scalars.
 
-Evaluation (mean loss and accuracy when the graph has logits and labels) runs every
+Evaluation (mean loss; accuracy, macro-F1, per-class precision/recall and the confusion matrix
+when the graph has logits and labels; :mod:`device_runtime.metrics`) runs every
 ``eval_every`` steps; progress goes through ``tqdm`` when it is installed, plain lines otherwise.
 The trained tensors are saved back as a bundle with :meth:`fwdfleet.bundle.Bundle.save_as`.
 Ctrl-C stops after the current step and still saves what was trained.
@@ -17,7 +18,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +29,7 @@ import numpy.typing as npt
 from fwdfleet.bundle import Bundle
 from fwdfleet.device_runtime.data import ArrayDataset, Batch, TextDataset
 from fwdfleet.device_runtime.estimator import EstimatorWorkspace, accumulate_update, estimate
+from fwdfleet.device_runtime.metrics import Classification
 from fwdfleet.device_runtime.session import BundleSession
 from fwdfleet.errors import ConfigError
 from fwdfleet.perturbation import DISTRIBUTIONS, Distribution, split
@@ -58,10 +60,12 @@ class LocalTrainConfig:
     difference: Difference = "central"
     candidate_ratio: int = 1
     eval_every: int = 50
-    eval_examples: int = 1000
+    eval_examples: int = 0  # 0: every evaluation example
 
     def __post_init__(self) -> None:
-        for name in ("steps", "num_perturbations", "batch_size", "candidate_ratio", "eval_examples"):
+        if self.eval_examples < 0:
+            raise ValueError(f"LocalTrainConfig.eval_examples must be >= 0 (0: all), got {self.eval_examples}")
+        for name in ("steps", "num_perturbations", "batch_size", "candidate_ratio"):
             if getattr(self, name) < 1:
                 raise ValueError(f"LocalTrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("eps", "lr"):
@@ -91,6 +95,18 @@ class Evaluation:
     loss: float
     accuracy: float  # NaN when the graph has no logits/labels to score
     examples: int
+    classification: Classification | None = None  # None when the graph has no logits/labels to score
+
+    @property
+    def macro_f1(self) -> float:
+        return self.classification.macro_f1 if self.classification is not None else math.nan
+
+    def to_json(self, label_names: Sequence[str] = ()) -> dict[str, Any]:
+        out: dict[str, Any] = {"step": self.step, "loss": self.loss, "accuracy": self.accuracy,
+                               "examples": self.examples}
+        if self.classification is not None:
+            out.update(self.classification.to_json(label_names))
+        return out
 
 
 @dataclass
@@ -108,24 +124,38 @@ class TrainReport:
 def evaluate(
     session: BundleSession, trainables: Mapping[str, npt.NDArray[Any]], batches: Iterable[Batch], step: int = 0
 ) -> Evaluation:
-    """Mean per-sample loss and (if the graph has ``logits`` and the batches ``labels``) accuracy."""
-    outputs = ("loss", "logits") if "logits" in session.output_names else ("loss",)
-    loss_sum, correct, count, scored = 0.0, 0, 0, 0
-    for batch in batches:
-        out = session.run(trainables, batch, outputs)
+    """Mean per-sample loss and (if the graph has ``logits`` and the batches ``labels``) accuracy,
+    macro-F1, per-class precision/recall and the confusion matrix."""
+    loss_sum, count = 0.0, 0
+    labels: list[npt.NDArray[np.int64]] = []
+    predicted: list[npt.NDArray[np.int64]] = []
+    width = 0
+    for batch, out in scored_batches(session, trainables, batches):
         loss = np.asarray(out["loss"], dtype=np.float64)
         loss_sum += float(loss.sum())
         count += len(loss)
         logits = out.get("logits")
         if logits is not None and "labels" in batch and logits.ndim == 2:
-            correct += int((logits.argmax(axis=1) == batch["labels"]).sum())
-            scored += len(loss)
+            width = logits.shape[1]
+            labels.append(np.asarray(batch["labels"], dtype=np.int64))
+            predicted.append(logits.argmax(axis=1).astype(np.int64))
+    cls = (Classification.from_predictions(np.concatenate(labels), np.concatenate(predicted), width)
+           if labels else None)
     return Evaluation(
         step=step,
         loss=loss_sum / count if count else math.nan,
-        accuracy=correct / scored if scored else math.nan,
+        accuracy=cls.accuracy if cls is not None else math.nan,
         examples=count,
+        classification=cls,
     )
+
+
+def scored_batches(session: BundleSession, trainables: Mapping[str, npt.NDArray[Any]],
+                   batches: Iterable[Batch]) -> Iterator[tuple[Batch, dict[str, npt.NDArray[Any]]]]:
+    """Each batch with the graph's ``loss`` (and ``logits`` when it has them) at ``trainables``."""
+    outputs = ("loss", "logits") if "logits" in session.output_names else ("loss",)
+    for batch in batches:
+        yield batch, dict(session.run(trainables, batch, outputs))
 
 
 def _progress(total: int, enabled: bool) -> tuple[Callable[[dict[str, str]], None], Callable[[str], None], Any]:
@@ -207,7 +237,8 @@ def train_local(
     evaluator = eval_data if eval_data is not None else train_data
 
     def run_eval(step: int) -> Evaluation:
-        e = evaluate(session, current, evaluator.batches(max(config.batch_size, 64), config.eval_examples), step)
+        batches = evaluator.batches(max(config.batch_size, 64), config.eval_examples or None)
+        e = evaluate(session, current, batches, step)
         report.evaluations.append(e)
         return e
 

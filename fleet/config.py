@@ -42,6 +42,7 @@ from fwdfleet.aggregator.config import AggregatorConfig, apply_overrides, config
 from fwdfleet.errors import ConfigError
 from fwdfleet.fleet.datasets import DatasetConfig
 from fwdfleet.fleet.emulate import BACKENDS
+from fwdfleet.fleet.keep import BEST_METRICS
 from fwdfleet.fleet.partition import PartitionConfig
 from fwdfleet.fleet.profiles import PRESETS
 
@@ -61,8 +62,11 @@ class FleetSection:
     transport: str = "inprocess"
     backend: str = "process"
     ray_address: str = ""
+    best_metric: str = "accuracy"
 
     def __post_init__(self) -> None:
+        if self.best_metric not in BEST_METRICS:
+            raise ValueError(f"fleet.best_metric must be one of {BEST_METRICS}, got {self.best_metric!r}")
         if self.devices < 1:
             raise ValueError(f"fleet.devices must be >= 1, got {self.devices}")
         if self.rounds < 1:

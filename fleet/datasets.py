@@ -126,7 +126,7 @@ def load_split(config: DatasetConfig) -> SplitData:
             raise DataError("the `file` dataset needs `path` (a .csv, .npz or IDX folder)")
         raw = _zero_based(read_data(config.path))
         train, test = _split(raw, config.test_fraction, config.seed)
-        names = tuple(str(i) for i in range(int(_labels(raw).max()) + 1))
+        names = raw.label_names or tuple(str(i) for i in range(int(_labels(raw).max()) + 1))
     return SplitData(
         train=_cap(train, config.max_train, config.seed),
         test=_cap(test, config.max_test, config.seed),

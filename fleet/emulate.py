@@ -37,9 +37,10 @@ from fwdfleet.aggregator.records import DeviceProfile
 from fwdfleet.bundle import Bundle, load_bundle
 from fwdfleet.device_runtime.data import RawData, dataset_for_bundle
 from fwdfleet.device_runtime.session import BundleSession, SessionOptions
-from fwdfleet.device_runtime.train import evaluate
+from fwdfleet.device_runtime.train import Evaluation, evaluate
 from fwdfleet.device_runtime.worker import DeviceWorker, WorkerDefaults
 from fwdfleet.errors import FwdfleetError
+from fwdfleet.fleet.keep import ModelKeeper
 from fwdfleet.fleet.profiles import EmulatedProfile, SimulatedClock
 from fwdfleet.protocol import serde
 from fwdfleet.task import RoundTask, Upload
@@ -108,6 +109,7 @@ class RoundRecord:
     wall_time_s: float
     pacing: list[dict[str, Any]] = field(default_factory=list)
     train_loss: float | None = None  # the devices' own loss this round, weighted by their sample counts
+    macro_f1: float | None = None  # test macro-F1 of the global model after the round (when evaluated)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -343,15 +345,23 @@ class _RoundTally:
 
 
 class Evaluator:
-    """Test loss and accuracy of a set of trainables (one onnxruntime session)."""
+    """Test loss, accuracy, macro-F1 and the confusion matrix of a set of trainables (one onnxruntime
+    session), on the whole test split; each evaluation is offered to ``keeper`` (final/ and best/)."""
 
-    def __init__(self, bundle: Bundle, test: RawData, batch: int) -> None:
+    def __init__(self, bundle: Bundle, test: RawData, batch: int, keeper: ModelKeeper | None = None) -> None:
         self.session = BundleSession(bundle, SessionOptions(intra_op_threads=0))
         self.data = dataset_for_bundle(test, bundle)
         self.batch = batch
+        self.keeper = keeper
+
+    def evaluate(self, trainables: Mapping[str, np.ndarray], version: int = 0) -> Evaluation:
+        ev = evaluate(self.session, trainables, self.data.batches(self.batch), step=version)
+        if self.keeper is not None:
+            self.keeper.offer(version, trainables, ev)
+        return ev
 
     def __call__(self, trainables: Mapping[str, np.ndarray]) -> tuple[float, float]:
-        ev = evaluate(self.session, trainables, self.data.batches(self.batch))
+        ev = self.evaluate(trainables)
         return ev.loss, ev.accuracy
 
 
@@ -363,11 +373,15 @@ def _flush(tally: _RoundTally, coordinator: Coordinator,
     while tally.applied:
         detail = tally.applied.pop(0)
         version = int(detail["model_version"])
-        loss = acc = None
+        loss = acc = f1 = None
         if evaluator is not None and (
             (settings.eval_every and version % settings.eval_every == 0) or version >= settings.rounds
         ):
-            loss, acc = evaluator(coordinator.current_trainables()[1])
+            if isinstance(evaluator, Evaluator):
+                ev = evaluator.evaluate(coordinator.current_trainables()[1], version)
+                loss, acc, f1 = ev.loss, ev.accuracy, ev.macro_f1
+            else:
+                loss, acc = evaluator(coordinator.current_trainables()[1])
         noise = detail.get("noise_ratio")
         rec = RoundRecord(
             round_id=int(detail["round_id"]), model_version=version, participants=int(detail["participants"]),
@@ -378,6 +392,7 @@ def _flush(tally: _RoundTally, coordinator: Coordinator,
             sim_time_s=clock.now_s, wall_time_s=time.perf_counter() - start,
         )
         rec.pacing = [{"next_k": detail.get("next_k")}]
+        rec.macro_f1 = f1 if f1 is not None and math.isfinite(f1) else None
         train_loss = detail.get("loss_mean")
         rec.train_loss = float(train_loss) if train_loss is not None and math.isfinite(train_loss) else None
         tally.dropouts = tally.stragglers = tally.bytes_up = tally.bytes_down = tally.extra_requests = 0

@@ -53,6 +53,7 @@ from fwdfleet.device_runtime.client import ClientStats
 from fwdfleet.device_runtime.data import RawData
 from fwdfleet.fleet.datasets import subset
 from fwdfleet.fleet.emulate import EmulationSettings, Evaluator, RoundRecord
+from fwdfleet.fleet.keep import ModelKeeper
 from fwdfleet.fleet.profiles import EmulatedProfile
 
 
@@ -101,6 +102,7 @@ class GrpcFleet:
     run_dir: Path
     test: RawData | None = None
     options: GrpcOptions = field(default_factory=GrpcOptions)
+    keeper: ModelKeeper | None = None  # receives every evaluated model (final/ and best/)
     devices: list[_Device] = field(default_factory=list)
     server: RunningServer | None = None
     started_at: float = field(default=0.0, init=False)  # the aggregator clock (unix time) at the start
@@ -146,7 +148,8 @@ class GrpcFleet:
             token_file.chmod(0o600)
             write_shard(self.train, shard, dev.folder / "data")
 
-        evaluator = Evaluator(self.bundle, self.test, self.settings.eval_batch) if self.test is not None else None
+        evaluator = (Evaluator(self.bundle, self.test, self.settings.eval_batch, self.keeper)
+                     if self.test is not None else None)
         config = replace(self.settings.bound(self.config), metrics_path=str(self.metrics_path))
         coordinator = Coordinator(config, self.bundle, evaluate=self._evaluate_hook(evaluator))
         n = len(self.devices)
@@ -175,8 +178,8 @@ class GrpcFleet:
 
         def hook(version: int, trainables: Mapping[str, np.ndarray]) -> Mapping[str, float]:
             if (every and version % every == 0) or version >= last:
-                loss, accuracy = evaluator(trainables)
-                return {"loss": loss, "accuracy": accuracy}
+                ev = evaluator.evaluate(trainables, version)
+                return {"loss": ev.loss, "accuracy": ev.accuracy, "macro_f1": ev.macro_f1}
             return {}
 
         return hook
@@ -255,10 +258,12 @@ def emulate_grpc(
     on_round: Callable[[RoundRecord], None] | None = None,
     options: GrpcOptions | None = None,
     on_stop: Callable[[GrpcFleet], None] | None = None,
+    keeper: ModelKeeper | None = None,
 ) -> Generator[RoundRecord, None, None]:
-    """Like :func:`fleet.emulate.emulate`, over real gRPC; ``on_stop`` sees the fleet after its shutdown."""
+    """Like :func:`fleet.emulate.emulate`, over real gRPC; ``on_stop`` sees the fleet after its shutdown;
+    ``keeper`` receives every evaluated model."""
     fleet = GrpcFleet(bundle, config, train, shards, profiles, settings, Path(run_dir), test,
-                      options or GrpcOptions())
+                      options or GrpcOptions(), keeper)
     try:
         with fleet:
             for rec in fleet.rounds():
@@ -338,7 +343,12 @@ def round_record(m: Mapping[str, Any], started_at: float, wall_s: float) -> Roun
         bytes_up_per_device=int(m["bytes_up"]) / participants if participants else 0.0,
         bytes_down=int(m["bytes_down"]), sim_time_s=float(m["time"]) - started_at, wall_time_s=wall_s,
         pacing=list(m.get("pacing", [])),
+        macro_f1=_finite(ev.get("macro_f1")),
     )
+
+
+def _finite(value: Any) -> float | None:
+    return float(value) if value is not None and math.isfinite(value) else None
 
 
 def parse_client_stats(log: str, device_id: str) -> ClientStats | None:

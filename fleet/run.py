@@ -6,6 +6,7 @@ This is what ``fwdfleet fleet emulate`` and ``fwdfleet demo`` call.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Generator
 from contextlib import closing
@@ -21,6 +22,7 @@ from fwdfleet.errors import ConfigError
 from fwdfleet.fleet.config import FleetConfig
 from fwdfleet.fleet.datasets import load_split
 from fwdfleet.fleet.emulate import EmulationSettings, Evaluator, RoundRecord, emulate
+from fwdfleet.fleet.keep import ModelKeeper
 from fwdfleet.fleet.partition import label_histogram, partition, plot_label_distribution
 from fwdfleet.fleet.profiles import assign_profiles
 from fwdfleet.fleet.report import can_plot, write_report
@@ -33,6 +35,8 @@ class FleetSummary:
     trainable_parameters: int
     initial_accuracy: float | None
     final_accuracy: float | None
+    initial_macro_f1: float | None
+    final_macro_f1: float | None
     uplink_bytes_per_device_per_round: float
     uplink_bytes_per_device_total: float
     dense_update_bytes: int  # what one float32 update of the trainables would take, for comparison
@@ -41,7 +45,13 @@ class FleetSummary:
     wall_seconds: float
     simulated_fleet_seconds: float  # in-process: the simulated phone/Pi clock; grpc: real elapsed time
     transport: str
-    bundle: str
+    initial_bundle: str  # the model before training
+    final_bundle: str | None  # the trained model after the last round (None: no round was evaluated)
+    best_bundle: str | None  # the evaluated model best by best_metric
+    best_metric: str
+    best_model_version: int | None
+    final_metrics: dict[str, Any] | None  # the final model on the test split: per-class figures, confusion matrix
+    interrupted: bool
     report: str
 
     def to_json(self) -> dict[str, Any]:
@@ -54,7 +64,7 @@ def prepare_bundle(cfg: FleetConfig, out_dir: Path, num_features: int, num_class
         return load_bundle(cfg.model.bundle)
     from fwdfleet.export.onnx_mlp import MLPConfig, export_mlp  # onnx.helper: no torch needed
 
-    target = out_dir / "bundle"
+    target = out_dir / "initial"
     if target.exists():
         import shutil
 
@@ -85,7 +95,9 @@ def run_fleet(cfg: FleetConfig, *, progress: bool = True, log: Callable[[str], N
     log(f"fleet      {cfg.fleet.devices} devices ({cfg.partition.scheme}), {cfg.fleet.rounds} rounds, "
         f"K={cfg.aggregator.perturbation.k}, mode {cfg.aggregator.mode}, transport {cfg.fleet.transport}")
 
-    initial = _initial_accuracy(bundle, data.test)
+    initial = Evaluator(bundle, data.test, 256).evaluate(bundle.load_trainables())
+    keeper = ModelKeeper(bundle, out_dir, cfg.fleet.best_metric)
+    evaluator = Evaluator(bundle, data.test, 256, keeper)
     records: list[RoundRecord] = []
     bar = _bar(cfg.fleet.rounds, progress)
     rounds: Generator[RoundRecord, None, None]
@@ -94,22 +106,29 @@ def run_fleet(cfg: FleetConfig, *, progress: bool = True, log: Callable[[str], N
         from fwdfleet.fleet.grpc_fleet import emulate_grpc
 
         rounds = emulate_grpc(bundle, cfg.aggregator, data.train, shards, profiles, settings, out_dir / "grpc",
-                              test=data.test, on_stop=lambda fleet: device_uplink.extend(
+                              test=data.test, keeper=keeper, on_stop=lambda fleet: device_uplink.extend(
                                   s.uplink_bytes for s in fleet.device_stats.values() if s is not None))
     else:
-        rounds = emulate(bundle, cfg.aggregator, data.train, shards, profiles, settings, test=data.test)
-    with closing(rounds):  # stops worker or device processes at once, also on error and Ctrl-C
-        for rec in rounds:
-            records.append(rec)
-            if bar is not None:
-                bar.update(1)
-                if rec.accuracy is not None:
-                    bar.set_postfix(acc=f"{100 * rec.accuracy:.1f}%", up=f"{rec.bytes_up_per_device:.0f}B")
-    if bar is not None:
-        bar.close()
+        rounds = emulate(bundle, cfg.aggregator, data.train, shards, profiles, settings, evaluator=evaluator)
+    interrupted = False
+    try:
+        with closing(rounds):  # stops worker or device processes at once, also on error and Ctrl-C
+            for rec in rounds:
+                records.append(rec)
+                if bar is not None:
+                    bar.update(1)
+                    if rec.accuracy is not None:
+                        bar.set_postfix(acc=f"{100 * rec.accuracy:.1f}%", up=f"{rec.bytes_up_per_device:.0f}B")
+    except KeyboardInterrupt:
+        interrupted = True
+        log(f"interrupted after {len(records)} rounds; writing the last evaluated model and a summary")
+    finally:
+        if bar is not None:
+            bar.close()
+    kept = keeper.write()
 
     memory: dict[str, float | None] = {}
-    if cfg.fleet.measure_memory:
+    if cfg.fleet.measure_memory and not interrupted:
         rep = measure_memory(bundle.path, batch_size=cfg.aggregator.rounds.batch_size,
                              num_perturbations=cfg.aggregator.perturbation.k, modes=("inference", "train"))
         memory = {f"onnxruntime {f.mode}": f.peak_mb for f in rep.figures}
@@ -120,8 +139,10 @@ def run_fleet(cfg: FleetConfig, *, progress: bool = True, log: Callable[[str], N
         devices=cfg.fleet.devices,
         rounds=len(records),
         trainable_parameters=bundle.manifest.num_trainable,
-        initial_accuracy=initial,
+        initial_accuracy=initial.accuracy,
         final_accuracy=final,
+        initial_macro_f1=_finite(initial.macro_f1),
+        final_macro_f1=_finite(keeper.final.evaluation.macro_f1) if keeper.final is not None else None,
         uplink_bytes_per_device_per_round=float(np.mean(per_round)) if per_round else 0.0,
         uplink_bytes_per_device_total=(sum(device_uplink) if device_uplink else sum(r.bytes_up for r in records))
         / max(1, cfg.fleet.devices),
@@ -131,10 +152,17 @@ def run_fleet(cfg: FleetConfig, *, progress: bool = True, log: Callable[[str], N
         wall_seconds=time.perf_counter() - start,
         simulated_fleet_seconds=records[-1].sim_time_s if records else 0.0,
         transport=cfg.fleet.transport,
-        bundle=str(bundle.path),
+        initial_bundle=str(bundle.path),
+        final_bundle=kept["final"]["bundle"] if "final" in kept else None,
+        best_bundle=kept["best"]["bundle"] if "best" in kept else None,
+        best_metric=cfg.fleet.best_metric,
+        best_model_version=kept["best"]["model_version"] if "best" in kept else None,
+        final_metrics=(keeper.final.evaluation.to_json(bundle.manifest.labels)
+                       if keeper.final is not None else None),
+        interrupted=interrupted,
         report=str(out_dir / "report.html"),
     )
-    table = {k: v for k, v in summary.to_json().items() if k != "report"}
+    table = {k: v for k, v in summary.to_json().items() if k not in ("report", "final_metrics")}
     table["rounds taken part in, per device (mean)"] = round(participation, 1)
     write_report(out_dir, f"fwdfleet: {cfg.dataset.name}, {cfg.fleet.devices} devices", records, table,
                  memory, extra_images=labels_png)
@@ -142,8 +170,8 @@ def run_fleet(cfg: FleetConfig, *, progress: bool = True, log: Callable[[str], N
     return summary
 
 
-def _initial_accuracy(bundle: Bundle, test: Any) -> float | None:
-    return Evaluator(bundle, test, 256)(bundle.load_trainables())[1]
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 def _bar(total: int, enabled: bool) -> Any:

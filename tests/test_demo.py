@@ -18,4 +18,4 @@ def test_demo_learns_with_scalar_uplink(tmp_path: Path, capsys: pytest.CaptureFi
     assert summary["initial_accuracy"] < 0.3 and summary["final_accuracy"] > 0.6  # 10 classes: chance is 0.1
     assert summary["uplink_bytes_per_device_per_round"] < 200 < summary["dense_update_bytes"]
     assert summary["peak_rss_train_step_mb"] <= 1.05 * summary["peak_rss_inference_mb"]
-    assert Path(summary["report"]).is_file() and (Path(summary["bundle"]) / "manifest.json").is_file()
+    assert Path(summary["report"]).is_file() and (Path(summary["final_bundle"]) / "manifest.json").is_file()

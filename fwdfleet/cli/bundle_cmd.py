@@ -27,6 +27,28 @@ def register(sub: Any) -> None:
     zp.add_argument("out", help="output .zip path")
     zp.set_defaults(func=_zip)
 
+    ev = bsub.add_parser(
+        "eval", help="score a bundle's trainables on labelled data: accuracy, macro-F1, per class, confusion",
+        description="Evaluate a bundle (e.g. a run's final/ or best/) on a data file or folder: loss, accuracy, "
+                    "macro-F1, per-class precision/recall/F1 and the confusion matrix, computed with numpy in "
+                    "the base install (scikit-learn's definitions). Text labels are matched to the bundle's "
+                    "label map by name.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _data_args(ev)
+    ev.add_argument("--json", action="store_true", help="print the figures as JSON")
+    ev.set_defaults(func=_eval)
+
+    pr = bsub.add_parser(
+        "predict", help="write a bundle's prediction for every example of a data file as CSV",
+        description="Predict every example of a data file with a bundle's trainables and write a CSV: row, "
+                    "predicted class, its probability, and the true class when the data has labels.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _data_args(pr)
+    pr.add_argument("--out", required=True, help="CSV file to write the predictions to")
+    pr.set_defaults(func=_predict)
+
     gen = bsub.add_parser(
         "generate", help="continue a prompt with a causal-LM bundle and its current trainables",
         description="Greedy (default) or sampled decoding with a causal-LM bundle, to see what fine-tuning "
@@ -42,6 +64,77 @@ def register(sub: Any) -> None:
     gen.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     gen.add_argument("--json", action="store_true", help="print prompt and continuation as JSON")
     gen.set_defaults(func=_generate)
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", help="bundle folder or .zip (e.g. a run's final/ bundle)")
+    p.add_argument("--data", required=True, help="IDX folder or images file, .csv, .tsv/.txt of label<TAB>text, .npz")
+    p.add_argument("--split", default="train", help="IDX split prefix inside a folder (train, t10k)")
+    p.add_argument("--label-column", default="label", help="CSV label column")
+    p.add_argument("--batch-size", type=int, default=256, help="examples per onnxruntime call")
+
+
+def _scored(args: argparse.Namespace) -> Any:
+    from fwdfleet.device_runtime.data import load_dataset
+    from fwdfleet.device_runtime.session import BundleSession
+    from fwdfleet.errors import ConfigError
+
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    bundle = load_bundle(args.path, verify=True)
+    data = load_dataset(args.data, bundle, split=args.split, label_column=args.label_column)
+    return bundle, BundleSession(bundle), data
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from fwdfleet.device_runtime.train import evaluate
+
+    bundle, session, data = _scored(args)
+    ev = evaluate(session, bundle.load_trainables(), data.batches(args.batch_size))
+    labels = bundle.manifest.labels
+    if args.json:
+        print(json.dumps({"bundle": str(bundle.path), "data": args.data, **ev.to_json(labels)}, indent=2))
+        return 0
+    print(f"bundle {bundle.path} on {args.data}: {ev.examples:,} examples, mean loss {ev.loss:.4f}")
+    if ev.classification is not None:
+        print(ev.classification.format(labels))
+    else:
+        print("no accuracy: the graph has no logits or the data no labels")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    import csv
+
+    import numpy as np
+
+    from fwdfleet.device_runtime.train import scored_batches
+    from fwdfleet.errors import ConfigError
+
+    bundle, session, data = _scored(args)
+    if "logits" not in session.output_names:
+        raise ConfigError(f"bundle kind {bundle.manifest.kind!r} has no logits output to predict classes from")
+    names = bundle.manifest.labels
+    row = 0
+    with open(args.out, "w", newline="", encoding="utf-8") as f:
+        out = csv.writer(f)
+        out.writerow(["row", "predicted", "probability", "label"])
+        for batch, scores in scored_batches(session, bundle.load_trainables(), data.batches(args.batch_size)):
+            logits = np.asarray(scores["logits"], dtype=np.float64)
+            z = np.exp(logits - logits.max(axis=1, keepdims=True))
+            prob = z / z.sum(axis=1, keepdims=True)
+            pred = prob.argmax(axis=1)
+            true = batch.get("labels")
+            for i, p in enumerate(pred):
+                label = "" if true is None else _name(names, int(true[i]))
+                out.writerow([row, _name(names, int(p)), f"{prob[i, p]:.4f}", label])
+                row += 1
+    print(f"wrote {row:,} predictions to {args.out}")
+    return 0
+
+
+def _name(names: tuple[str, ...] | list[str], index: int) -> str:
+    return names[index] if 0 <= index < len(names) else str(index)
 
 
 def _inspect(args: argparse.Namespace) -> int:

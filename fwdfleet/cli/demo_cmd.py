@@ -49,6 +49,8 @@ def print_summary(s: Any) -> None:
     print()
     print(f"accuracy        {pct(s.initial_accuracy)} -> {pct(s.final_accuracy)} after {s.rounds} rounds "
           f"({s.devices} devices, {s.trainable_parameters:,} trainable values)")
+    if s.final_macro_f1 is not None:
+        print(f"macro-F1        {pct(s.initial_macro_f1)} -> {pct(s.final_macro_f1)}")
     print(f"uplink/device   {s.uplink_bytes_per_device_per_round:.0f} bytes per round "
           f"({s.uplink_bytes_per_device_total / 1024:.1f} KiB in all); one dense float32 update would be "
           f"{s.dense_update_bytes:,} bytes")
@@ -61,4 +63,6 @@ def print_summary(s: Any) -> None:
         print(f"time            {s.wall_seconds:.0f} s here, rounds over real gRPC between {s.devices} processes")
     from fwdfleet.fleet.report import PLOTS_HINT, can_plot
 
+    if s.final_bundle:
+        print(f"trained model   {s.final_bundle} (best by {s.best_metric}: {s.best_bundle})")
     print(f"report          {s.report}" + ("" if can_plot() else f" (tables only; {PLOTS_HINT})"))

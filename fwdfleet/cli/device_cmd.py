@@ -24,25 +24,27 @@ def register(sub: Any) -> None:
         help="train a bundle on local data by perturbed inference (no server)",
         description="Train a bundle on one device's data (IDX folder/file, CSV or .npz) by perturbed "
         "inference: K seed-regenerated perturbations per step, SGD on the trainable tensors, "
-        "periodic evaluation; saves the trained tensors as a new bundle.",
+        "periodic evaluation (loss, accuracy, macro-F1, per-class precision/recall, confusion matrix); "
+        "saves the trained tensors as a new bundle.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     t.add_argument("bundle", help="bundle folder or .zip")
     t.add_argument("--data", required=True, help="training data: IDX folder or images file, .csv, .npz")
     t.add_argument("--eval-data", help="evaluation data (default: --eval-fraction of --data held out)")
-    t.add_argument("--eval-fraction", type=float, default=0.2, help="share of --data held out (default 0.2)")
+    t.add_argument("--eval-fraction", type=float, default=0.2, help="share of --data held out")
     t.add_argument("--split", default="train", help="IDX split prefix inside a folder (train, t10k)")
-    t.add_argument("--label-column", default="label", help="CSV label column (default label)")
-    t.add_argument("--steps", type=int, default=200)
-    t.add_argument("--k", type=int, default=4, help="perturbations per step (default 4)")
-    t.add_argument("--eps", type=float, default=1e-2, help="perturbation scale (default 1e-2)")
-    t.add_argument("--lr", type=float, default=1e-2, help="learning rate (default 1e-2)")
-    t.add_argument("--schedule", choices=("constant", "cosine"), default="constant")
-    t.add_argument("--difference", choices=("central", "forward"), default="central")
-    t.add_argument("--batch-size", type=int, default=16)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--label-column", default="label", help="CSV label column")
+    t.add_argument("--steps", type=int, default=200, help="training steps")
+    t.add_argument("--k", type=int, default=4, help="perturbations per step")
+    t.add_argument("--eps", type=float, default=1e-2, help="perturbation scale")
+    t.add_argument("--lr", type=float, default=1e-2, help="learning rate")
+    t.add_argument("--schedule", choices=("constant", "cosine"), default="constant", help="learning-rate schedule")
+    t.add_argument("--difference", choices=("central", "forward"), default="central", help="finite difference")
+    t.add_argument("--batch-size", type=int, default=16, help="examples per step")
+    t.add_argument("--seed", type=int, default=0, help="seed of the perturbations, batches and split")
     t.add_argument("--eval-every", type=int, default=50, help="steps between evaluations (0: start and end)")
-    t.add_argument("--eval-examples", type=int, default=1000, help="at most this many evaluation examples")
-    t.add_argument("--out", help="folder for the trained bundle (default: do not save)")
+    t.add_argument("--eval-examples", type=int, default=0, help="at most this many evaluation examples (0: all)")
+    t.add_argument("--out", default=None, help="folder for the trained bundle (default: do not save)")
     t.add_argument("--train-graph", default="model", help="graph of the training steps: 'model_stack' evaluates "
                    "several perturbed points per call (`fwdfleet export stack`; its fixed batch = --batch-size)")
     _session_args(t)
@@ -102,7 +104,7 @@ def register(sub: Any) -> None:
 
 
 def _session_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--providers", default="cpu", help="comma-separated execution providers (default cpu)")
+    p.add_argument("--providers", default="cpu", help="comma-separated execution providers (default: %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: automatic)")
 
 
@@ -149,14 +151,17 @@ def _train(args: argparse.Namespace) -> int:
             "steps": report.steps_done, "seconds": report.seconds, "interrupted": report.interrupted,
             "skipped_perturbations": report.skipped_perturbations,
             "saved_to": str(report.saved_to) if report.saved_to else None,
-            "evaluations": [vars(e) for e in report.evaluations],
+            "evaluations": [e.to_json(bundle.manifest.labels) for e in report.evaluations],
         }, indent=2))  # fmt: skip
     else:
         print(
             f"{report.steps_done} steps in {report.seconds:.1f} s: eval loss {first.loss:.4f} -> {last.loss:.4f}, "
-            f"accuracy {first.accuracy:.3f} -> {last.accuracy:.3f}; {report.skipped_perturbations} perturbations "
-            "skipped (non-finite loss)"
+            f"accuracy {100 * first.accuracy:.2f}% -> {100 * last.accuracy:.2f}%, macro-F1 "
+            f"{100 * first.macro_f1:.2f}% -> {100 * last.macro_f1:.2f}%; {report.skipped_perturbations} "
+            "perturbations skipped (non-finite loss)"
         )
+        if last.classification is not None:
+            print(last.classification.format(bundle.manifest.labels))
         if report.saved_to:
             print(f"saved the trained bundle to {report.saved_to}")
     return 130 if report.interrupted else 0

@@ -33,4 +33,4 @@ def _emulate(args: argparse.Namespace) -> int:
         print(json.dumps(summary.to_json(), indent=2))
     else:
         print_summary(summary)
-    return 0
+    return 130 if summary.interrupted else 0
