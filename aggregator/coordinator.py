@@ -357,20 +357,26 @@ class Coordinator:
             if device_id in rnd.answered:
                 raise RejectedError(RejectCode.ALREADY_SUBMITTED, f"device {device_id!r} already uploaded a "
                                     "different result for this request; only its first upload counts")
-            self.mode.validate(upload, iss, self.config, self._n, dev.profile.num_samples)
+            try:
+                self.mode.validate(upload, iss, self.config, self._n, dev.profile.num_samples)
+                kept = self.mode.admit(rnd, device_id, dev.index, upload, self.config, self._params)
+            except RejectedError as e:
+                rnd.rejected[e.code.value] = rnd.rejected.get(e.code.value, 0) + 1  # the round's metrics
+                raise
             # journaled before it is acknowledged: a restarted server keeps what it accepted
             record: dict[str, Any] = {"e": "submit", "device_id": device_id, "now": now, "fp": fp,
                                       "result": asdict(result)}
             if vector is not None and self._round_log is not None and not self._replaying:
                 record["vector_file"] = save_upload(self._round_log.path.parent, rnd.round_id, fp[:16], vector)
             self._log(record)
-            self._record(rnd, device_id, upload, fp, now)
+            self._record(rnd, device_id, upload, fp, now, kept)
             return SubmitReceipt(accepted=True, duplicate=False, round_id=rnd.round_id)
 
-    def _record(self, rnd: RoundState, device_id: str, upload: Upload, fp: str, now: float) -> None:
+    def _record(self, rnd: RoundState, device_id: str, upload: Upload, fp: str, now: float, kept: Upload) -> None:
+        """Count ``upload`` (what the device sent) and give the mode ``kept`` (what its admit() returned)."""
         request = rnd.issued[device_id].request
         rnd.count(device_id, upload.result, 0 if upload.vector is None else upload.vector.size)
-        self.mode.accept(rnd, device_id, self._devices[device_id].index, upload)
+        self.mode.accept(rnd, device_id, self._devices[device_id].index, kept)
         self._ledger.record(device_id, rnd.round_id, request, fp)
         if rnd.complete:
             self._close_request(rnd, now, reason="all results in")
@@ -422,7 +428,7 @@ class Coordinator:
             "loss_mean": loss, "k": rnd.k, "next_k": self._pacer.k, "pairs": noise.pairs,
             "extra_requests": rnd.request, "noise_ratio": noise.ratio, "spread_sq": noise.spread_sq,
             "mean_sqnorm": noise.mean_sqnorm, "lr": lr, "update_norm": float(np.linalg.norm(grad)) * lr,
-            "bytes_up": rnd.bytes_up, "bytes_down": rnd.bytes_down,
+            "bytes_up": rnd.bytes_up, "bytes_down": rnd.bytes_down, "rejected": dict(sorted(rnd.rejected.items())),
             "pacing": [d.to_json() for d in rnd.decisions], **step_info,
         }
         if self._evaluate is not None:
@@ -525,6 +531,9 @@ class Coordinator:
                     name = rec.get("vector_file")
                     vector = None if name is None else load_upload(self._round_log.path.parent, str(name))
                     fp = fingerprint(result, b"" if vector is None else vector.tobytes())
-                    self._record(self._round, str(rec["device_id"]), Upload(result, vector), fp, now)
+                    device_id, upload = str(rec["device_id"]), Upload(result, vector)
+                    kept = self.mode.admit(self._round, device_id, self._devices[device_id].index, upload,
+                                           self.config, self._params)
+                    self._record(self._round, device_id, upload, fp, now, kept)
         finally:
             self._replaying = False

@@ -60,6 +60,7 @@ class RoundState:
     decisions: list[PacingDecision] = field(default_factory=list)
     bytes_up: int = 0
     bytes_down: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)  # refused uploads by RejectCode value
 
     def issue_first(self, candidate_ratio: int, n: int, max_samples: int | None) -> None:
         for dev_id in self.selected:

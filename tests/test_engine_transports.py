@@ -1,4 +1,5 @@
-"""One round engine on every transport: each upload mode trains the digits fleet in-process, over
+"""One round engine on every transport: each upload mode (``trajectory`` too: its replay must match
+the devices' steps on every transport) trains the digits fleet in-process, over
 real gRPC (TLS server on 127.0.0.1 port 0, real device clients in threads) and on Ray actors, and
 a FedFwd run gives the same weights bit for bit through the emulation and through gRPC devices."""
 
@@ -27,7 +28,7 @@ from fwdfleet.fleet.partition import PartitionConfig, partition
 from fwdfleet.fleet.profiles import EmulatedProfile
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-MODES = ("scalar", "dense", "fedavg")
+MODES = ("scalar", "dense", "fedavg", "trajectory")
 DEVICES = 4
 ROUNDS = 12
 FLOOR = 0.5  # test accuracy after ROUNDS rounds (chance: 0.1; a broken engine stays near it)
@@ -35,6 +36,8 @@ MODE_TABLES: dict[str, dict[str, Any]] = {
     "scalar": {"optimizer": {"name": "sgd", "lr": 0.5}},
     "dense": {"optimizer": {"name": "sgd", "lr": 0.5}},
     "fedavg": {"optimizer": {"name": "sgd", "lr": 1.0}, "local": {"lr": 0.3, "steps": 5}},
+    # the same local steps as fedavg's, uploaded as 5 x 8 scalars and replayed on the server
+    "trajectory": {"optimizer": {"name": "sgd", "lr": 1.0}, "local": {"lr": 0.3, "steps": 5}},
 }
 
 

@@ -9,8 +9,10 @@ calls, in a round's life:
 2. :meth:`ServerMode.task_fields` for every task it issues (the local-training settings of the
    round, e.g. its learning rate from the server-side schedule) and :meth:`ServerMode.sample_budget`
    (the most samples an honest answer to that task can claim);
-3. :meth:`ServerMode.validate` then :meth:`ServerMode.accept` for every upload (the coordinator
-   journals the accepted :class:`~fwdfleet.task.Upload` before acknowledging it);
+3. :meth:`ServerMode.validate`, :meth:`ServerMode.admit` (checks against the round's starting
+   weights) then :meth:`ServerMode.accept` for every upload (the coordinator journals the accepted
+   :class:`~fwdfleet.task.Upload` before acknowledging it, and counts a refused one in the round's
+   metrics under ``rejected``);
 4. :meth:`ServerMode.close` when a request closes and :meth:`ServerMode.gradient` when the round's
    update is applied (the server optimizer then steps along it).
 """
@@ -100,6 +102,10 @@ class ServerMode:
         check_result(upload.result, issued, config.validation, scalar=self.carries == "scalars")
         if upload.vector is not None:
             check_vector(upload.vector, n, config.validation, self.vector_name)
+        self._check_samples(upload, issued, config, declared)
+
+    def _check_samples(self, upload: Upload, issued: Issued, config: AggregatorConfig, declared: int) -> None:
+        """Refuse a claimed sample count above what the task and the device's declared shard allow."""
         # no bound from the task nor the device: count it as one minibatch (equal weights)
         bounds = [b for b in (issued.max_samples, declared) if b] or [config.rounds.batch_size]
         claimed = upload.result.num_samples
@@ -108,6 +114,15 @@ class ServerMode:
                                 f"have used ({min(bounds)}: the task's batch size x local steps"
                                 f"{' and the shard size declared at join' if declared else ''}); report the "
                                 "examples actually used")
+
+    def admit(self, rnd: RoundState, device_id: str, device_index: int, upload: Upload, config: AggregatorConfig,
+              start: np.ndarray) -> Upload:
+        """After :meth:`validate`, the checks that need the round's starting weights ``start`` (e.g.
+        replaying a trajectory); returns what :meth:`accept` receives (default: ``upload`` itself).
+
+        Raises :class:`RejectedError` to refuse the upload; must not change ``rnd`` or ``start``. The
+        coordinator calls it again for journaled uploads when it restores a round."""
+        return upload
 
     def accept(self, rnd: RoundState, device_id: str, device_index: int, upload: Upload) -> None:
         """Add a validated upload to the round (the coordinator has already counted its bookkeeping)."""

@@ -13,7 +13,7 @@ pseudo-gradient ``w - sum_i s_i w_i / sum_i s_i``, so ``sgd`` with ``lr = 1`` is
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -22,12 +22,13 @@ from fwdfleet.aggregator.modes._base import ServerMode
 from fwdfleet.aggregator.rounds import RoundState
 from fwdfleet.aggregator.step_rule import RoundStatistics
 from fwdfleet.lr_schedule import round_lr
+from fwdfleet.modes import Carries
 from fwdfleet.task import Upload
 
 
 class FedAvgMode(ServerMode):
     name = "fedavg"
-    carries = "vector"
+    carries: ClassVar[Carries] = "vector"  # typed as the base's: the trajectory mode carries scalars
     vector_name = "weights"
 
     def task_fields(self, config: AggregatorConfig, round_id: int) -> dict[str, Any]:
