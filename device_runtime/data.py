@@ -161,6 +161,44 @@ def load_idx_pair(images: str | Path, labels: str | Path) -> tuple[npt.NDArray[n
     return xf, y.astype(np.int64)
 
 
+CIFAR10_RECORD = 1 + 3 * 32 * 32  # label byte, then 1024 red, 1024 green, 1024 blue bytes (row-major 32x32)
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def load_cifar10_batch(path: str | Path) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """One CIFAR-10 binary batch (``data_batch_N.bin`` / ``test_batch.bin``, 3,073-byte records):
+    images (n, 3, 32, 32) float32 in [0, 1] and labels int64 in [0, 10)."""
+    path = Path(path)
+    raw = _open(path)
+    if not raw or len(raw) % CIFAR10_RECORD:
+        raise DataError(f"{path} holds {len(raw)} bytes, not a whole number of CIFAR-10 records of "
+                        f"{CIFAR10_RECORD} bytes (1 label + 3x32x32 pixels); is it a binary-version batch file?")
+    rec = np.frombuffer(raw, np.uint8).reshape(-1, CIFAR10_RECORD)
+    labels = rec[:, 0].astype(np.int64)
+    if labels.max() >= len(CIFAR10_CLASSES):
+        bad = int(np.argmax(labels >= len(CIFAR10_CLASSES)))
+        raise DataError(f"{path}: record {bad} has label {labels[bad]}, but CIFAR-10 labels are 0..9 "
+                        "(a CIFAR-100 file has 2 label bytes per record)")
+    images = rec[:, 1:].reshape(-1, 3, 32, 32).astype(np.float32) / 255.0
+    return images, labels
+
+
+def load_cifar10(folder: str | Path, split: str = "train") -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """The CIFAR-10 binary batches in ``folder`` (``cifar-10-batches-bin``): ``train`` reads
+    ``data_batch_1.bin`` .. ``data_batch_5.bin`` (those present, at least one), ``test`` ``test_batch.bin``."""
+    folder = Path(folder)
+    if split not in ("train", "test"):
+        raise DataError(f"CIFAR-10 split must be 'train' or 'test', got {split!r}")
+    files = [folder / "test_batch.bin"] if split == "test" else \
+        [p for p in (folder / f"data_batch_{i}.bin" for i in range(1, 6)) if p.is_file()]
+    if not files or not files[0].is_file():
+        want = "test_batch.bin" if split == "test" else "data_batch_1.bin .. data_batch_5.bin"
+        raise DataError(f"{folder} has no CIFAR-10 {split} batch ({want}); download the binary version "
+                        "(cifar-10-binary.tar.gz) and point at its cifar-10-batches-bin folder")
+    parts = [load_cifar10_batch(p) for p in files]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
 @dataclass(frozen=True)
 class RawData:
     """What a file holds before it is fitted to a graph: features or texts, and labels."""

@@ -165,6 +165,7 @@ def register_kind(name: str, module: str, requires: tuple[str, ...] = ("onnx",),
 
 register_kind("mlp", "fwdfleet.export.onnx_mlp")
 register_kind("ff_mlp", "fwdfleet.export.ff_mlp")
+register_kind("ff_cnn", "fwdfleet.export.ff_cnn", ("torch", "onnx", "onnxscript"), EXPORT_EXTRA_HINT)
 register_kind("seq_cls_lora", "fwdfleet.export.seq_cls", TORCH_EXPORT_MODULES, EXPORT_EXTRA_HINT)
 register_kind("causal_lm_lora", "fwdfleet.export.causal_lm", TORCH_EXPORT_MODULES, EXPORT_EXTRA_HINT)
 

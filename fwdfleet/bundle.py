@@ -42,7 +42,7 @@ from fwdfleet.errors import BundleError
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 TRAINABLES_FILE = "trainables.npz"
-KINDS = ("mlp", "seq_cls_lora", "causal_lm_lora", "ff_mlp")
+KINDS = ("mlp", "seq_cls_lora", "causal_lm_lora", "ff_mlp", "ff_cnn")
 _DTYPES = ("float32", "float16", "int64", "int32", "bool")
 
 Dim = int | str  # a fixed size, or a symbolic name for a dynamic axis ("batch", "sequence")

@@ -100,7 +100,7 @@ def test_registry_holds_every_bundle_kind_with_the_same_parts():
         kind = get_kind(name)
         assert isinstance(kind, ExportKind) and kind.name == name
         assert dataclasses.is_dataclass(kind.config_type) and kind.config_type.__dataclass_params__.frozen
-    with pytest.raises(ExportError, match="known kinds: causal_lm_lora, ff_mlp, mlp, seq_cls_lora"):
+    with pytest.raises(ExportError, match="known kinds: causal_lm_lora, ff_cnn, ff_mlp, mlp, seq_cls_lora"):
         get_kind("resnet")
     with pytest.raises(ExportError, match="takes a MLPConfig"):
         get_kind("mlp").export(object(), "unused")

@@ -49,7 +49,47 @@ def register_ff(export_subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle in --out")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run_export, kind="ff_mlp", make_config=_config)
+    register_ff_cnn(export_subparsers)
     return p
+
+
+def register_ff_cnn(export_subparsers: Any) -> argparse.ArgumentParser:
+    p: argparse.ArgumentParser = export_subparsers.add_parser(
+        "ff-cnn",
+        help="export a block-wise CNN trained by Scalable Forward-Forward (block, gradient and model graphs)",
+        description=(
+            "Export a CNN cut into blocks, each with a 1x1-conv head (one channel per class; class goodness = "
+            "spatial mean of the squared head output) and the SFF log-sum-exp loss. Graphs: 'block_i' (block + "
+            "head + per-sample loss + updated batch-norm statistics), 'grad_i' (the block-local gradient of "
+            "the loss w.r.t. the block's trainables, inference operators only) and 'model' (prediction by the "
+            "sum of the heads and by the last head). Every graph is checked against torch. Needs torch."
+        ),
+    )
+    p.add_argument("--blocks", default="conv:1:16:pool,conv:16:32:pool,residual:32:32",
+                   help="comma-separated kind:in_channels:out_channels[:pool] with kind conv or residual "
+                        "(default: %(default)s)")
+    p.add_argument("--in-channels", type=int, default=1, help="image channels (default: %(default)s)")
+    p.add_argument("--image-size", default="28x28", help="HxW of the images (default: %(default)s)")
+    p.add_argument("--num-classes", type=int, default=10, help="number of classes (default: %(default)s)")
+    p.add_argument("--bn-momentum", type=float, default=0.1, help="batch-norm momentum (default: %(default)s)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset, 18..23 (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial weights (default: %(default)s)")
+    p.add_argument("--out", "-o", required=True, help="output bundle folder (must be new or empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle in --out")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=run_export, kind="ff_cnn", make_config=_cnn_config)
+    return p
+
+
+def _cnn_config(args: argparse.Namespace) -> Any:
+    from fwdfleet.export.ff_cnn import FFCNNConfig, parse_blocks
+
+    try:
+        h, w = (int(v) for v in args.image_size.lower().split("x"))
+    except ValueError as e:
+        raise ExportError(f"--image-size must be HxW like 28x28, got {args.image_size!r}") from e
+    return FFCNNConfig(blocks=parse_blocks(args.blocks), in_channels=args.in_channels, image_size=(h, w),
+                       num_classes=args.num_classes, bn_momentum=args.bn_momentum, opset=args.opset, seed=args.seed)
 
 
 def _parse_layers(text: str) -> tuple[int, ...]:
