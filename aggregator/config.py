@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from fwdfleet.errors import ConfigError
+from fwdfleet.errors import ConfigError, unknown_keys_error
 from fwdfleet.lr_schedule import LR_SCHEDULES
 from fwdfleet.perturbation import DISTRIBUTIONS
 from fwdfleet.task import DIFFERENCES
@@ -373,10 +373,9 @@ def config_from_dict(data: Mapping[str, Any], *, source: str = "config") -> Aggr
             table = data.get(name, {})
             if not isinstance(table, Mapping):
                 raise ConfigError(f"[{name}] must be a table")
-            known = {f.name for f in fields(cls)}
-            unknown = sorted(set(table) - known)
-            if unknown:
-                raise ConfigError(f"unknown key(s) {unknown} in [{name}]; valid keys: {sorted(known)}")
+            error = unknown_keys_error(f"[{name}]", table, (f.name for f in fields(cls)))
+            if error is not None:
+                raise error
             kwargs[name] = cls(**_typed(name, cls, table))
         kwargs.update(_typed("", AggregatorConfig, {k: data[k] for k in _TOP_LEVEL if k in data}))
         return AggregatorConfig(**kwargs)

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from fwdfleet.aggregator.config import AggregatorConfig, apply_overrides, config_from_dict
-from fwdfleet.errors import ConfigError
+from fwdfleet.errors import ConfigError, unknown_keys_error
 from fwdfleet.fleet.datasets import DatasetConfig
 from fwdfleet.fleet.emulate import BACKENDS
 from fwdfleet.fleet.keep import BEST_METRICS
@@ -47,6 +47,7 @@ from fwdfleet.fleet.partition import PartitionConfig
 from fwdfleet.fleet.profiles import PRESETS
 
 TRANSPORTS = ("inprocess", "grpc")
+TABLES = ("fleet", "dataset", "partition", "model", "aggregator")
 
 
 @dataclass(frozen=True)
@@ -110,10 +111,9 @@ class FleetConfig:
 def _section(cls: type, table: Any, name: str, **fixed: Any) -> Any:
     if not isinstance(table, Mapping):
         raise ConfigError(f"[{name}] must be a table")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(table) - known)
-    if unknown:
-        raise ConfigError(f"unknown key(s) {unknown} in [{name}]; valid keys: {sorted(known)}")
+    error = unknown_keys_error(f"[{name}]", table, (f.name for f in fields(cls)))
+    if error is not None:
+        raise error
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in table.items()}
     try:
         return cls(**{**values, **fixed})
@@ -122,11 +122,9 @@ def _section(cls: type, table: Any, name: str, **fixed: Any) -> Any:
 
 
 def config_from_mapping(data: Mapping[str, Any], *, source: str = "fleet config") -> FleetConfig:
-    unknown = sorted(set(data) - {"fleet", "dataset", "partition", "model", "aggregator"})
-    if unknown:
-        raise ConfigError(
-            f"{source}: unknown table(s) {unknown}; expected fleet, dataset, partition, model, aggregator"
-        )
+    error = unknown_keys_error("the top level (tables)", data, TABLES)
+    if error is not None:
+        raise ConfigError(f"{source}: {error}")
     fleet = _section(FleetSection, data.get("fleet", {}), "fleet")
     part = dict(data.get("partition", {}))
     part.pop("num_devices", None)
@@ -135,8 +133,18 @@ def config_from_mapping(data: Mapping[str, Any], *, source: str = "fleet config"
         dataset=_section(DatasetConfig, data.get("dataset", {}), "dataset"),
         partition=_section(PartitionConfig, part, "partition", num_devices=fleet.devices),
         model=_section(ModelSection, data.get("model", {}), "model"),
-        aggregator=config_from_dict(data.get("aggregator", {}), source=f"{source} [aggregator]"),
+        aggregator=_aggregator(data.get("aggregator", {}), source),
     )
+
+
+def _aggregator(table: Any, source: str) -> AggregatorConfig:
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{source}: [aggregator] must be a table")
+    # in a fleet config every key of [aggregator] is the aggregator's (no [server] of its own)
+    error = unknown_keys_error("[aggregator]", table, (f.name for f in fields(AggregatorConfig)))
+    if error is not None:
+        raise ConfigError(f"{source}: {error}")
+    return config_from_dict(table, source=f"{source} [aggregator]")
 
 
 def load_fleet_config(path: str | Path | None, overrides: Sequence[str] = (),
