@@ -17,10 +17,12 @@
     scheme = "dirichlet"
     alpha = 0.5
 
-    [model]                      # an existing bundle, or a model to export first
+    [model]                      # an existing bundle, or a model to export first (fleet.models)
     bundle = ""                  # path to a bundle folder or zip
-    export = "mlp"               # used when bundle is empty: export a plain MLP classifier
-    hidden = [32]
+    export = "mlp"               # used when bundle is empty: any export kind (mlp, ff-mlp, seq-cls, causal-lm)
+    hidden = [32]                # hidden widths (mlp, ff-mlp); input and class counts come from the data
+    [model.options]              # the kind's other export settings, e.g. heads = "softmax" (ff-mlp),
+                                 # source = "path/to/encoder" (seq-cls), [model.options.lora] r = 8
 
     [aggregator]                 # the aggregator's own config (aggregator.config), same keys as
     mode = "scalar"              # `fwdfleet aggregator serve --config`
@@ -43,6 +45,7 @@ from fwdfleet.errors import ConfigError, unknown_keys_error
 from fwdfleet.fleet.datasets import DatasetConfig
 from fwdfleet.fleet.emulate import BACKENDS
 from fwdfleet.fleet.keep import BEST_METRICS
+from fwdfleet.fleet.models import kind_name
 from fwdfleet.fleet.partition import PartitionConfig
 from fwdfleet.fleet.profiles import PRESETS
 
@@ -91,10 +94,13 @@ class ModelSection:
     bundle: str = ""
     export: str = "mlp"
     hidden: tuple[int, ...] = (32,)
+    options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not self.bundle and self.export != "mlp":
-            raise ValueError(f"model.export must be 'mlp' (or give model.bundle), got {self.export!r}")
+        if not self.bundle:
+            kind_name(self.export)  # refuses a kind the exporter does not have
+        if not isinstance(self.options, Mapping):
+            raise ValueError("model.options must be a table of the export kind's settings")
         if any(h < 1 for h in self.hidden):
             raise ValueError(f"model.hidden sizes must be positive, got {self.hidden}")
 

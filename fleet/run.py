@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from fwdfleet.aggregator.modes import server_mode
 from fwdfleet.bundle import Bundle, load_bundle
 from fwdfleet.device_runtime.memory import measure_memory
 from fwdfleet.errors import ConfigError
@@ -23,6 +24,7 @@ from fwdfleet.fleet.config import FleetConfig
 from fwdfleet.fleet.datasets import load_split
 from fwdfleet.fleet.emulate import EmulationSettings, Evaluator, RoundRecord, emulate
 from fwdfleet.fleet.keep import ModelKeeper
+from fwdfleet.fleet.models import export_for_data
 from fwdfleet.fleet.partition import label_histogram, partition, plot_label_distribution
 from fwdfleet.fleet.profiles import assign_profiles
 from fwdfleet.fleet.report import can_plot, write_report
@@ -60,17 +62,12 @@ class FleetSummary:
 
 def prepare_bundle(cfg: FleetConfig, out_dir: Path, num_features: int, num_classes: int,
                    labels: tuple[str, ...]) -> Bundle:
+    """``model.bundle``, or a bundle of kind ``model.export`` sized for the data in ``out_dir/initial``."""
     if cfg.model.bundle:
         return load_bundle(cfg.model.bundle)
-    from fwdfleet.export.onnx_mlp import MLPConfig, export_mlp  # onnx.helper: no torch needed
-
-    target = out_dir / "initial"
-    if target.exists():
-        import shutil
-
-        shutil.rmtree(target)
-    sizes = (num_features, *cfg.model.hidden, num_classes)
-    return load_bundle(export_mlp(MLPConfig(layer_sizes=sizes, labels=labels, seed=cfg.fleet.seed), target))
+    names = labels if len(labels) == num_classes else tuple(str(i) for i in range(num_classes))
+    return export_for_data(cfg.model.export, cfg.model.options, cfg.model.hidden, out_dir / "initial",
+                           num_features=num_features, labels=names, seed=cfg.fleet.seed)
 
 
 def run_fleet(cfg: FleetConfig, *, progress: bool = True, log: Callable[[str], None] = print) -> FleetSummary:
@@ -83,6 +80,20 @@ def run_fleet(cfg: FleetConfig, *, progress: bool = True, log: Callable[[str], N
     features = data.train.features.shape[1] if data.train.features is not None else 0
     bundle = prepare_bundle(cfg, out_dir, features, data.num_classes, data.label_names)
     log(f"bundle     {bundle.path} ({bundle.manifest.kind}, {bundle.manifest.num_trainable:,} trainable values)")
+    try:  # a mode the model kind cannot run is refused before any training
+        server_mode(cfg.aggregator.mode).check_bundle(bundle.manifest)
+    except ConfigError as e:
+        raise ConfigError(f"aggregator.mode {cfg.aggregator.mode!r} cannot train model {bundle.manifest.kind!r}: "
+                          f"{e}") from e
+    local = cfg.aggregator.local
+    if cfg.aggregator.mode == "fedavg" and bundle.manifest.kind == "ff_mlp":  # the devices' FF objective and mode
+        from fwdfleet.device_runtime.ff_train import FFTrainConfig
+
+        try:
+            chosen: dict[str, Any] = {k: v for k, v in (("objective", local.objective), ("mode", local.mode)) if v}
+            FFTrainConfig(**chosen)
+        except ValueError as e:
+            raise ConfigError(f"[aggregator.local] for an ff_mlp model: {e}") from e
     shards = partition(data.train.labels, cfg.partition)
     hist = label_histogram(data.train.labels, shards, data.num_classes)
     labels_png = ([Path(plot_label_distribution(hist, str(out_dir / "labels.png"),

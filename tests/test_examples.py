@@ -33,3 +33,19 @@ def test_fleet_example_runs_shortened(tmp_path, capsys):
     assert summary["rounds"] == 3 and summary["devices"] == 12
     assert 0 < summary["uplink_bytes_per_device_per_round"] < 1024
     assert (tmp_path / "report.html").exists() and (tmp_path / "rounds.jsonl").exists()
+
+
+def test_fedfwd_example_runs_shortened(tmp_path, capsys):
+    cfg = load_fleet_config(EXAMPLES / "fleet_fedfwd_fashion.toml")
+    assert cfg.model.export == "ff-mlp" and cfg.aggregator.mode == "fedavg" and cfg.aggregator.local.objective == "pon"
+    code = main([
+        "fleet", "emulate", "--config", str(EXAMPLES / "fleet_fedfwd_fashion.toml"), "--json",
+        "--set", 'dataset.name="digits"', "--set", "fleet.rounds=2", "--set", "fleet.devices=4",
+        "--set", "aggregator.rounds.min_devices=4", "--set", "aggregator.rounds.min_results=4",
+        "--set", "model.hidden=[32]", "--set", f'fleet.out_dir="{tmp_path}"', "--set", "fleet.measure_memory=false",
+        "--set", "aggregator.local.lr=0.01", "--set", "aggregator.local.epochs=3",  # ~20 local steps a round here
+    ])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["rounds"] == 2 and summary["final_accuracy"] > summary["initial_accuracy"] + 0.2
+    assert (tmp_path / "final" / "manifest.json").exists()
