@@ -67,6 +67,7 @@ class FleetSection:
     backend: str = "process"
     ray_address: str = ""
     best_metric: str = "accuracy"
+    report_full_axis: bool = False  # the report's accuracy plots on a fixed 0-100% axis
 
     def __post_init__(self) -> None:
         if self.best_metric not in BEST_METRICS:

@@ -175,8 +175,10 @@ def run_fleet(cfg: FleetConfig, *, progress: bool = True, log: Callable[[str], N
     )
     table = {k: v for k, v in summary.to_json().items() if k not in ("report", "final_metrics")}
     table["rounds taken part in, per device (mean)"] = round(participation, 1)
+    table["uplink_bytes_whole_fleet"] = summary.uplink_bytes_per_device_total * cfg.fleet.devices
     write_report(out_dir, f"fwdfleet: {cfg.dataset.name}, {cfg.fleet.devices} devices", records, table,
-                 memory, extra_images=labels_png)
+                 memory, extra_images=labels_png, initial=(initial.accuracy, _finite(initial.macro_f1)),
+                 full_axis=cfg.fleet.report_full_axis)
     (out_dir / "summary.json").write_text(json.dumps(summary.to_json(), indent=2) + "\n")
     return summary
 
