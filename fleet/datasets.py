@@ -4,7 +4,7 @@
 | --- | --- |
 | ``digits`` | scikit-learn's 1,797 8x8 digits, shipped as ``fleet/digits.npz`` (needs no scikit-learn) |
 | ``fashion-mnist`` | IDX files; default ``/usr/share/datasets/fashion-mnist`` (apt ``dataset-fashion-mnist``) |
-| ``mnist`` | IDX files in the folder given as ``path`` (``train-*`` and ``t10k-*``, ``.gz`` or raw) |
+| ``mnist`` | IDX files in ``path`` (``train-*``, ``t10k-*``; ``train-*`` only: a seeded ``test_fraction`` held out) |
 | ``ag-news`` | a CSV in AG News's layout (``label,title,description``, labels 1..4) |
 | ``file`` | any file :func:`device_runtime.data.read_data` reads (CSV, .npz, IDX), split by ``test_fraction`` |
 
@@ -35,7 +35,7 @@ FASHION_LABELS = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal
 class DatasetConfig:
     name: str = "digits"
     path: str = ""  # file or folder; empty = the dataset's default location
-    test_fraction: float = 0.2  # for sources without an official test split
+    test_fraction: float = 0.2  # for sources without an official test split (held out with `seed`)
     max_train: int = 0  # 0 = all; otherwise a seeded subsample (for quick runs)
     max_test: int = 0
     seed: int = 0
@@ -112,7 +112,11 @@ def load_split(config: DatasetConfig) -> SplitData:
         if not folder.is_dir():
             hint = "apt-get install dataset-fashion-mnist, or " if config.name == "fashion-mnist" else ""
             raise DataError(f"{folder} not found: {hint}give the folder holding the IDX files as `path`")
-        train, test = read_data(folder, split="train"), read_data(folder, split="t10k")
+        train = read_data(folder, split="train")
+        if any(folder.glob("t10k-*")):
+            test = read_data(folder, split="t10k")
+        else:  # one split only: hold out a seeded test_fraction of it
+            train, test = _split(train, config.test_fraction, config.seed)
         names = FASHION_LABELS if config.name == "fashion-mnist" else tuple(str(i) for i in range(10))
     elif config.name == "ag-news":
         path = Path(config.path) if config.path else Path("../shared/data/ag_news_test.csv")

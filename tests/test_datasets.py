@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from _prereqs import ag_news, fashion_mnist
@@ -63,3 +65,20 @@ def test_missing_files_say_what_to_do(tmp_path):
     bad.write_text("a,b\n1,2\n")
     with pytest.raises(DataError, match="no 'label' column"):
         load_split(DatasetConfig(name="file", path=str(bad)))
+
+
+def test_an_idx_folder_with_one_split_is_split_by_seed(tmp_path: Path) -> None:
+    import gzip
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(50, 4, 4), dtype=np.uint8)
+    labels = rng.integers(0, 3, size=50).astype(np.uint8)
+    with gzip.open(tmp_path / "train-images-idx3-ubyte.gz", "wb") as f:
+        f.write(bytes([0, 0, 8, 3]) + (50).to_bytes(4, "big") + (4).to_bytes(4, "big") * 2 + images.tobytes())
+    with gzip.open(tmp_path / "train-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(bytes([0, 0, 8, 1]) + (50).to_bytes(4, "big") + labels.tobytes())
+    a = load_split(DatasetConfig(name="mnist", path=str(tmp_path), test_fraction=0.2, seed=1))
+    b = load_split(DatasetConfig(name="mnist", path=str(tmp_path), test_fraction=0.2, seed=2))
+    assert a.train.labels is not None and a.test.labels is not None and b.test.features is not None
+    assert (a.train.labels.size, a.test.labels.size) == (40, 10)
+    assert a.test.features is not None and not np.array_equal(a.test.features, b.test.features)  # the seed decides
