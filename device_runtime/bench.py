@@ -6,6 +6,15 @@ of training steps (K central-difference pairs plus the seed-regenerated update),
 p50/p90/p99 latency, throughput and peak RSS (VmHWM). One process per (provider, bundle) keeps
 each peak-memory figure clean.
 
+For NPUs (plugin providers such as ``qnn-htp`` or ``openvino``, see ``device_runtime.session``)
+each result also says where the nodes ran (how many on the provider, which operators fell back to
+the CPU), whether the backend is a simulator on this machine, and the **fidelity of training**:
+the central-difference derivatives d_k of a training step computed through the provider against
+the fp32 CPU ones (the static bundle's fp32 source, else the same bundle on the CPU) on the same
+batch and perturbations, for each eps of a sweep: Pearson correlation, relative error
+||d - d_ref|| / ||d_ref|| and sign agreement, and the eps that keeps them best. The JSON has the
+same shape for every provider.
+
 ``python -m fwdfleet.device_runtime.bench BUNDLE --provider P ...`` is the worker; :func:`benchmark`
 runs the workers.
 """
@@ -24,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from fwdfleet.device_runtime.memory import RuntimeOptions, add_runtime_args, peak_rss_kb, run_worker, worker_batch
-from fwdfleet.device_runtime.session import available_providers, check_providers, provider_name
+from fwdfleet.device_runtime.session import PLUGIN_PROVIDERS, available_providers, check_providers, provider_name
 
 # Providers listed by onnxruntime that do not run a model on this machine.
 REMOTE_PROVIDERS = ("AzureExecutionProvider",)
@@ -50,6 +59,53 @@ class Latency:
 
 
 @dataclass(frozen=True)
+class Placement:
+    """Where onnxruntime put the nodes of the session's (optimized) graph."""
+
+    nodes: int
+    by_provider: dict[str, int]
+    cpu_fallback: dict[str, int]  # op_type -> count of nodes left on the CPU (empty for the CPU provider)
+    on_provider: float  # share of the nodes on the provider asked for
+
+    @classmethod
+    def of(cls, provider: str, assignment: Sequence[tuple[str, str, str]]) -> Placement:
+        by: dict[str, int] = {}
+        fallback: dict[str, int] = {}
+        for ep, op, _ in assignment:
+            by[ep] = by.get(ep, 0) + 1
+            if ep == "CPUExecutionProvider" and provider != "CPUExecutionProvider":
+                fallback[op] = fallback.get(op, 0) + 1
+        n = len(assignment)
+        return cls(n, by, fallback, by.get(provider, 0) / n if n else 0.0)
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """d_k through the provider against the fp32 CPU reference at one eps (same batch, same z_k)."""
+
+    eps: float
+    correlation: float
+    relative_error: float
+    sign_agreement: float
+    zero_fraction: float  # share of d_k that are exactly 0 through the provider (eps z lost in rounding)
+
+
+def fidelity(derivatives: Sequence[float], reference: Sequence[float], eps: float) -> Fidelity:
+    d = np.asarray(derivatives, dtype=np.float64)
+    r = np.asarray(reference, dtype=np.float64)
+    corr = float(np.corrcoef(d, r)[0, 1]) if d.std() > 0 and r.std() > 0 else 0.0
+    rel = float(np.linalg.norm(d - r) / np.linalg.norm(r)) if np.linalg.norm(r) > 0 else float("inf")
+    return Fidelity(eps, corr, rel, float(np.mean(np.sign(d) == np.sign(r))), float(np.mean(d == 0)))
+
+
+def recommend_eps(points: Sequence[Fidelity], min_correlation: float = 0.9) -> float | None:
+    """The smallest eps whose correlation with the fp32 d_k reaches ``min_correlation`` (a small eps
+    keeps the finite-difference bias small); None when no eps of the sweep does."""
+    good = [p.eps for p in points if p.correlation >= min_correlation]
+    return min(good) if good else None
+
+
+@dataclass(frozen=True)
 class BenchResult:
     bundle: str
     provider: str
@@ -60,6 +116,11 @@ class BenchResult:
     peak_mb: float | None
     error: str = ""
     options: RuntimeOptions = field(default_factory=RuntimeOptions)
+    simulated: bool = False  # the backend is a simulator on this machine: latencies are not the device's
+    placement: Placement | None = None
+    reference: str = ""  # the bundle and provider of the fidelity reference
+    fidelity: tuple[Fidelity, ...] = ()
+    recommended_eps: float | None = None
 
 
 def benchmark(
@@ -75,8 +136,15 @@ def benchmark(
     sequence_length: int = 128,
     options: RuntimeOptions | None = None,
     timeout: float = 1800.0,
+    fidelity_eps: Sequence[float] = (),
+    fidelity_k: int = 32,
+    data: str | Path | None = None,
 ) -> list[BenchResult]:
-    """Benchmark every (provider, bundle) pair, each in a fresh process."""
+    """Benchmark every (provider, bundle) pair, each in a fresh process.
+
+    ``fidelity_eps``: the eps sweep of the training-fidelity check (none: no check); ``fidelity_k``
+    perturbations each; ``data``: a file of the device's data for the batch (default: synthetic).
+    """
     opts = options if options is not None else RuntimeOptions()
     chosen = [provider_name(p) for p in providers] if providers else ["CPUExecutionProvider"]
     check_providers(chosen)
@@ -86,7 +154,8 @@ def benchmark(
             args = [str(bundle), "--provider", provider, "--warmup", str(warmup), "--count", str(count),
                     "--train-count", str(train_count), "--duration", str(duration), "--k", str(num_perturbations),
                     "--batch-size", str(batch_size), "--sequence-length", str(sequence_length),
-                    *opts.to_args()]  # fmt: skip
+                    "--fidelity-eps", ",".join(repr(float(e)) for e in fidelity_eps), "--fidelity-k", str(fidelity_k),
+                    *(["--data", str(data)] if data else []), *opts.to_args()]  # fmt: skip
             r = run_worker("fwdfleet.device_runtime.bench", args, timeout)
             if "error" in r:
                 out.append(BenchResult(str(bundle), provider, "?", 0, None, None, None, r["error"], opts))
@@ -101,6 +170,11 @@ def benchmark(
                     train_step=Latency(**r["train_step"]),
                     peak_mb=r["peak_kb"] / 1024.0,
                     options=opts,
+                    simulated=r["simulated"],
+                    placement=Placement(**r["placement"]),
+                    reference=r["reference"],
+                    fidelity=tuple(Fidelity(**f) for f in r["fidelity"]),
+                    recommended_eps=r["recommended_eps"],
                 )
             )
     return out
@@ -111,21 +185,37 @@ def to_json(results: Sequence[BenchResult]) -> list[dict[str, Any]]:
 
 
 def format_table(results: Sequence[BenchResult]) -> str:
-    head = f"{'provider':<22} {'bundle':<28} {'quant':<5} {'infer p50/p90/p99 ms':<24} {'inf/s':>7} "
-    head += f"{'step p50/p90/p99 ms':<26} {'steps/s':>7} {'peak MB':>8}"
+    head = f"{'provider':<22} {'bundle':<28} {'quant':<9} {'infer p50/p90/p99 ms':<24} {'inf/s':>7} "
+    head += f"{'step p50/p90/p99 ms':<26} {'steps/s':>7} {'peak MB':>8} {'on EP':>6}"
     lines = [head, "-" * len(head)]
+    notes: list[str] = []
     for r in results:
         name = Path(r.bundle).name[:28]
         if r.error or r.inference is None or r.train_step is None:
             lines.append(f"{r.provider:<22} {name:<28} error: {r.error}")
             continue
         i, s = r.inference, r.train_step
+        placed = r.placement
+        share = f"{100 * placed.on_provider:.0f}%" if placed and placed.nodes else "n/a"
+        label = r.provider + (" (sim)" if r.simulated else "")
         lines.append(
-            f"{r.provider:<22} {name:<28} {r.quantization:<5} "
+            f"{label:<22} {name:<28} {r.quantization:<9} "
             f"{f'{i.p50_ms:.3g}/{i.p90_ms:.3g}/{i.p99_ms:.3g}':<24} {i.per_second:>7.1f} "
-            f"{f'{s.p50_ms:.3g}/{s.p90_ms:.3g}/{s.p99_ms:.3g}':<26} {s.per_second:>7.2f} {r.peak_mb or 0:>8.1f}"
+            f"{f'{s.p50_ms:.3g}/{s.p90_ms:.3g}/{s.p99_ms:.3g}':<26} {s.per_second:>7.2f} {r.peak_mb or 0:>8.1f} "
+            f"{share:>6}"
         )
-    return "\n".join(lines)
+        if placed and placed.cpu_fallback:
+            ops = ", ".join(f"{op} x{n}" for op, n in sorted(placed.cpu_fallback.items()))
+            notes.append(f"{r.provider} / {name}: {placed.nodes - sum(placed.cpu_fallback.values())} of "
+                         f"{placed.nodes} nodes on the provider; on the CPU: {ops}")
+        if r.fidelity:
+            sweep = "; ".join(f"eps {f.eps:g}: corr {f.correlation:.3f}, rel err {f.relative_error:.3f}, "
+                              f"sign {100 * f.sign_agreement:.0f}%" for f in r.fidelity)
+            pick = f"{r.recommended_eps:g}" if r.recommended_eps is not None else "none (no eps reaches corr 0.9)"
+            notes.append(f"{r.provider} / {name}: d_k vs {r.reference}: {sweep}; recommended eps {pick}")
+    if any(r.simulated for r in results):
+        notes.append("(sim): the backend is a simulator on this machine; its latencies are not the device's")
+    return "\n".join([*lines, "", *notes] if notes else lines)
 
 
 # ------------------------------------------------------------------------------------------ worker
@@ -161,6 +251,9 @@ def _main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--sequence-length", type=int, default=128)
+    p.add_argument("--fidelity-eps", default="", help="comma-separated eps sweep of the fidelity check")
+    p.add_argument("--fidelity-k", type=int, default=32)
+    p.add_argument("--data", help="the device's data for the batch (default: synthetic)")
     add_runtime_args(p)
     a = p.parse_args(argv)
     try:
@@ -177,9 +270,12 @@ def _main(argv: Sequence[str] | None = None) -> int:
 
         opts = RuntimeOptions.from_args(a)
         bundle = load_bundle(a.bundle)
-        session_options = replace(opts.session_options(), providers=(a.provider,))
+        session_options = replace(opts.session_options(), providers=(a.provider,), record_assignment=True)
         session = BundleSession(bundle, session_options)
-        batch = worker_batch(bundle, a.batch_size, a.sequence_length)
+        batch = _batch(bundle, a)
+        placement = Placement.of(session.providers[0], session.node_assignment())
+        eps_sweep = [float(e) for e in a.fidelity_eps.split(",") if e.strip()]
+        reference, points = _fidelity(bundle, session, batch, eps_sweep, a.fidelity_k, opts)
         trainer = session if opts.train_graph == "model" else BundleSession(bundle, session_options, opts.train_graph)
         ws = EstimatorWorkspace(session.trainable_specs, chunk=opts.chunk)
         w = load_flat_trainables(bundle, session.trainable_specs)
@@ -199,6 +295,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # reported to the parent as a one-line reason
         print(json.dumps({"error": f"{type(e).__name__}: {e}".splitlines()[0]}))
         return 0
+    plugin = PLUGIN_PROVIDERS.get(a.provider)
     print(
         json.dumps(
             {
@@ -207,10 +304,58 @@ def _main(argv: Sequence[str] | None = None) -> int:
                 "inference": asdict(Latency.of(inference)),
                 "train_step": asdict(Latency.of(train)),
                 "peak_kb": peak_rss_kb(),
+                "simulated": bool(plugin is not None and plugin.simulated),
+                "placement": asdict(placement),
+                "reference": reference,
+                "fidelity": [asdict(f) for f in points],
+                "recommended_eps": recommend_eps(points),
             }
         )
     )
     return 0
+
+
+def _batch(bundle: Any, a: argparse.Namespace) -> dict[str, Any]:
+    """The bench's batch: ``--batch-size`` examples of ``--data`` (the device's), else synthetic.
+    A static bundle's fixed batch size wins over ``--batch-size``."""
+    spec = bundle.manifest.graph("model").data_inputs
+    fixed = spec[0].shape[0] if spec and spec[0].shape and isinstance(spec[0].shape[0], int) else None
+    size = fixed or a.batch_size
+    if a.data:
+        from fwdfleet.device_runtime.data import load_dataset
+
+        return dict(load_dataset(a.data, bundle).batch(0, size))
+    return worker_batch(bundle, size, a.sequence_length)
+
+
+def _fidelity(bundle: Any, session: Any, batch: dict[str, Any], eps_sweep: Sequence[float], k: int,
+              opts: RuntimeOptions) -> tuple[str, list[Fidelity]]:
+    """d_k through ``session`` against the fp32 CPU reference, for each eps (see the module doc)."""
+    if not eps_sweep:
+        return "", []
+    from fwdfleet.bundle import load_bundle
+    from fwdfleet.device_runtime.estimator import estimate
+    from fwdfleet.device_runtime.session import BundleSession
+    from fwdfleet.task import RoundTask
+
+    source = bundle.manifest.settings.get("static_quantization", {}).get("source")
+    ref_bundle = load_bundle(source) if source and Path(source).is_dir() else bundle
+    if ref_bundle is bundle and bundle.manifest.quantization is not None:
+        raise ValueError(f"{bundle.path} is quantized and its fp32 source is not at hand; fidelity needs the fp32 "
+                         "bundle beside it")
+    ref = BundleSession(ref_bundle, replace(opts.session_options(), providers=("cpu",)))
+    w = ref_bundle.load_trainables()
+    trainables = {t.name: np.ascontiguousarray(w[t.name]) for t in session.trainable_specs}
+    points = []
+    for eps in eps_sweep:
+        task = RoundTask(round_id=0, model_version=0, round_seed=1234, device_index=0, num_perturbations=k,
+                         eps=eps)
+        got = estimate(session, trainables, batch, task)
+        want = estimate(ref, trainables, batch, task)
+        if got.indices != want.indices:
+            raise ValueError("the provider and the reference skipped different perturbations (non-finite losses)")
+        points.append(fidelity(got.derivatives, want.derivatives, eps))
+    return f"{ref_bundle.path.name} on CPUExecutionProvider (fp32)", points
 
 
 if __name__ == "__main__":

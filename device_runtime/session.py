@@ -39,8 +39,63 @@ _SHORT_PROVIDERS = {
     "qnn": "QNNExecutionProvider",
     "xnnpack": "XnnpackExecutionProvider",
     "coreml": "CoreMLExecutionProvider",
-    "openvino": "OpenVINOExecutionProvider",
 }
+
+
+@dataclass(frozen=True)
+class PluginProvider:
+    """An execution provider shipped as an onnxruntime plugin library in its own pip package.
+
+    ``module`` is the package's import name (it has ``get_library_path()``); ``ep_name`` the
+    provider name its library registers; ``device`` picks one of its devices by the
+    ``ov_device`` metadata (OpenVINO) or takes the first (None); ``simulated_on`` names the
+    machines on which the backend is a simulator (its latencies are not a phone's).
+    """
+
+    name: str
+    ep_name: str
+    module: str
+    pip: str
+    device: str | None = None
+    simulated_on: tuple[str, ...] = ()
+
+    def installed(self) -> bool:
+        import importlib.util
+
+        try:
+            return importlib.util.find_spec(self.module) is not None
+        except (ImportError, ValueError):
+            return False
+
+    def options(self) -> dict[str, str]:
+        """Provider options for ``add_provider_for_devices``."""
+        if self.module == "onnxruntime_qnn":
+            import importlib
+
+            return {"backend_path": str(importlib.import_module(self.module).get_qnn_htp_path())}
+        return {}
+
+    @property
+    def simulated(self) -> bool:
+        import platform
+
+        return platform.machine().lower() in self.simulated_on
+
+
+_QNN = ("QNNExecutionProvider", "onnxruntime_qnn", "onnxruntime-qnn")
+_OV = ("OpenVINOExecutionProvider", "onnxruntime_ep_openvino", "onnxruntime-ep-openvino")
+PLUGIN_PROVIDERS: dict[str, PluginProvider] = {
+    p.name: p
+    for p in (
+        # Qualcomm's Hexagon NPU; the x86-64 Linux wheel runs it in a simulator
+        PluginProvider("qnn-htp", *_QNN, simulated_on=("x86_64", "amd64")),
+        PluginProvider("openvino", *_OV),  # OpenVINO's first device (its CPU on a machine without Intel GPU/NPU)
+        PluginProvider("openvino-cpu", *_OV, device="CPU"),
+        PluginProvider("openvino-gpu", *_OV, device="GPU"),
+        PluginProvider("openvino-npu", *_OV, device="NPU"),
+    )
+}
+NPU_EXTRA_HINT = "pip install 'fwdfleet[npu]'"
 
 
 def available_providers() -> list[str]:
@@ -49,8 +104,46 @@ def available_providers() -> list[str]:
 
 
 def provider_name(name: str) -> str:
-    """Accept ``cpu``/``nnapi``/... as short forms of ``CPUExecutionProvider``/... ."""
-    return _SHORT_PROVIDERS.get(name.lower(), name)
+    """Accept ``cpu``/``nnapi``/... as short forms of ``CPUExecutionProvider``/...; plugin
+    providers (``qnn-htp``, ``openvino``, ...) keep their short name."""
+    lower = name.lower()
+    if lower in PLUGIN_PROVIDERS:
+        return lower
+    return _SHORT_PROVIDERS.get(lower, name)
+
+
+_REGISTERED: dict[str, str] = {}  # ep_name -> library path, registered in this process
+
+
+def plugin_devices(plugin: PluginProvider) -> list[Any]:
+    """Register ``plugin``'s library (once per process) and return its onnxruntime EP devices.
+
+    Raises :class:`ConfigError` saying what to install when the package is missing, and what
+    onnxruntime said when the library does not load or offers no such device.
+    """
+    if not plugin.installed():
+        raise ConfigError(f"execution provider {plugin.name!r} is not installed: pip install {plugin.pip} "
+                          f"(or {NPU_EXTRA_HINT})")
+    import importlib
+
+    if plugin.ep_name not in _REGISTERED and not any(d.ep_name == plugin.ep_name for d in ort.get_ep_devices()):
+        try:
+            path = str(importlib.import_module(plugin.module).get_library_path())
+            ort.register_execution_provider_library(plugin.ep_name, path)
+        except Exception as e:  # ImportError, FileNotFoundError, onnxruntime's own failures
+            raise ConfigError(f"execution provider {plugin.name!r} ({plugin.pip}) failed to load into onnxruntime "
+                              f"{ort.__version__}: {str(e).strip().splitlines()[0] if str(e).strip() else e!r}; "
+                              f"reinstall it with pip install --upgrade {plugin.pip}") from e
+        _REGISTERED[plugin.ep_name] = path
+    devices = [d for d in ort.get_ep_devices() if d.ep_name == plugin.ep_name]
+    if plugin.device is not None:
+        devices = [d for d in devices if dict(d.ep_metadata).get("ov_device", "").upper() == plugin.device]
+    if not devices:
+        have = sorted({f"{d.ep_name}:{dict(d.ep_metadata).get('ov_device', d.device.type.name)}"
+                       for d in ort.get_ep_devices()})
+        raise ConfigError(f"execution provider {plugin.name!r} is installed but offers no "
+                          f"{plugin.device or 'device'} on this machine; devices: {have}")
+    return devices[:1]
 
 
 @dataclass(frozen=True)
@@ -87,11 +180,17 @@ class SessionOptions:
     graph_optimization: GraphOptimization = "all"
     allow_spinning: bool = False
     log_severity: int = 3
+    record_assignment: bool = False  # keep which provider runs each node (see BundleSession.node_assignment)
 
     def __post_init__(self) -> None:
         if not self.providers:
             raise ValueError("SessionOptions.providers must name at least one execution provider")
         object.__setattr__(self, "providers", tuple(provider_name(p) for p in self.providers))
+        plugins = [p for p in self.providers if p in PLUGIN_PROVIDERS]
+        others = [p for p in self.providers if p not in PLUGIN_PROVIDERS and p != "CPUExecutionProvider"]
+        if len(plugins) > 1 or (plugins and others):
+            raise ValueError(f"SessionOptions.providers {list(self.providers)}: a plugin provider "
+                             f"({', '.join(plugins)}) combines only with cpu (its fallback for unsupported nodes)")
         if self.intra_op_threads < 0 or self.inter_op_threads < 0:
             raise ValueError("SessionOptions.intra_op_threads and inter_op_threads must be >= 0 (0: automatic)")
         if self.graph_optimization not in _OPT_LEVELS:
@@ -112,7 +211,21 @@ class SessionOptions:
         if self.disable_prepacking:
             so.add_session_config_entry("session.disable_prepacking", "1")
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.allow_spinning else "0")
+        if self.record_assignment:
+            so.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
+        plugin = self.plugin
+        if plugin is not None:
+            so.add_provider_for_devices(plugin_devices(plugin), plugin.options())
         return so
+
+    @property
+    def plugin(self) -> PluginProvider | None:
+        """The plugin provider among :attr:`providers`, if any."""
+        return next((PLUGIN_PROVIDERS[p] for p in self.providers if p in PLUGIN_PROVIDERS), None)
+
+    def ort_providers(self) -> list[str] | None:
+        """The ``providers`` argument of ``InferenceSession`` (None: the plugin's devices, set in :meth:`to_ort`)."""
+        return None if self.plugin is not None else list(self.providers)
 
 
 def release_freed_memory() -> bool:
@@ -136,9 +249,13 @@ def release_freed_memory() -> bool:
 
 
 def check_providers(providers: Sequence[str]) -> None:
-    """Raise :class:`ConfigError` naming the available providers if one asked for is missing."""
+    """Raise :class:`ConfigError` naming the available providers if one asked for is missing
+    (for a plugin provider: what to install, or why its library did not load)."""
     have = available_providers()
-    missing = [p for p in providers if p not in have]
+    for p in providers:
+        if p in PLUGIN_PROVIDERS:
+            plugin_devices(PLUGIN_PROVIDERS[p])
+    missing = [p for p in providers if p not in have and p not in PLUGIN_PROVIDERS]
     if missing:
         raise ConfigError(
             f"execution provider(s) {missing} not available in this onnxruntime {ort.__version__}; "
@@ -195,7 +312,7 @@ class BundleSession:
         path = bundle.graph_path(graph)
         try:
             self._session = ort.InferenceSession(
-                str(path), sess_options=self.options.to_ort(), providers=list(self.options.providers)
+                str(path), sess_options=self.options.to_ort(), providers=self.options.ort_providers()
             )
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
             raise BundleError(
@@ -225,6 +342,21 @@ class BundleSession:
     def providers(self) -> list[str]:
         """The providers the session actually uses."""
         return list(self._session.get_providers())
+
+    def node_assignment(self) -> list[tuple[str, str, str]]:
+        """``(provider, op_type, node name)`` for every node of the session's optimized graph.
+
+        Needs ``SessionOptions(record_assignment=True)`` and an onnxruntime with
+        ``get_provider_graph_assignment_info`` (1.23 or later); raises :class:`ConfigError` otherwise.
+        """
+        if not self.options.record_assignment:
+            raise ConfigError("node assignment was not recorded: build the session with "
+                              "SessionOptions(record_assignment=True)")
+        info = getattr(self._session, "get_provider_graph_assignment_info", None)
+        if info is None:
+            raise ConfigError(f"onnxruntime {ort.__version__} cannot report node assignment; "
+                              "pip install 'onnxruntime>=1.23'")
+        return [(sub.ep_name, n.op_type, n.name) for sub in info() for n in sub.get_nodes()]
 
     def check_batch(self, batch: Mapping[str, Any]) -> None:
         """Raise :class:`DataError` unless ``batch`` holds exactly the graph's data inputs, well typed."""
@@ -294,7 +426,7 @@ class BundleSession:
         for name, value in arrays.items():
             if not value.flags.c_contiguous:
                 raise ValueError(f"input {name!r} must be C-contiguous to be bound in place")
-        return BoundRun(self._session, arrays, tuple(outputs))
+        return BoundRun(self._session, arrays, tuple(outputs), rebind=self.providers[0] != "CPUExecutionProvider")
 
     def loss(
         self, trainables: Mapping[str, npt.NDArray[Any]], batch: Mapping[str, npt.NDArray[Any]], *, check: bool = True
@@ -306,17 +438,27 @@ class BundleSession:
 class BoundRun:
     """Repeated runs of a session over input buffers bound once (see :meth:`BundleSession.bind`)."""
 
-    def __init__(self, session: ort.InferenceSession, arrays: dict[str, npt.NDArray[Any]], outputs: tuple[str, ...]):
+    def __init__(self, session: ort.InferenceSession, arrays: dict[str, npt.NDArray[Any]], outputs: tuple[str, ...],
+                 *, rebind: bool = False):
         self._session = session
         self._arrays = arrays  # keeps the bound buffers alive
         self._binding = session.io_binding()
-        for name, value in arrays.items():
-            self._binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value))
+        # A provider other than the CPU may take its own copy of an input when it is bound (the
+        # OpenVINO plugin does, and then never sees values written into the buffer): with
+        # ``rebind`` the inputs are bound again before every run (no copy on our side).
+        self._rebind = rebind
+        self._bind_inputs()
         for name in outputs:
             self._binding.bind_output(name)
         self.outputs = outputs
 
+    def _bind_inputs(self) -> None:
+        for name, value in self._arrays.items():
+            self._binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value))
+
     def run(self) -> dict[str, npt.NDArray[Any]]:
+        if self._rebind:
+            self._bind_inputs()
         self._session.run_with_iobinding(self._binding)
         values = self._binding.copy_outputs_to_cpu()
         return {name: np.asarray(v) for name, v in zip(self.outputs, values, strict=True)}

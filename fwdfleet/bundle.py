@@ -43,6 +43,9 @@ SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 TRAINABLES_FILE = "trainables.npz"
 KINDS = ("mlp", "seq_cls_lora", "causal_lm_lora", "ff_mlp", "ff_cnn")
+# manifest.quantization: None (fp32), weight quantization (int8/int4, dynamic shapes), or static QDQ with
+# 16- or 8-bit activations and 8-bit weights at fixed shapes (for NPUs; export/quantize.py)
+QUANTIZATIONS = (None, "int8", "int4", "qdq-a16w8", "qdq-a8w8")
 _DTYPES = ("float32", "float16", "int64", "int32", "bool")
 
 Dim = int | str  # a fixed size, or a symbolic name for a dynamic axis ("batch", "sequence")
@@ -149,8 +152,8 @@ class BundleManifest:
             unknown = set(g.trainables) - set(names)
             if unknown:
                 raise ValueError(f"graph {g.name!r} names unknown trainables {sorted(unknown)}")
-        if self.quantization not in (None, "int8", "int4"):
-            raise ValueError(f"BundleManifest.quantization {self.quantization!r} is not None/int8/int4")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"BundleManifest.quantization {self.quantization!r} is not one of {QUANTIZATIONS}")
 
     @property
     def num_trainable(self) -> int:

@@ -1,4 +1,4 @@
-"""``fwdfleet bundle``: inspect and verify bundles, zip them for copying to a device."""
+"""``fwdfleet bundle``: inspect and verify bundles, zip them for copying to a device, make NPU-ready copies."""
 
 from __future__ import annotations
 
@@ -64,6 +64,33 @@ def register(sub: Any) -> None:
     gen.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     gen.add_argument("--json", action="store_true", help="print prompt and continuation as JSON")
     gen.set_defaults(func=_generate)
+
+    qs = bsub.add_parser(
+        "quantize-static", help="make an NPU-ready copy: fixed shapes, QDQ-quantized, calibrated on the device's data",
+        description="Write a copy of an fp32 bundle for integer NPUs (Qualcomm HTP, Intel NPU): the data inputs "
+                    "get fixed sizes and every operator is wrapped in QuantizeLinear/DequantizeLinear pairs "
+                    "(8-bit weights, 8- or 16-bit activations) whose scales are calibrated on batches of --data "
+                    "at the current and perturbed trainable values. Trainables stay float graph inputs.",
+    )
+    qs.add_argument("path", help="the fp32 bundle (folder or .zip)")
+    qs.add_argument("out", help="folder for the static bundle")
+    qs.add_argument("--data", required=True, help="calibration data: IDX folder or file, .csv, .npz (the device's)")
+    qs.add_argument("--split", default="train", help="IDX split prefix inside a folder (default: %(default)s)")
+    qs.add_argument("--label-column", default="label", help="CSV label column (default: %(default)s)")
+    qs.add_argument("--activation-bits", type=int, choices=(8, 16), default=16, help="(default: %(default)s)")
+    qs.add_argument("--batch-size", type=int, default=16, help="the fixed batch size (default: %(default)s)")
+    qs.add_argument("--sequence-length", type=int, help="the fixed sequence length (text bundles)")
+    qs.add_argument("--calibration-batches", type=int, default=8, help="(default: %(default)s)")
+    qs.add_argument("--calibration-points", type=int, default=4,
+                    help="trainable points per batch: w, then w + spread * z (default: %(default)s)")
+    qs.add_argument("--trainable-spread", type=float, default=0.05,
+                    help="scale of the calibration perturbations of the trainables (default: %(default)s)")
+    qs.add_argument("--float-trainables", action="store_true",
+                    help="leave the operators reading a trainable in float (they run on the CPU of an integer NPU)")
+    qs.add_argument("--seed", type=int, default=0)
+    qs.add_argument("--overwrite", action="store_true")
+    qs.add_argument("--json", action="store_true", help="print the manifest's static_quantization record as JSON")
+    qs.set_defaults(func=_quantize_static)
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
@@ -194,4 +221,30 @@ def _generate(args: argparse.Namespace) -> int:
 def _zip(args: argparse.Namespace) -> int:
     out = zip_bundle(load_bundle(args.path, verify=True), args.out)
     print(f"wrote {out}")
+    return 0
+
+
+def _quantize_static(args: argparse.Namespace) -> int:
+    from fwdfleet.device_runtime.data import load_dataset
+    from fwdfleet.errors import ConfigError
+    from fwdfleet.export.quantize import StaticQuantConfig, calibration_batches, quantize_static_bundle
+
+    try:
+        config = StaticQuantConfig(
+            activation_bits=args.activation_bits, batch_size=args.batch_size, sequence_length=args.sequence_length,
+            calibration_batches=args.calibration_batches, calibration_points=args.calibration_points,
+            trainable_spread=args.trainable_spread, quantize_trainables=not args.float_trainables, seed=args.seed,
+        )
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    bundle = load_bundle(args.path, verify=True)
+    data = load_dataset(args.data, bundle, split=args.split, label_column=args.label_column)
+    out = quantize_static_bundle(bundle, args.out, config, calibration_batches(data, config), overwrite=args.overwrite)
+    record = out.manifest.settings["static_quantization"]
+    if args.json:
+        print(json.dumps({"bundle": str(out.path), "quantization": out.manifest.quantization, **record}, indent=2))
+    else:
+        nodes = sum(g["quantize_linear_nodes"] for g in record["graphs"].values())
+        print(f"wrote {out.path} ({out.manifest.quantization}, batch {config.batch_size}; {nodes} QuantizeLinear "
+              f"nodes over {len(record['graphs'])} graph(s); calibrated on {record['calibration_examples']} examples)")
     return 0

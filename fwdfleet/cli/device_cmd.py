@@ -76,10 +76,13 @@ def register(sub: Any) -> None:
         help="latency, throughput and peak memory per execution provider and bundle",
         description="Benchmark inferences and training steps for each chosen execution provider and "
         "bundle (e.g. fp32 and int8), each pair in a fresh process: p50/p90/p99 latency, per-second "
-        "throughput and peak RSS.",
+        "throughput and peak RSS, where the nodes ran (share on the provider, operators left on the CPU) "
+        "and, with --fidelity-eps, how well a training step's derivatives d_k through the provider "
+        "agree with the fp32 CPU ones for each eps.",
     )
     b.add_argument("bundles", nargs="+", metavar="BUNDLE")
-    b.add_argument("--providers", help="comma-separated providers (cpu, nnapi, qnn, ... or full names), or 'all'")
+    b.add_argument("--providers", help="comma-separated providers (cpu, xnnpack, ... or full names; NPU plugins: "
+                   "qnn-htp, openvino, openvino-npu, ...), or 'all'")
     b.add_argument("--warmup", type=int, default=3)
     b.add_argument("--count", type=int, default=20, help="timed inferences (default 20)")
     b.add_argument("--train-count", type=int, default=5, help="timed training steps (default 5)")
@@ -87,6 +90,11 @@ def register(sub: Any) -> None:
     b.add_argument("--k", type=int, default=4)
     b.add_argument("--batch-size", type=int, default=16)
     b.add_argument("--sequence-length", type=int, default=128)
+    b.add_argument("--fidelity-eps", default="",
+                   help="comma-separated eps sweep: compare d_k through each provider with the fp32 CPU ones "
+                   "(e.g. 1e-3,1e-2,1e-1; default: no check)")
+    b.add_argument("--fidelity-k", type=int, default=32, help="perturbations per eps (default 32)")
+    b.add_argument("--data", help="the device's data for the batch (IDX, .csv, .npz; default: synthetic)")
     add_runtime_args(b)
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=_bench)
@@ -229,6 +237,12 @@ def _bench(args: argparse.Namespace) -> int:
     if args.warmup < 0 or args.duration < 0:
         raise ConfigError("--warmup and --duration must be >= 0")
     bundles = [load_bundle(b).path for b in args.bundles]
+    try:
+        sweep = [float(e) for e in args.fidelity_eps.split(",") if e.strip()]
+    except ValueError as e:
+        raise ConfigError(f"--fidelity-eps {args.fidelity_eps!r}: give comma-separated numbers like 1e-3,1e-2") from e
+    if any(not e > 0 for e in sweep) or args.fidelity_k < 2:
+        raise ConfigError("--fidelity-eps values must be > 0 and --fidelity-k >= 2")
     if args.providers == "all":
         providers = local_providers()
     elif args.providers:
@@ -238,7 +252,8 @@ def _bench(args: argparse.Namespace) -> int:
     results = benchmark(
         bundles, providers, warmup=args.warmup, count=args.count, train_count=args.train_count,
         duration=args.duration, num_perturbations=args.k, batch_size=args.batch_size,
-        sequence_length=args.sequence_length, options=_runtime_options(args),
+        sequence_length=args.sequence_length, options=_runtime_options(args), fidelity_eps=sweep,
+        fidelity_k=args.fidelity_k, data=args.data,
     )  # fmt: skip
     print(json.dumps(to_json(results), indent=2) if args.json else format_table(results))
     return 1 if any(r.error for r in results) else 0
@@ -248,13 +263,19 @@ def _providers(args: argparse.Namespace) -> int:
     import onnxruntime as ort
 
     from fwdfleet.device_runtime.bench import REMOTE_PROVIDERS
-    from fwdfleet.device_runtime.session import available_providers
+    from fwdfleet.device_runtime.session import PLUGIN_PROVIDERS, available_providers
 
     have = available_providers()
+    plugins = {name: ("installed" if p.installed() else f"not installed: pip install {p.pip}")
+               for name, p in PLUGIN_PROVIDERS.items()}
     if args.json:
-        print(json.dumps({"onnxruntime": ort.__version__, "device": ort.get_device(), "providers": have}))
+        print(json.dumps({"onnxruntime": ort.__version__, "device": ort.get_device(), "providers": have,
+                          "plugins": plugins}))
         return 0
     print(f"onnxruntime {ort.__version__} ({ort.get_device()}) offers:")
     for p in have:
         print(f"  {p}{'  (remote; not benchmarked)' if p in REMOTE_PROVIDERS else ''}")
+    print("plugin providers (--providers NAME):")
+    for name, state in plugins.items():
+        print(f"  {name:<14} {state}")
     return 0
