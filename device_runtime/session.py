@@ -36,7 +36,6 @@ _SHORT_PROVIDERS = {
     "cpu": "CPUExecutionProvider",
     "cuda": "CUDAExecutionProvider",
     "nnapi": "NnapiExecutionProvider",
-    "qnn": "QNNExecutionProvider",
     "xnnpack": "XnnpackExecutionProvider",
     "coreml": "CoreMLExecutionProvider",
 }
@@ -95,6 +94,9 @@ PLUGIN_PROVIDERS: dict[str, PluginProvider] = {
         PluginProvider("openvino-npu", *_OV, device="NPU"),
     )
 }
+# onnxruntime-qnn 2.x is a plugin (it no longer replaces onnxruntime): `qnn` and the provider's own
+# name mean its HTP backend
+_PLUGIN_ALIASES = {"qnn": "qnn-htp", "qnnexecutionprovider": "qnn-htp", "openvinoexecutionprovider": "openvino"}
 NPU_EXTRA_HINT = "pip install 'fwdfleet[npu]'"
 
 
@@ -106,7 +108,7 @@ def available_providers() -> list[str]:
 def provider_name(name: str) -> str:
     """Accept ``cpu``/``nnapi``/... as short forms of ``CPUExecutionProvider``/...; plugin
     providers (``qnn-htp``, ``openvino``, ...) keep their short name."""
-    lower = name.lower()
+    lower = _PLUGIN_ALIASES.get(name.lower(), name.lower())
     if lower in PLUGIN_PROVIDERS:
         return lower
     return _SHORT_PROVIDERS.get(lower, name)

@@ -79,7 +79,7 @@ def test_bench_reports_percentiles_and_peak(bundle) -> None:
     assert result.train_step.p50_ms > result.inference.p50_ms  # a step is 2K forwards
     assert "CPUExecutionProvider" in format_table([result])
     with pytest.raises(ConfigError, match="not available"):
-        benchmark([bundle.path], ["qnn"])
+        benchmark([bundle.path], ["nnapi"])
 
 
 def _one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
