@@ -57,6 +57,7 @@ class PluginProvider:
     pip: str
     device: str | None = None
     simulated_on: tuple[str, ...] = ()
+    needs_static_shapes: bool = False  # takes no node of a graph with symbolic dimensions
 
     def installed(self) -> bool:
         import importlib.util
@@ -87,7 +88,7 @@ PLUGIN_PROVIDERS: dict[str, PluginProvider] = {
     p.name: p
     for p in (
         # Qualcomm's Hexagon NPU; the x86-64 Linux wheel runs it in a simulator
-        PluginProvider("qnn-htp", *_QNN, simulated_on=("x86_64", "amd64")),
+        PluginProvider("qnn-htp", *_QNN, simulated_on=("x86_64", "amd64"), needs_static_shapes=True),
         PluginProvider("openvino", *_OV),  # OpenVINO's first device (its CPU on a machine without Intel GPU/NPU)
         PluginProvider("openvino-cpu", *_OV, device="CPU"),
         PluginProvider("openvino-gpu", *_OV, device="GPU"),
@@ -265,6 +266,19 @@ def check_providers(providers: Sequence[str]) -> None:
         )
 
 
+def _check_static(graph: GraphSpec, options: SessionOptions) -> None:
+    """A provider that needs fixed shapes, given a graph without them, runs nothing: say so, unless
+    the user named ``cpu`` after it (then every node runs on the CPU, as asked)."""
+    plugin = options.plugin
+    if plugin is None or not plugin.needs_static_shapes or "CPUExecutionProvider" in options.providers:
+        return
+    dynamic = [t.name for t in graph.inputs if not all(isinstance(d, int) for d in t.shape)]
+    if dynamic:
+        raise ConfigError(f"{plugin.name} runs only graphs of fixed shapes, and graph {graph.name!r} takes {dynamic} "
+                          "with symbolic dimensions: make a static bundle with `fwdfleet bundle quantize-static`, "
+                          f"or give --providers {plugin.name},cpu to run it on the CPU")
+
+
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_}
 
 
@@ -311,6 +325,7 @@ class BundleSession:
         self.options = options if options is not None else SessionOptions()
         self.graph: GraphSpec = bundle.manifest.graph(graph)
         check_providers(self.options.providers)
+        _check_static(self.graph, self.options)
         path = bundle.graph_path(graph)
         try:
             self._session = ort.InferenceSession(

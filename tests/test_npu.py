@@ -167,9 +167,12 @@ def test_qnn_htp_runs_the_static_bundle_and_matches_its_cpu_twin(bundles):
     assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
 
 
-def test_qnn_htp_leaves_a_dynamic_shape_bundle_on_the_cpu(bundles):
+def test_qnn_htp_refuses_a_dynamic_shape_bundle_unless_cpu_fallback_is_asked_for(bundles):
     npu_plugin("onnxruntime_qnn")
-    htp, _ = _losses(bundles["fp32"], ("qnn-htp",), bundles["data"].batch(7, 16), bundles["fp32"].load_trainables())
+    with pytest.raises(ConfigError, match=r"fixed shapes.*quantize-static.*--providers qnn-htp,cpu"):
+        BundleSession(bundles["fp32"], SessionOptions(providers=("qnn-htp",)))
+    htp, _ = _losses(bundles["fp32"], ("qnn-htp", "cpu"), bundles["data"].batch(7, 16),
+                     bundles["fp32"].load_trainables())
     assert {ep for ep, _, _ in htp.node_assignment()} == {"CPUExecutionProvider"}
 
 
