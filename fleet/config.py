@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -177,3 +177,37 @@ def _deep_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
         return {k: copy(x) for k, x in v.items()} if isinstance(v, Mapping) else v
 
     return apply_overrides(copy(data), overrides)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    raise ConfigError(f"cannot write {value!r} as TOML")
+
+
+def _toml_key(key: str) -> str:
+    return key if key.replace("_", "").replace("-", "").isalnum() else _toml_value(key)
+
+
+def config_to_toml(config: Any, table: str = "") -> str:
+    """``config`` (a :class:`FleetConfig` or any of its sections) as TOML that loads back to it."""
+    lines: list[str] = []
+    nested: list[tuple[str, Any]] = []
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if is_dataclass(value):
+            nested.append((f.name, value))
+        elif value is not None and not (f.name == "num_devices" and table == "partition"):
+            lines.append(f"{_toml_key(f.name)} = {_toml_value(value)}")
+    out = ([f"[{table}]"] if table and (lines or not nested) else []) + lines
+    for name, value in nested:
+        out += ["", config_to_toml(value, f"{table}.{name}" if table else name)]
+    return "\n".join(out).strip("\n") + ("\n" if not table else "")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from fwdfleet.aggregator.config import config_from_dict
@@ -25,3 +27,17 @@ def test_unknown_key_names_the_nearest_valid_one(override: str, wrong: str, near
 def test_a_key_like_none_lists_the_valid_ones() -> None:
     with pytest.raises(ConfigError, match=r"'zzzz' in \[rounds\]; valid keys: \[.*'batch_size'"):
         config_from_dict({"rounds": {"zzzz": 1}})
+
+
+def test_print_config_shows_the_effective_configuration(capsys: pytest.CaptureFixture[str]) -> None:
+    import tomllib
+
+    from fwdfleet.cli.main import main
+    from fwdfleet.fleet.config import config_from_mapping
+
+    example = str(Path(__file__).resolve().parents[1] / "examples" / "fleet_fedfwd_fashion.toml")
+    assert main(["fleet", "emulate", "--config", example, "--set", "fleet.rounds=7", "--print-config"]) == 0
+    text = capsys.readouterr().out
+    printed = config_from_mapping(tomllib.loads(text))  # loads back to the very same configuration
+    assert printed == load_fleet_config(example, ["fleet.rounds=7"])
+    assert printed.fleet.rounds == 7 and "[aggregator.local]" in text and 'objective = "pon"' in text
