@@ -145,6 +145,18 @@ def _quantize(source: onnx.ModelProto, src: Path, dst: Path, mode: str) -> None:
     save_model(result, dst)
 
 
+def copy_other_files(bundle: Any, work: Path) -> None:
+    """Copy every file of ``bundle`` but its graphs (and their ``.data``) and trainables into ``work``:
+    the tokenizer and the rest, as they are, for a quantized variant of the bundle."""
+    import shutil
+
+    graph_files = {g.file for g in bundle.manifest.graphs}
+    for rel in bundle.manifest.files:
+        if rel not in graph_files and rel != bundle.manifest.trainables_file and not rel.endswith(".data"):
+            (work / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(bundle.path / rel, work / rel)
+
+
 def quantize_bundle(bundle: Any, out: str | Path, mode: str, *, overwrite: bool = False) -> Path:
     """A copy of an fp32 ``bundle`` in ``out`` with every graph's frozen weights quantized (``mode``),
     the trainables and everything else unchanged: a quantized variant without re-exporting from torch.
@@ -162,11 +174,7 @@ def quantize_bundle(bundle: Any, out: str | Path, mode: str, *, overwrite: bool 
     out = Path(out)
     work = prepare_out(out, overwrite)
     try:
-        graph_files = {g.file for g in bundle.manifest.graphs}
-        for rel in bundle.manifest.files:  # tokenizer and the rest as they are
-            if rel not in graph_files and rel != bundle.manifest.trainables_file and not rel.endswith(".data"):
-                (work / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(bundle.path / rel, work / rel)
+        copy_other_files(bundle, work)
         for g in bundle.manifest.graphs:
             quantize_bundle_graph(bundle.path / g.file, work / g.file, mode)
         write_bundle(work, replace(bundle.manifest, quantization=label,
@@ -421,10 +429,7 @@ def quantize_static_bundle(bundle: Any, out: str | Path, config: StaticQuantConf
 
             outputs = tuple(TensorSpec(o.name, _static_output(config, o.shape), o.dtype) for o in g.outputs)
             graphs.append(replace(g, inputs=tuple(static(t) for t in g.inputs), outputs=outputs))
-        if m.tokenizer is not None:
-            for rel in m.tokenizer.files:
-                (work / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(bundle.path / rel, work / rel)
+        copy_other_files(bundle, work)
         settings = dict(m.settings)
         settings["static_quantization"] = {**asdict(config), "label": config.label, "source": str(bundle.path),
                                            "calibration_examples": len(batches) * config.batch_size,
