@@ -26,7 +26,7 @@ def write_dev_certificates(out: str | Path, hosts: Sequence[str] = (), days: int
         from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
     except ImportError as e:
         raise ConfigError(
-            "gen-certs needs the cryptography package (pip install 'fwdfleet[dev]'), or make them with openssl: "
+            "gen-certs needs the cryptography package (pip install 'fwdfleet[fleet]'), or make them with openssl: "
             "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout server.key "
             "-out server.pem -days 30 -subj /CN=localhost -addext subjectAltName=DNS:localhost,IP:127.0.0.1"
         ) from e
