@@ -10,6 +10,8 @@ only the aggregator's config differs between runs:
 * ``opt`` / ``lr``: the server optimizer (``sgd``, ``momentum``, ``adam``) and its rate;
 * ``norm=std``: FZOO's step normalised by the spread of the round's d_k (``[step] normalize``);
 * ``dim=r``: the probe-budget scale ``P / (P + r)`` (``[step] probe_scaling = "budget"``);
+* ``mode=trajectory steps=S llr=r``: the ``trajectory`` upload mode instead of ``scalar`` (S local
+  steps of ``k`` probes at local rate ``r`` per device, S x k scalars up, replayed by the server);
 * ``init=head``: before round 0, the output layer is fitted on the frozen random hidden features
   by the forward-only nearest-centroid initialisation of :mod:`fleet.probe_init` (class means and
   a temperature, two small uploads per device); hidden features are computed here with numpy
@@ -27,6 +29,7 @@ what finished::
 
     nice python benchmarks/zo_fashion.py --set k16 --seeds 0 1 2 --references --json docs/results/zo_fashion_k16.json
     nice python benchmarks/zo_fashion.py --set budget k64 --seeds 0 1 2 --json docs/results/zo_fashion_budget.json
+    nice python benchmarks/zo_fashion.py --set trajectory --seeds 0 1 2 --json docs/results/zo_fashion_trajectory.json
     python benchmarks/zo_fashion.py --plot docs/results/zo_fashion_*.json --out docs/results/zo_fashion.png
 """
 
@@ -88,19 +91,28 @@ RUN_SETS: dict[str, tuple[str, ...]] = {
         "spsa-k64 k=64 opt=sgd lr=0.5",
         "norm-k64 k=64 opt=sgd norm=std lr=0.2",
     ),
+    # upload mode 'trajectory': each device takes steps= local zeroth-order steps of k= probes at the
+    # local rate llr= and uploads steps x k scalars; the server averages the replayed weights (sgd lr=1:
+    # plain averaging). 8 x 4 = 32 pairs up per device and round (173 bytes), 320 probes a round.
+    "trajectory": (
+        "traj-s8k4 mode=trajectory steps=8 k=4 llr=0.05 opt=sgd lr=1.0",
+        "traj-s8k4 mode=trajectory steps=8 k=4 llr=0.1 opt=sgd lr=1.0",
+    ),
 }
 
 
 def parse_run(spec: str) -> dict[str, Any]:
     name, *items = spec.split()
     run: dict[str, Any] = {"name": name, "k": 16, "opt": "sgd", "lr": 0.5, "norm": "none", "dim": 0,
-                           "init": "glorot", "momentum": 0.9}
+                           "init": "glorot", "momentum": 0.9, "mode": "scalar", "steps": 0, "llr": 0.0}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or key not in run or key == "name":
-            raise SystemExit(f"--run {spec!r}: {item!r} must be one of k=, opt=, lr=, norm=, dim=, init=, momentum=")
+            raise SystemExit(f"--run {spec!r}: {item!r} must be one of k=, opt=, lr=, norm=, dim=, init=, momentum=, "
+                             "mode=, steps=, llr=")
         run[key] = type(run[key])(value)
-    run["label"] = f"{name} " + " ".join(f"{k}={run[k]}" for k in ("k", "opt", "lr", "norm", "dim", "init"))
+    keys = ("k", "opt", "lr", "norm", "dim", "init") + (("mode", "steps", "llr") if run["mode"] != "scalar" else ())
+    run["label"] = f"{name} " + " ".join(f"{k}={run[k]}" for k in keys)
     return run
 
 
@@ -115,6 +127,9 @@ def sections(run: dict[str, Any]) -> dict[str, Any]:
         step.update(probe_scaling="budget", effective_dim=run["dim"])
     if step:
         out["step"] = step
+    if run["mode"] != "scalar":  # local-training modes: the round's local steps and rate
+        out["mode"] = run["mode"]
+        out["local"] = {"lr": run["llr"], "steps": run["steps"]}
     return out
 
 
