@@ -36,11 +36,12 @@ This module needs numpy, onnx and onnxruntime only, never torch.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
@@ -229,6 +230,21 @@ def prepare_out(out: Path, overwrite: bool) -> Path:
     return partial
 
 
+@contextlib.contextmanager
+def bundle_folder(out: Path, overwrite: bool) -> Iterator[Path]:
+    """Build a bundle in a fresh ``<out>.partial`` folder (checked by :func:`prepare_out`) and move it
+    to ``out`` when the block ends normally; on any error remove it, so nothing half-written is left."""
+    work = prepare_out(out, overwrite)
+    try:
+        yield work
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        work.rename(out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
 def export_bundle(kind: ExportKind[C], config: C, out: str | Path, *, overwrite: bool = False) -> ExportResult:
     """Build ``config`` as a bundle of ``kind`` in ``out``, checked against the kind's reference.
 
@@ -244,8 +260,7 @@ def export_bundle(kind: ExportKind[C], config: C, out: str | Path, *, overwrite:
     out = Path(out)
     mode = kind.quantization(config)
     label = manifest_label(mode)  # validates the mode before the slow part
-    work = prepare_out(out, overwrite)
-    try:
+    with bundle_folder(out, overwrite) as work:
         built = kind.build(config, work)
         parity: dict[str, float] = {}
         quantized: dict[str, float] = {}
@@ -272,12 +287,6 @@ def export_bundle(kind: ExportKind[C], config: C, out: str | Path, *, overwrite:
             tokenizer=extras.tokenizer, quantization=label, opset=built.opset, settings=settings,
         )
         write_bundle(work, manifest, built.initial)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        work.rename(out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     shape = _first_data_shape(built, samples)
     return ExportResult(load_bundle(out), time.perf_counter() - start, parity, shape, quantized)
 

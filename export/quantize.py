@@ -162,30 +162,22 @@ def quantize_bundle(bundle: Any, out: str | Path, mode: str, *, overwrite: bool 
     the trainables and everything else unchanged: a quantized variant without re-exporting from torch.
 
     Written into ``<out>.partial`` and renamed at the end (nothing half-written on failure)."""
-    import shutil
     from dataclasses import replace
 
     from fwdfleet.bundle import write_bundle
-    from fwdfleet.export.kinds import prepare_out
+    from fwdfleet.export.kinds import bundle_folder
 
     label = manifest_label(mode)
     if bundle.manifest.quantization:
         raise ExportError(f"{bundle.path} is already quantized ({bundle.manifest.quantization}); start from fp32")
     out = Path(out)
-    work = prepare_out(out, overwrite)
-    try:
+    with bundle_folder(out, overwrite) as work:
         copy_other_files(bundle, work)
         for g in bundle.manifest.graphs:
             quantize_bundle_graph(bundle.path / g.file, work / g.file, mode)
         write_bundle(work, replace(bundle.manifest, quantization=label,
                                    settings={**bundle.manifest.settings, "quantization_mode": mode}),
                      bundle.load_trainables())
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        work.rename(out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return out
 
 
@@ -389,11 +381,10 @@ def quantize_static_bundle(bundle: Any, out: str | Path, config: StaticQuantConf
     ``quantization = config.label`` and, under ``settings["static_quantization"]``, the
     configuration and what each graph became. Returns the new bundle, loaded and verified.
     """
-    import shutil
     from dataclasses import asdict, replace
 
     from fwdfleet.bundle import TensorSpec, load_bundle, write_bundle
-    from fwdfleet.export.kinds import prepare_out
+    from fwdfleet.export.kinds import bundle_folder
 
     m = bundle.manifest
     if m.quantization is not None:
@@ -403,8 +394,7 @@ def quantize_static_bundle(bundle: Any, out: str | Path, config: StaticQuantConf
         raise ExportError("static quantization needs at least one calibration batch of the device's data")
     trainables = bundle.load_trainables()
     out = Path(out)
-    work = prepare_out(out, overwrite)
-    try:
+    with bundle_folder(out, overwrite) as work:
         graphs, report = [], {}
         for g in m.graphs:
             data = g.data_inputs
@@ -436,12 +426,6 @@ def quantize_static_bundle(bundle: Any, out: str | Path, config: StaticQuantConf
                                            "graphs": report}
         manifest = replace(m, graphs=tuple(graphs), quantization=config.label, settings=settings, files={})
         write_bundle(work, manifest, trainables)
-        if out.exists():
-            shutil.rmtree(out)
-        work.rename(out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return load_bundle(out, verify=True)
 
 
