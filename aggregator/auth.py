@@ -207,6 +207,9 @@ def append_token(path: str | Path, token: str, name: str, device: str = ANY_DEVI
         f.write(f"{hash_token(token)} {name} {device}\n")
 
 
+UNKNOWN_TOKEN = "unknown token: it is not on this aggregator's allow-list; ask the operator for a token"
+
+
 def _abort_handler(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
     def deny(request: Any, context: grpc.ServicerContext) -> Any:
         context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
@@ -237,7 +240,5 @@ class BearerAuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]  # gr
                 handler, "missing credentials: send 'authorization: Bearer <token>' metadata (device token)"
             )
         if self.allow_list.identify(token) is None:
-            return _abort_handler(
-                handler, "unknown token: it is not on this aggregator's allow-list; ask the operator for a token"
-            )
+            return _abort_handler(handler, UNKNOWN_TOKEN)
         return handler

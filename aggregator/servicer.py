@@ -43,7 +43,7 @@ import grpc
 import numpy as np
 
 from fwdfleet import __version__
-from fwdfleet.aggregator.auth import TokenAllowList
+from fwdfleet.aggregator.auth import UNKNOWN_TOKEN, TokenAllowList
 from fwdfleet.aggregator.config import AggregatorConfig
 from fwdfleet.aggregator.errors import RejectedError
 from fwdfleet.aggregator.records import CoordinatorStatus, RoundEvent
@@ -212,7 +212,9 @@ class FleetServicer:
         if self.allow_list is None:
             return
         principal = self.allow_list.identify_metadata(context.invocation_metadata())
-        if principal is None or not principal.may_act_for(device_id):
+        if principal is None:  # revoked by a reload since the interceptor let the call in: refuse it as it would
+            raise _Abort(grpc.StatusCode.UNAUTHENTICATED, UNKNOWN_TOKEN)
+        if not principal.may_act_for(device_id):
             raise _Abort(
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"this token may not act for device {device_id!r}; use the token issued for that device",
