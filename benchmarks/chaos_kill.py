@@ -114,21 +114,23 @@ def run_once(s: _Setup, tag: str, kills: int, seed: int, timeout: float) -> tupl
         devices.append(_start_device(s, i, port, tag))
         _wait_registered(s, port, i + 1, timeout)
     made = 0
+    # each kill lands in a seeded random round (distinct rounds, never the last), at a seeded random
+    # moment after that round's model is checkpointed: the kills happen however fast rounds go
+    planned = sorted(rng.sample(range(s.rounds - 1), min(kills, s.rounds - 1)))
     end = time.monotonic() + timeout
     try:
         while any(d.poll() is None for d in devices):
             if time.monotonic() > end:
                 raise AssertionError(f"{tag}: devices did not finish within {timeout} s ({made} kills made)")
-            if made < kills:
-                time.sleep(rng.uniform(0.1, 1.0))
-                if all(d.poll() is not None for d in devices):
-                    break
+            state = load_checkpoint(ckpt) if made < len(planned) else None
+            if state is not None and state.model_version >= planned[made]:
+                time.sleep(rng.uniform(0.0, 0.05))
                 server.send_signal(signal.SIGKILL)
                 server.wait(10)
                 made += 1
                 server = _start_aggregator(s, ckpt, port)
             else:
-                time.sleep(0.2)
+                time.sleep(0.02 if made < len(planned) else 0.2)
         failed = [(i, d.returncode, (d.stderr.read() if d.stderr else "")[-500:]) for i, d in enumerate(devices)
                   if d.returncode != 0]
         if failed:
