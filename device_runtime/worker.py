@@ -39,6 +39,7 @@ from fwdfleet.device_runtime.prefix_cache import cache_prefix, split_graphs
 from fwdfleet.device_runtime.sampling import guide_from_versions
 from fwdfleet.device_runtime.session import BundleSession
 from fwdfleet.device_runtime.train import LocalTrainConfig
+from fwdfleet.errors import ConfigError
 from fwdfleet.modes import Carries, find_mode
 from fwdfleet.perturbation import F32Array
 from fwdfleet.task import RoundTask, Upload
@@ -114,6 +115,14 @@ class DeviceWorker:
                  if prev is not None and prev[0] == self.version - 1 else None)
             self._guide = (self.version, g)
         return self._guide[1]
+
+    def require_every_trainable(self, mode: str) -> None:
+        """ConfigError unless the training graph takes every trainable of the bundle (what a mode
+        that moves the whole model, such as dense or trajectory, needs)."""
+        n = self.bundle.manifest.num_trainable
+        if sum(t.size for t in self.session.trainable_specs) != n:
+            raise ConfigError(f"mode {mode!r} needs a graph that takes every trainable of the bundle ({n} values); "
+                              f"graph {self.session.graph.name!r} takes a subset: use mode 'scalar'")
 
     def check(self, mode: str) -> DeviceMode:
         """The device half of ``mode``, after checking this bundle can run it."""

@@ -6,7 +6,6 @@ from dataclasses import replace
 
 from fwdfleet.device_runtime.estimator import dense_gradient, estimate
 from fwdfleet.device_runtime.worker import DeviceData, DeviceWorker
-from fwdfleet.errors import ConfigError
 from fwdfleet.task import RoundTask, Upload
 
 
@@ -15,10 +14,7 @@ class DenseMode:
     carries = "vector"
 
     def check(self, worker: DeviceWorker) -> None:
-        n = worker.bundle.manifest.num_trainable
-        if sum(t.size for t in worker.session.trainable_specs) != n:
-            raise ConfigError(f"mode 'dense' needs a graph that takes every trainable of the bundle ({n} values); "
-                              f"graph {worker.session.graph.name!r} takes a subset: use mode 'scalar'")
+        worker.require_every_trainable(self.name)
 
     def compute(self, worker: DeviceWorker, task: RoundTask, data: DeviceData) -> Upload:
         batch = data.batch(task.data_seed, task.batch_size)

@@ -78,10 +78,7 @@ class TrajectoryMode:
     carries = "scalars"
 
     def check(self, worker: DeviceWorker) -> None:
-        n = worker.bundle.manifest.num_trainable
-        if sum(t.size for t in worker.session.trainable_specs) != n:
-            raise ConfigError(f"mode 'trajectory' needs a graph that takes every trainable of the bundle ({n} "
-                              f"values); graph {worker.session.graph.name!r} takes a subset: use mode 'scalar'")
+        worker.require_every_trainable(self.name)
 
     def compute(self, worker: DeviceWorker, task: RoundTask, data: DeviceData) -> Upload:
         return Upload(run_trajectory(worker, task, data)[0])
